@@ -212,8 +212,9 @@ def build_tree_mask(parents: torch.Tensor, tree_lens: torch.Tensor | None = None
 
 def tree_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                    prefix_lens: torch.Tensor, tree_mask: torch.Tensor | None = None,
-                   tree_lens: torch.Tensor | None = None, scale: float | None = None
-                   ) -> torch.Tensor:
+                   tree_lens: torch.Tensor | None = None, scale: float | None = None, *,
+                   packed_mask: torch.Tensor | None = None, num_splits: int | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of draft-tree queries over a paged cache (prefix + the tree itself).
 
     Args:
@@ -228,6 +229,13 @@ def tree_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
         tree_lens: ``[B]`` int or None: valid nodes per sequence; rows and columns at or
             beyond it are ignored and their output is 0.
         scale: softmax scale, default ``1/sqrt(D)``.
+        packed_mask: keyword-only, ``[B, T, ceil(T/64)]`` (or ``[B, T]`` for T <= 64)
+            int64 from ``specrt.kernels.attention.pack_tree_mask(tree_mask)``; build it
+            once per step and share it across layers. Takes precedence over ``tree_mask``.
+        num_splits: keyword-only, split-KV factor of the Triton kernel (None = auto;
+            1 = single pass); ignored by the CPU path.
+        out: keyword-only, preallocated ``[B, T, H_q, D]`` output in q's dtype; every
+            element is written and it is returned.
 
     Returns:
         ``[B, T, H_q, D]`` in q's dtype (accumulation in fp32).
@@ -248,12 +256,30 @@ def tree_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
     tl = None if tree_lens is None else _as_i64(tree_lens, B, "tree_lens", dev)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     backend = backend_for(q)
+    if out is not None and (tuple(out.shape) != (B, T, Hq, D) or out.dtype != q.dtype
+                            or out.device != dev):
+        raise ValueError(f"out must be [{B}, {T}, {Hq}, {D}] {q.dtype} on {dev}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if packed_mask is not None and (packed_mask.dim() not in (2, 3)
+                                    or tuple(packed_mask.shape[:2]) != (B, T)):
+        raise ValueError(f"packed_mask must be [B={B}, T={T}, W] int64, got "
+                         f"{tuple(packed_mask.shape)}")
     if backend in ("triton", "cuda"):
         from specrt.kernels import attention as kern
 
+        if out is not None and out.stride(-1) != 1:
+            res = kern.tree_attention(q, kv_cache, block_tables.contiguous(), prefix, tree_mask,
+                                      tl, scale, packed_mask=packed_mask, num_splits=num_splits)
+            return out.copy_(res)
         return kern.tree_attention(q, kv_cache, block_tables.contiguous(), prefix, tree_mask,
-                                   tl, scale)
-    return _tree_attention_torch(q, kv_cache, block_tables, prefix, tree_mask, tl, scale)
+                                   tl, scale, packed_mask=packed_mask, num_splits=num_splits,
+                                   out=out)
+    if packed_mask is not None:
+        words = packed_mask.reshape(B, T, -1).cpu()
+        bit = torch.arange(T)
+        tree_mask = ((words[:, :, bit // 64] >> (bit % 64)) & 1).bool()
+    res = _tree_attention_torch(q, kv_cache, block_tables, prefix, tree_mask, tl, scale)
+    return res if out is None else out.copy_(res)
 
 
 def _tree_attention_torch(q, kv_cache, block_tables, prefix, tree_mask, tree_lens, scale):
@@ -308,6 +334,16 @@ def _append_kv_op(kv_cache: torch.Tensor, block_tables: torch.Tensor, start_pos:
 def _commit_kv_op(kv_cache: torch.Tensor, block_tables: torch.Tensor, prefix_lens: torch.Tensor,
                   path: torch.Tensor, path_lens: torch.Tensor) -> None:
     commit_kv(kv_cache, block_tables, prefix_lens, path, path_lens)
+
+
+@_append_kv_op.register_fake
+def _(kv_cache, block_tables, start_pos, k, v, lens):
+    return None
+
+
+@_commit_kv_op.register_fake
+def _(kv_cache, block_tables, prefix_lens, path, path_lens):
+    return None
 
 
 @torch.library.custom_op("specrt::tree_attention", mutates_args=())

@@ -98,12 +98,19 @@ class PagedKVCache:
             self.reserve(i, n)
 
     def set_length(self, seq_id: int, length: int) -> None:
-        """Set the committed length; blocks past it go back to the pool."""
+        """Set the committed length (shrinking drops rejected speculative tokens).
+
+        Blocks stay reserved; :meth:`trim` returns the ones past the length.
+        """
         s = self.seqs[seq_id]
-        if length > len(s.blocks) * self.block_size:
-            raise ValueError(f"length {length} exceeds the reserved blocks of sequence {seq_id}")
+        if not 0 <= length <= len(s.blocks) * self.block_size:
+            raise ValueError(f"length {length} outside the reserved blocks of sequence {seq_id}")
         s.length = length
-        keep = -(-length // self.block_size)
+
+    def trim(self, seq_id: int) -> None:
+        """Return the blocks past the sequence's length to the pool."""
+        s = self.seqs[seq_id]
+        keep = -(-s.length // self.block_size)
         if keep < len(s.blocks):
             self.allocator.free(s.blocks[keep:])
             del s.blocks[keep:]

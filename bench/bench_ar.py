@@ -1,0 +1,41 @@
+"""Autoregressive tokens/s of the default target (batch 1, greedy), median of runs.
+
+    python bench/bench_ar.py [--target PATH] [--tokens 64] [--runs 5]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, median  # noqa: E402
+
+import specrt  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--target", default=None)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
+    args = ap.parse_args()
+    eng = specrt.Engine.from_pretrained(args.target)
+    p = specrt.SamplingParams(max_tokens=args.tokens, ignore_eos=True)
+    eng.generate(args.prompt, p, speculative=False)  # warm-up
+    rates, decode = [], []
+    for _ in range(args.runs):
+        o = eng.generate(args.prompt, p, speculative=False)[0]
+        rates.append(o.stats["tokens_per_s"])
+    print(f"device: {machine()}  date: {datetime.date.today()}")
+    print(f"target: {args.target or 'SmolLM2-135M-Instruct (default)'}  "
+          f"prompt tokens: {o.stats['prompt_tokens']}  new tokens: {args.tokens}")
+    print(f"AR tokens/s (batch 1, greedy, incl. prefill): median {median(rates):.1f} "
+          f"over {args.runs} runs  [min {min(rates):.1f}, max {max(rates):.1f}]")
+
+
+if __name__ == "__main__":
+    main()

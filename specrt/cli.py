@@ -1,0 +1,71 @@
+"""Command line: ``specrt generate | align | bench``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _generate(args) -> int:
+    import specrt
+
+    params = specrt.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                   stop=args.stop or [])
+    engine = specrt.Engine.from_pretrained(args.target, device=args.device)
+    kw = dict(speculative=not args.no_spec, drafter=args.drafter, chat=not args.no_chat)
+    if args.no_spec or not hasattr(engine, "drafters"):
+        kw.update(speculative=False, drafter=None)
+    if args.json:
+        out = engine.generate(args.prompt, params, **kw)[0]
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids,
+                          "finish_reason": out.finish_reason, "stats": out.stats}))
+        return 0
+    final = None
+    for ev in engine.stream(args.prompt, params, **kw):
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+        if ev.finished:
+            final = ev.output
+    sys.stdout.write("\n")
+    if final is not None and args.stats:
+        s = final.stats
+        print(f"[{s['completion_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, "
+              f"{s['mean_accepted_length']:.2f} tokens/step, drafter {s['drafter']}]",
+              file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``specrt`` command."""
+    ap = argparse.ArgumentParser(prog="specrt", description="speculative-decoding runtime")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    g.add_argument("prompt")
+    g.add_argument("--target", default=None,
+                   help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--no-spec", action="store_true", help="target alone (no drafters)")
+    g.add_argument("--drafter", default=None, help="force a drafter by name")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--json", action="store_true", help="print one JSON object with stats")
+    g.add_argument("--stats", action="store_true", help="print speed stats to stderr")
+    g.set_defaults(func=_generate)
+
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"specrt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2) over specrt's paged KV cache.
+
+One forward serves prefill, plain decode, chain and tree verification: the new
+tokens' K/V are appended to the paged cache after each sequence's committed prefix
+and attention goes through :func:`specrt.ops.tree_attention` (``tree_mask=None`` is
+causal). Position ids are explicit, so tree nodes get ``prefix_len + depth``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specrt import ops
+
+
+@dataclass
+class ModelArgs:
+    """The hyper-parameters of a Llama-family model (HF config.json names)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: q/k/v biases
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: list[int] | None = None
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Build from an HF ``config.json`` dict (Llama, Mistral, Qwen2, SmolLM)."""
+        mt = cfg.get("model_type", "llama")
+        if mt not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported model_type {mt!r}: specrt runs llama, mistral, qwen2")
+        heads = cfg["num_attention_heads"]
+        # transformers >= 5 writes rope_parameters (with rope_theta inside); 4.x wrote
+        # rope_theta + rope_scaling
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type")) in (None, "default"):
+            rope = None
+        eos = cfg.get("eos_token_id")
+        if isinstance(eos, int):
+            eos = [eos]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=rope,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", mt == "qwen2")),
+            model_type=mt,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim/2]`` fp32, with llama3-style scaling if configured."""
+    D = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    rs = args.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return inv
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, llama3)")
+    factor = rs["factor"]
+    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old_ctx = rs.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, out)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x ``[B, T, H, D]``, cos/sin ``[B, T, 1, D]``."""
+    h = x.shape[-1] // 2
+    rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    return x * cos + rot * sin
+
+
+class Layer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        qd, kvd = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        self.qkv = nn.Linear(a.hidden_size, qd + 2 * kvd, bias=a.attention_bias)
+        self.o = nn.Linear(qd, a.hidden_size, bias=False)
+        self.gate_up = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
+        self.down = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.attn_norm = nn.Parameter(torch.ones(a.hidden_size))
+        self.mlp_norm = nn.Parameter(torch.ones(a.hidden_size))
+
+
+class Llama(nn.Module):
+    """Decoder over a paged cache. Build with :func:`specrt.model.load_model`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Layer(args) for _ in range(args.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(args.hidden_size))
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(
+            args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head ``[V, hidden]`` (the embedding when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq          # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                block_tables: torch.Tensor, prefix_lens: torch.Tensor,
+                tree_mask: torch.Tensor | None = None, tree_lens: torch.Tensor | None = None,
+                layers: range | None = None, norm: bool = True) -> torch.Tensor:
+        """Run the decoder over new tokens, writing their K/V into the paged cache.
+
+        Args:
+            tokens: ``[B, T]`` int64 new tokens (tree nodes in node order).
+            positions: ``[B, T]`` int64 RoPE positions (``prefix_len + depth``).
+            kv: ``[num_layers, num_blocks, 2, block_size, H_kv, D]`` cache pools.
+            block_tables: ``[B, max_blocks]`` int32.
+            prefix_lens: ``[B]`` int64 committed lengths; token t's K/V goes to
+                position ``prefix_lens[b] + t``.
+            tree_mask: ``[B, T, T]`` bool ancestor mask, or None for causal.
+            tree_lens: ``[B]`` valid tokens per row (padding beyond), or None.
+            layers: run only these layers (drafters made of the first k layers).
+            norm: apply the final norm.
+
+        Returns:
+            ``[B, T, hidden]`` hidden states (final-normed if ``norm``).
+        """
+        a = self.args
+        B, T = tokens.shape
+        x = self.embed(tokens)
+        cos, sin = self.rope(positions, x.dtype)
+        qd, kvd = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        for li in (layers if layers is not None else range(a.num_hidden_layers)):
+            layer = self.layers[li]
+            h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
+            q, k, v = layer.qkv(h).split((qd, kvd, kvd), dim=-1)
+            q = apply_rope(q.view(B, T, a.num_attention_heads, a.head_dim), cos, sin)
+            k = apply_rope(k.view(B, T, a.num_key_value_heads, a.head_dim), cos, sin)
+            v = v.view(B, T, a.num_key_value_heads, a.head_dim)
+            ops.append_kv(kv[li], block_tables, prefix_lens, k.to(kv.dtype), v.to(kv.dtype),
+                          tree_lens)
+            o = ops.tree_attention(q.to(kv.dtype), kv[li], block_tables, prefix_lens, tree_mask,
+                                   tree_lens)
+            x = x + layer.o(o.reshape(B, T, qd).to(x.dtype))
+            h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
+            g, u = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(g) * u)
+        return rms_norm(x, self.norm, a.rms_norm_eps) if norm else x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., hidden]`` -> fp32 logits ``[..., V]``."""
+        return F.linear(hidden, self.head_weight).float()

@@ -1,0 +1,103 @@
+"""Autoregressive generation: equals HF greedy decoding, batching, sampling, stops, errors."""
+import pytest
+import torch
+
+import specrt
+from specrt import SamplingParams
+from tests.tiny import make_tiny_model
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("ar"), "llama", seed=3)
+
+
+@pytest.fixture
+def engine(tiny_dir):
+    return specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
+                                         cache_tokens=1024, max_batch=3)
+
+
+PROMPTS = ["hello world", "a", "The quick brown fox jumps", "xyz 123", "tiny"]
+
+
+def hf_greedy(tiny_dir, ids, n):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    x = torch.tensor([ids])
+    out = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_greedy_equals_hf_and_batching(engine, tiny_dir):
+    p = SamplingParams(max_tokens=12, ignore_eos=True)
+    outs = engine.generate(PROMPTS, p)  # 5 prompts through a batch of 3: admission waits
+    for prompt, o in zip(PROMPTS, outs):
+        ids = engine.tokenizer.encode_prompt(prompt)
+        assert o.token_ids == hf_greedy(tiny_dir, ids, 12), prompt
+        assert o.finish_reason == "length" and len(o.token_ids) == 12
+        assert o.stats["steps"] == 12 and o.stats["mean_accepted_length"] == 1.0
+        assert o.stats["tokens_per_s"] > 0 and o.stats["drafter"] is None
+    single = engine.generate(PROMPTS[2], p)[0]
+    assert single.token_ids == outs[2].token_ids
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+
+
+def test_sampling_seeded_and_follows_params(engine):
+    p = SamplingParams(max_tokens=8, temperature=0.9, top_k=5, seed=7, ignore_eos=True)
+    a = engine.generate(["hello", "world"], p)
+    b = engine.generate(["hello", "world"], p)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    c = engine.generate(["hello"], SamplingParams(max_tokens=8, temperature=0.9, top_k=5, seed=8,
+                                                   ignore_eos=True))
+    assert len(c[0].token_ids) == 8
+    # top_k=1 sampling is greedy
+    g = engine.generate("hello", SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    k1 = engine.generate("hello", SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=1,
+                                                 ignore_eos=True))[0]
+    assert g.token_ids == k1.token_ids
+
+
+def test_stop_string_and_stream(engine):
+    p = SamplingParams(max_tokens=16, ignore_eos=True)
+    full = engine.generate("hello", p)[0].text
+    assert len(full) >= 6
+    stop = full[3:5]
+    o = engine.generate("hello", SamplingParams(max_tokens=16, stop=[stop], ignore_eos=True))[0]
+    assert o.finish_reason == "stop" and o.text == full[:full.index(stop)]
+    streamed = "".join(ev.text for ev in engine.stream("hello", p))
+    assert streamed == full
+    streamed = "".join(ev.text for ev in engine.stream("hello", SamplingParams(
+        max_tokens=16, stop=[stop], ignore_eos=True)))
+    assert streamed == o.text
+
+
+def test_eos_stops(engine):
+    p = SamplingParams(max_tokens=12, ignore_eos=True)
+    o = engine.generate("hello", p)[0]
+    engine.eos_ids = {o.token_ids[4]}
+    e = engine.generate("hello", SamplingParams(max_tokens=12))[0]
+    first = o.token_ids.index(o.token_ids[4])
+    assert e.finish_reason == "stop" and e.token_ids == o.token_ids[:first]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(prompts=""), "empty"),
+    (dict(prompts=["ok", "   "]), "empty"),
+    (dict(prompts="x" * 400), "limit"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-3), "max_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+])
+def test_bad_input_clear_error_and_harmless(engine, bad, match):
+    good = engine.generate("hello", SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    with pytest.raises(ValueError, match=match):
+        prompts = bad.pop("prompts", "hello")
+        engine.generate(prompts, SamplingParams(**{"ignore_eos": True, "max_tokens": 6, **bad}))
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+    again = engine.generate("hello", SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    assert again.token_ids == good.token_ids

@@ -1,0 +1,249 @@
+"""Tree attention (specrt.ops.tree_attention) against a float64 dense reference.
+
+The Triton kernels run under TRITON_INTERPRET=1 on CPU-only machines (the
+``triton_backend`` fixture) and natively on a GPU when one is present (``device``).
+The CPU torch path of specrt.ops is checked against the same reference.
+
+Every case draws fresh random inputs; the seed is in each assertion message, so a
+failure reproduces with ``_case(..., seed=<seed>)``.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from specrt import ops
+
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (4e-2, 4e-2)}
+
+
+# ---------------------------------------------------------------------------
+# inputs and reference, written from scratch (no specrt helpers)
+
+def _random_parents(T: int, g: torch.Generator) -> list[int]:
+    """parents[0] = -1, parents[i] uniform in [0, i): random trees, not only chains."""
+    return [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)]
+
+
+def _ancestor_mask(parents: list[int]) -> torch.Tensor:
+    T = len(parents)
+    m = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        j = i
+        while j >= 0:
+            m[i, j] = True
+            j = parents[j]
+    return m
+
+
+def _case(B, T, Hq, Hkv, D, dtype, bs, max_prefix, kind, ragged, device, seed=None):
+    """Random paged cache, shuffled block tables, queries, tree masks.
+
+    kind: "tree" (random parent arrays), "chain" (explicit lower-triangular mask)
+    or "causal" (tree_mask=None).
+    """
+    seed = random.randrange(2**31) if seed is None else seed
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, max_prefix + 1, (B,), generator=g)
+    if max_prefix > bs:                       # at least one prefix crosses a block boundary
+        prefix[0] = bs + 1 + int(torch.randint(0, max_prefix - bs, (1,), generator=g))
+        prefix[0] += int(prefix[0] % bs == 0)
+        prefix[0] = min(int(prefix[0]), max_prefix)
+    need = [math.ceil((int(p) + T) / bs) for p in prefix]
+    max_blocks = max(need) + 1
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    bt = torch.randint(0, num_blocks, (B, max_blocks), generator=g, dtype=torch.int32)
+    o = 0
+    for b in range(B):                        # shuffled, non-contiguous block ids
+        bt[b, :need[b]] = perm[o:o + need[b]].int()
+        o += need[b]
+    cache = torch.randn(num_blocks, 2, bs, Hkv, D, generator=g).to(dtype)
+    q = torch.randn(B, T, Hq, D, generator=g).to(dtype)
+    if kind == "tree":
+        mask = torch.stack([_ancestor_mask(_random_parents(T, g)) for _ in range(B)])
+    elif kind == "chain":
+        mask = torch.ones(B, T, T, dtype=torch.bool).tril()
+    else:
+        mask = None
+    tree_lens = None
+    if ragged:
+        tree_lens = torch.randint(0, T + 1, (B,), generator=g)
+        tree_lens[0] = T
+        if B > 1:
+            tree_lens[1] = max(1, T // 2)
+    to = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return dict(q=q.to(device), kv_cache=cache.to(device), block_tables=bt.to(device),
+                prefix_lens=prefix.to(device), tree_mask=to(mask),
+                tree_lens=to(tree_lens)), seed
+
+
+def _reference(q, kv_cache, block_tables, prefix_lens, tree_mask, tree_lens, scale):
+    """Dense float64 attention with an explicit [T, L] mask, one sequence at a time."""
+    q, kv_cache = q.cpu().double(), kv_cache.cpu().double()
+    bt, pl = block_tables.cpu().long(), prefix_lens.cpu()
+    B, T, Hq, D = q.shape
+    bs, Hkv = kv_cache.shape[2], kv_cache.shape[3]
+    G = Hq // Hkv
+    out = torch.zeros(B, T, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        P = int(pl[b])
+        n = T if tree_lens is None else int(tree_lens[b])
+        L = P + n
+        pos = torch.arange(L)
+        kv = kv_cache[bt[b, pos // bs], :, pos % bs]                 # [L, 2, Hkv, D]
+        k = kv[:, 0].repeat_interleave(G, dim=1)                    # [L, Hq, D]
+        v = kv[:, 1].repeat_interleave(G, dim=1)
+        tm = (torch.ones(T, T, dtype=torch.bool).tril() if tree_mask is None
+              else tree_mask[b].cpu().bool())
+        mask = torch.zeros(T, L, dtype=torch.bool)
+        mask[:, :P] = True
+        mask[:, P:] = tm[:, :n]
+        mask[n:] = False
+        s = torch.einsum("thd,lhd->htl", q[b], k) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)                   # rows seeing nothing -> 0
+        out[b] = torch.einsum("htl,lhd->thd", p, v)
+    return out
+
+
+def _check(inp, seed, dtype, *, num_splits=None, packed=False, scale=None, tag=""):
+    q = inp["q"]
+    D = q.shape[-1]
+    scale_ref = 1.0 / math.sqrt(D) if scale is None else scale
+    ref = _reference(**inp, scale=scale_ref)
+    out = torch.full_like(q, float("nan"))                          # poison: unwritten rows show
+    kw = dict(out=out)
+    if num_splits is not None:
+        kw["num_splits"] = num_splits
+    args = dict(inp)
+    if packed and args["tree_mask"] is not None:
+        from specrt.kernels.attention import pack_tree_mask
+
+        kw["packed_mask"] = pack_tree_mask(args["tree_mask"])
+        args["tree_mask"] = None                                    # must come from the bits
+    res = ops.tree_attention(**args, scale=scale, **kw)
+    assert res.data_ptr() == out.data_ptr()
+    atol, rtol = TOL[dtype]
+    msg = (f"seed={seed} {tag} splits={num_splits} B,T,Hq,D={tuple(q.shape)} "
+           f"prefix={inp['prefix_lens'].tolist()} tree_lens="
+           f"{None if inp['tree_lens'] is None else inp['tree_lens'].tolist()}")
+    assert not torch.isnan(out).any(), "unwritten (NaN) output; " + msg
+    torch.testing.assert_close(out.cpu().double(), ref, atol=atol, rtol=rtol, msg=lambda m: msg + "\n" + m)
+
+
+# (B, T, Hq, Hkv, D, dtype, block_size, max_prefix, kind, ragged)
+CASES = {
+    "decode_g4_d64_f32":      (3, 1, 8, 2, 64, torch.float32, 16, 90, "causal", False),
+    "chain_g3_d128_f16":      (2, 5, 3, 1, 128, torch.float16, 16, 60, "causal", True),
+    "tree5_g3_d64_f32":       (2, 5, 6, 2, 64, torch.float32, 8, 40, "tree", True),
+    "tree16_g8_d64_f16":      (2, 16, 8, 1, 64, torch.float16, 16, 70, "tree", True),
+    "tree16_g1_d128_f32":     (2, 16, 2, 2, 128, torch.float32, 16, 50, "tree", True),
+    "tree5_g4_d128_f16":      (3, 5, 8, 2, 128, torch.float16, 16, 40, "tree", False),
+    "tree64_g1_d64_f32":      (1, 64, 1, 1, 64, torch.float32, 16, 20, "tree", True),
+    "tree64_g4_d64_f16":      (2, 64, 4, 1, 64, torch.float16, 16, 20, "tree", True),
+    "chainmask16_g4_d64_f16": (1, 16, 4, 1, 64, torch.float16, 16, 40, "chain", False),
+    "causal16_g4_d128_f16":   (1, 16, 4, 1, 128, torch.float16, 16, 40, "causal", True),
+}
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_vs_reference(triton_backend, device, name, splits):
+    B, T, Hq, Hkv, D, dtype, bs, mp, kind, ragged = CASES[name]
+    inp, seed = _case(B, T, Hq, Hkv, D, dtype, bs, mp, kind, ragged, device)
+    _check(inp, seed, dtype, num_splits=splits, tag=name)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_triton_packed_mask_multiword(triton_backend, device, splits):
+    """T = 70 > 64: two mask words per row, passed pre-packed (tree_mask=None)."""
+    inp, seed = _case(1, 70, 1, 1, 64, torch.float32, 16, 20, "tree", True, device)
+    _check(inp, seed, torch.float32, num_splits=splits, packed=True, tag="T70 packed")
+
+
+def test_triton_many_splits_long_prefix(triton_backend, device):
+    """Eight splits over a few-hundred-token prefix, custom scale, mixed empty splits."""
+    inp, seed = _case(2, 4, 2, 1, 32, torch.float32, 16, 300, "tree", True, device)
+    _check(inp, seed, torch.float32, num_splits=8, scale=0.3, tag="S8")
+
+
+def test_triton_packed_equals_bool_mask(triton_backend, device):
+    inp, seed = _case(2, 5, 6, 2, 64, torch.float16, 16, 30, "tree", True, device)
+    _check(inp, seed, torch.float16, num_splits=1, packed=True, tag="packed")
+
+
+def test_pack_tree_mask_bits():
+    from specrt.kernels.attention import pack_tree_mask
+
+    for T in (1, 5, 63, 64, 65, 130):
+        m = torch.rand(3, T, T) < 0.5
+        p = pack_tree_mask(m)
+        assert p.shape == (3, T, (T + 63) // 64) and p.dtype == torch.int64
+        for j in range(T):
+            bit = (p[:, :, j // 64] >> (j % 64)) & 1
+            assert torch.equal(bit.bool(), m[:, :, j]), (T, j)
+
+
+def test_triton_prefix_zero_and_empty_tree(triton_backend, device):
+    """prefix 0 (tree only) and a sequence with tree_len 0 (all-zero output)."""
+    inp, seed = _case(3, 5, 4, 2, 64, torch.float32, 16, 0, "tree", True, device)
+    inp["tree_lens"][2] = 0
+    _check(inp, seed, torch.float32, num_splits=1, tag="prefix0")
+    _check(inp, seed, torch.float32, num_splits=2, tag="prefix0")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cpu_torch_path_vs_reference(monkeypatch, name):
+    monkeypatch.delenv("SPECRT_OPS_BACKEND", raising=False)
+    B, T, Hq, Hkv, D, dtype, bs, mp, kind, ragged = CASES[name]
+    inp, seed = _case(B, T, Hq, Hkv, D, dtype, bs, mp, kind, ragged, "cpu")
+    _check(inp, seed, dtype, tag="cpu " + name)
+    if kind == "tree":
+        _check(inp, seed, dtype, packed=True, tag="cpu packed " + name)
+
+
+def test_custom_op_matches_function(triton_backend, device):
+    inp, seed = _case(2, 5, 6, 2, 64, torch.float32, 16, 40, "tree", True, device)
+    scale = 1.0 / 8.0
+    a = ops.tree_attention(**inp, scale=scale)
+    b = torch.ops.specrt.tree_attention(inp["q"], inp["kv_cache"], inp["block_tables"],
+                                        inp["prefix_lens"], inp["tree_mask"], inp["tree_lens"],
+                                        scale)
+    torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m: f"seed={seed}\n{m}")
+
+
+def test_bad_shapes_raise(triton_backend, device):
+    inp, _ = _case(1, 4, 2, 1, 64, torch.float32, 16, 10, "tree", False, device)
+    with pytest.raises(ValueError):
+        ops.tree_attention(**inp, out=torch.empty(1, 4, 2, 32, device=device))
+    with pytest.raises(ValueError):
+        ops.tree_attention(**{**inp, "tree_mask": None},
+                           packed_mask=torch.zeros(1, 3, dtype=torch.int64, device=device))
+
+
+# ---------------------------------------------------------------------------
+# GPU only (bf16 tl.dot is wrong in the interpreter; realistic shapes; auto split)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("kind", ["tree", "causal"])
+def test_gpu_bf16(triton_backend, kind, splits):
+    inp, seed = _case(3, 16, 12, 4, 128, torch.bfloat16, 16, 200, kind, True, "cuda")
+    _check(inp, seed, torch.bfloat16, num_splits=splits, tag="bf16 " + kind)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_llama_shapes_auto_split(triton_backend, dtype):
+    """Llama-3-8B heads (32/8, D=128), long prefix, B=1: the heuristic picks split-KV."""
+    from specrt.kernels.attention import choose_num_splits
+
+    inp, seed = _case(1, 32, 32, 8, 128, dtype, 16, 4000, "tree", False, "cuda")
+    assert choose_num_splits(1, 8, 1, 4000, torch.device("cuda")) > 1
+    _check(inp, seed, dtype, tag="llama auto")
+    inp, seed = _case(4, 64, 32, 8, 128, dtype, 16, 1500, "tree", True, "cuda")
+    _check(inp, seed, dtype, tag="llama auto B4 T64")
