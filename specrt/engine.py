@@ -12,7 +12,10 @@ from typing import Iterator
 
 import torch
 
+from specrt import ops
 from specrt.cache import PagedKVCache
+from specrt.draft.adaptive import LengthController
+from specrt.draft.base import Drafter, DraftTree, SeqState, Verified
 from specrt.model import Detokenizer, Llama, Tokenizer, load_model
 from specrt.sampling import SamplingParams, logits_to_probs
 
@@ -64,6 +67,7 @@ class _Request:
     drafted: int = 0
     accepted: int = 0
     drafter: str | None = None
+    seq: SeqState | None = None
 
 
 class Engine:
@@ -76,10 +80,14 @@ class Engine:
         block_size: tokens per KV block.
     """
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer, *, max_batch: int = 16,
-                 cache_tokens: int = 16384, block_size: int = 16):
+    def __init__(self, model: Llama, tokenizer: Tokenizer, *,
+                 drafters: list[Drafter] | None = None, default_drafter: str | None = None,
+                 max_batch: int = 16, cache_tokens: int = 16384, block_size: int = 16,
+                 max_draft: int = 6, adaptive: bool = True):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
+        if max_draft < 0:
+            raise ValueError(f"max_draft must be >= 0, got {max_draft}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -89,32 +97,52 @@ class Engine:
                                   a.num_key_value_heads, a.head_dim, dtype=model.embed.weight.dtype,
                                   device=self.device)
         self.eos_ids = set(tokenizer.eos_ids)
+        self.drafters: dict[str, Drafter] = {}
+        for d in drafters or []:
+            if d.name in self.drafters:
+                raise ValueError(f"two drafters named {d.name!r}")
+            self.drafters[d.name] = d
+        if default_drafter is not None and default_drafter not in self.drafters:
+            raise ValueError(f"default drafter {default_drafter!r} is not among "
+                             f"{sorted(self.drafters)}")
+        self.default_drafter = default_drafter or next(iter(self.drafters), None)
+        self.max_draft = max_draft
+        self.lengths = LengthController(max_draft=max_draft, adaptive=adaptive)
         self._next_seq = 0
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, pool: str | None = None, *,
                         device: str | None = None, dtype: torch.dtype | None = None,
                         **kwargs) -> "Engine":
-        """Load a target (HF directory, .gguf file, or the default model when None).
+        """Load a target (HF directory, .gguf file, or the default model when None)
+        with its drafters.
 
-        ``pool`` (a drafter pool directory) is accepted for the speculative engine;
-        kwargs go to :class:`Engine`.
+        Without ``pool`` the drafters are the model-free ones (n-gram prompt lookup and
+        token recycling) plus the shipped baseline drafter when ``target`` is the
+        default model. kwargs go to :class:`Engine`.
         """
+        if pool is not None:
+            raise NotImplementedError("drafter pools are not supported yet")
         model, tok = load_model(target, dtype=dtype, device=device)
+        if "drafters" not in kwargs:
+            from specrt.draft import default_drafters
+
+            kwargs["drafters"] = default_drafters(model, target)
         return cls(model, tok, **kwargs)
 
     # ------------------------------------------------------------------ API
 
     def generate(self, prompts: str | list[str], params: SamplingParams | list[SamplingParams]
-                 | None = None, *, speculative: bool = False, drafter: str | None = None,
+                 | None = None, *, speculative: bool = True, drafter: str | None = None,
                  chat: bool = True, progress: bool = False) -> list[RequestOutput]:
         """Generate completions for ``prompts`` (batched).
 
         Args:
             prompts: a prompt or a list of prompts.
             params: one :class:`SamplingParams` for all, or one per prompt.
-            speculative: use speculative decoding (drafter pool); False = target alone.
-            drafter: force a drafter by name.
+            speculative: use speculative decoding (default); False = the target alone.
+                Without drafters the engine decodes plainly either way.
+            drafter: force a drafter by name (``ValueError`` if unknown).
             chat: wrap prompts in the model's chat template when it has one.
             progress: show a progress bar over finished requests.
 
@@ -141,14 +169,15 @@ class Engine:
         return outs  # type: ignore[return-value]
 
     def stream(self, prompts: str | list[str], params: SamplingParams | list[SamplingParams]
-               | None = None, *, speculative: bool = False, drafter: str | None = None,
+               | None = None, *, speculative: bool = True, drafter: str | None = None,
                chat: bool = True) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields a :class:`StreamEvent` whenever a request
         gets new text (incremental detokenization) and once when it finishes."""
-        if speculative or drafter is not None:
-            raise NotImplementedError("speculative decoding is not available yet; "
-                                      "pass speculative=False")
+        if drafter is not None and drafter not in self.drafters:
+            raise ValueError(f"unknown drafter {drafter!r}; have {sorted(self.drafters)}")
         reqs = self._make_requests(prompts, params, chat)
+        for r in reqs:
+            r.drafter = (drafter or self.default_drafter) if speculative else None
         yield from self._run(reqs)
 
     # ------------------------------------------------------------ internals
@@ -189,7 +218,8 @@ class Engine:
         new = []
         while waiting and len(active) + len(new) < self.max_batch:
             r = waiting[0]
-            need = -(-(len(r.prompt_ids) + r.max_new + 1) // self.cache.block_size)
+            span = len(r.prompt_ids) + r.max_new + self.max_draft + 1
+            need = -(-span // self.cache.block_size)
             if need > self.cache.allocator.num_free:
                 if not active and not new:
                     raise RuntimeError("KV cache too small for one request; raise cache_tokens")
@@ -198,7 +228,7 @@ class Engine:
             r.seq_id = self._next_seq
             self._next_seq += 1
             self.cache.add(r.seq_id)
-            self.cache.reserve(r.seq_id, len(r.prompt_ids) + r.max_new + 1)
+            self.cache.reserve(r.seq_id, span)
             r.t_start = time.perf_counter()
             new.append(r)
         return new
@@ -211,26 +241,37 @@ class Engine:
                 if new:
                     logits = self._prefill(new)
                     yield from self._emit(new, [[t] for t in self._sample(new, logits)])
-                    active.extend(r for r in new if r.finish_reason is None)
-                    for r in new:
-                        if r.finish_reason is not None:
-                            self.cache.release(r.seq_id)
-                if not active:
-                    continue
-                logits = self._decode(active)
-                done_before = list(active)
-                yield from self._emit(done_before, [[t] for t in self._sample(active, logits)])
-                for r in done_before:
-                    if r.finish_reason is not None:
-                        active.remove(r)
-                        self.cache.release(r.seq_id)
+                    active = self._reap(active + new)
+                if active:
+                    news = self._step(active)
+                    yield from self._emit(active, news)
+                    active = self._reap(active)
         finally:  # an exception (or a closed stream) must not leak cache blocks
             for r in active:
-                self.cache.release(r.seq_id)
+                self._release(r)
+
+    def _reap(self, active: list[_Request]) -> list[_Request]:
+        """Release finished requests; return the rest."""
+        keep = []
+        for r in active:
+            if r.finish_reason is None:
+                keep.append(r)
+            else:
+                self._release(r)
+        return keep
+
+    def _release(self, r: _Request) -> None:
+        self.cache.release(r.seq_id)
+        if r.drafter is not None and r.seq is not None:
+            self.drafters[r.drafter].release(r.seq)
 
     @torch.inference_mode()
     def _prefill(self, reqs: list[_Request]) -> torch.Tensor:
-        """Batched ragged prefill; returns the last prompt position's logits ``[B, V]``."""
+        """Batched ragged prefill; returns the last prompt position's logits ``[B, V]``.
+
+        Drafters of speculative requests are told the request began, with the target's
+        pre-norm last-layer states over the prompt.
+        """
         lens = [len(r.prompt_ids) for r in reqs]
         T = max(lens)
         toks = torch.zeros(len(reqs), T, dtype=torch.long)
@@ -239,29 +280,138 @@ class Engine:
         dev = self.device
         ln = torch.tensor(lens, device=dev)
         bt = self.cache.block_table([r.seq_id for r in reqs])
+        t0 = time.perf_counter()
         h = self.model(toks.to(dev), torch.arange(T, device=dev).expand(len(reqs), T),
                        self.cache.kv, bt, torch.zeros(len(reqs), dtype=torch.long, device=dev),
-                       tree_lens=ln)
-        last = h[torch.arange(len(reqs), device=dev), ln - 1]
-        for r, n in zip(reqs, lens):
+                       tree_lens=ln, norm=False)
+        last = self.model.final_norm(h[torch.arange(len(reqs), device=dev), ln - 1])
+        logits = self.model.logits(last)
+        self.lengths.observe_forward(sum(lens), time.perf_counter() - t0)
+        for i, (r, n) in enumerate(zip(reqs, lens)):
             self.cache.set_length(r.seq_id, n)
             r.steps += 1
-        return self.model.logits(last)
+            if r.drafter is not None:
+                r.seq = SeqState(r.seq_id, list(r.prompt_ids), n, r.params.temperature)
+                self.drafters[r.drafter].begin(r.seq, h[i, :n])
+        return logits
+
+    def _propose(self, reqs: list[_Request]) -> list[DraftTree]:
+        """Draft trees, batched per drafter; a root-only tree for plain decoding."""
+        trees: list[DraftTree | None] = [None] * len(reqs)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(reqs):
+            if r.drafter is None:
+                trees[i] = DraftTree([r.out_ids[-1]], [-1])
+            else:
+                r.seq.tokens = r.prompt_ids + r.out_ids
+                groups.setdefault(r.drafter, []).append(i)
+        for name, idx in groups.items():
+            budgets = [self.lengths.budget(name, reqs[i].seq.state, len(reqs),
+                                           reqs[i].max_new - len(reqs[i].out_ids)) for i in idx]
+            t0 = time.perf_counter()
+            got = self.drafters[name].propose([reqs[i].seq for i in idx], budgets)
+            n = 0
+            for i, b, t in zip(idx, budgets, got):
+                if len(t) > b + 1 or t.tokens[0] != reqs[i].out_ids[-1]:
+                    raise RuntimeError(f"drafter {name!r} returned a tree of {len(t)} nodes "
+                                       f"for budget {b}, or with the wrong root")
+                trees[i] = t
+                n += len(t) - 1
+            self.lengths.observe_draft(name, n, time.perf_counter() - t0)
+        return trees  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _decode(self, reqs: list[_Request]) -> torch.Tensor:
-        """One plain decode step (T=1) for every request; returns logits ``[B, V]``."""
-        dev = self.device
-        lens = torch.tensor([self.cache.length(r.seq_id) for r in reqs], device=dev)
-        toks = torch.tensor([r.out_ids[-1] for r in reqs], device=dev)[:, None]
+    def _step(self, reqs: list[_Request]) -> list[list[int]]:
+        """One target forward over every request's draft tree (plain decode = root only),
+        lossless verification, KV compaction; returns the tokens each request emits."""
+        dev, B = self.device, len(reqs)
+        trees = self._propose(reqs)
+        T = max(len(t) for t in trees)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        parents = torch.zeros(B, T, dtype=torch.long)
+        depth = torch.zeros(B, T, dtype=torch.long)
+        for i, t in enumerate(trees):
+            n = len(t)
+            tokens[i, :n] = torch.tensor(t.tokens)
+            parents[i, :n] = torch.tensor(t.parents)
+            depth[i, :n] = torch.tensor(t.depths())
+        tl = torch.tensor([len(t) for t in trees])
+        prefix = torch.tensor([self.cache.length(r.seq_id) for r in reqs])
+        tree_mask = None
+        if T > 1 and any(t.parents != list(range(-1, len(t) - 1)) for t in trees):
+            tree_mask = ops.build_tree_mask(parents, tl).to(dev)
         bt = self.cache.block_table([r.seq_id for r in reqs])
-        h = self.model(toks, lens[:, None], self.cache.kv, bt, lens)
-        for r in reqs:
-            self.cache.set_length(r.seq_id, self.cache.length(r.seq_id) + 1)
+        t0 = time.perf_counter()
+        h = self.model(tokens.to(dev), (prefix[:, None] + depth).to(dev), self.cache.kv, bt,
+                       prefix.to(dev), tree_mask, tl.to(dev) if T > 1 else None, norm=False)
+        logits = self.model.logits(self.model.final_norm(h))            # [B, T, V] fp32
+        path, plen, nxt = self._verify(reqs, trees, logits, tokens, parents, tl)
+        self.lengths.observe_forward(int(B * T), time.perf_counter() - t0)
+        # move accepted K/V into place (every layer in one call: layers stacked as blocks)
+        moved = [i for i in range(B) if path[i][:plen[i]] != list(range(plen[i]))]
+        if moved:
+            L, NB = self.cache.kv.shape[:2]
+            kv = self.cache.kv.view(L * NB, *self.cache.kv.shape[2:])
+            sel = torch.tensor(moved)
+            bts = torch.cat([bt[sel.to(dev)] + l * NB for l in range(L)])
+            P = max(plen[i] for i in moved)
+            pth = torch.tensor([path[i][:P] + [-1] * (P - len(path[i][:P])) for i in moved])
+            ops.commit_kv(kv, bts, prefix[sel].repeat(L).to(dev), pth.repeat(L, 1).to(dev),
+                          torch.tensor([plen[i] for i in moved]).repeat(L).to(dev))
+        news = []
+        for i, r in enumerate(reqs):
+            pth = path[i][:plen[i]]
+            self.cache.set_length(r.seq_id, int(prefix[i]) + plen[i])
+            new = [trees[i].tokens[j] for j in pth[1:]] + [nxt[i]]
             r.steps += 1
-        return self.model.logits(h[:, 0])
+            if r.drafter is not None:
+                dmax = max(trees[i].depths())
+                r.drafted += len(trees[i]) - 1
+                r.accepted += plen[i] - 1
+                self.lengths.observe_accept(r.drafter, r.seq.state, plen[i] - 1, dmax)
+                r.seq.tokens = r.prompt_ids + r.out_ids + new
+                n = len(trees[i])
+                self.drafters[r.drafter].update(r.seq, Verified(
+                    trees[i], pth, new, logits[i, :n], h[i, :n]))
+            news.append(new)
+        return news
+
+    def _verify(self, reqs, trees, logits, tokens, parents, tl):
+        """verify_tree per group of rows sharing a mode; python lists out."""
+        B, T, _ = logits.shape
+        path = [[0]] * B
+        plen = [1] * B
+        nxt = [0] * B
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            key = ("greedy",) if r.params.greedy else ("sample", trees[i].probs is not None)
+            groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            sel = torch.tensor(idx)
+            dev = logits.device
+            if key[0] == "greedy":
+                p, n, x = ops.verify_tree(logits[sel.to(dev)], tokens[sel].to(dev),
+                                          parents[sel].to(dev), tl[sel].to(dev), greedy=True)
+            else:
+                probs = torch.stack([logits_to_probs(logits[i], reqs[i].params.temperature,
+                                                     reqs[i].params.top_k, reqs[i].params.top_p)
+                                     for i in idx])
+                dprobs = None
+                if key[1]:
+                    dprobs = torch.zeros_like(probs)
+                    for j, i in enumerate(idx):
+                        dprobs[j, :len(trees[i])] = trees[i].probs.to(probs)
+                u = torch.stack([torch.rand(T, generator=reqs[i].generator, device=dev)
+                                 for i in idx])
+                p, n, x = ops.verify_tree(probs, tokens[sel].to(dev), parents[sel].to(dev),
+                                          tl[sel].to(dev), dprobs, uniforms=u)
+            p, n, x = p.tolist(), n.tolist(), x.tolist()
+            for j, i in enumerate(idx):
+                path[i], plen[i], nxt[i] = p[j], n[j], x[j]
+        return path, plen, nxt
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[int]:
+        """First token after prefill, from ``logits`` ``[B, V]``."""
         out = []
         for r, row in zip(reqs, logits):
             p = r.params

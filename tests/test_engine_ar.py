@@ -14,10 +14,22 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("ar"), "llama", seed=3)
 
 
+class AREngine(specrt.Engine):
+    """The engine with speculation off by default (these tests are about plain AR)."""
+
+    def generate(self, prompts, params=None, **kw):
+        kw.setdefault("speculative", False)
+        return super().generate(prompts, params, **kw)
+
+    def stream(self, prompts, params=None, **kw):
+        kw.setdefault("speculative", False)
+        return super().stream(prompts, params, **kw)
+
+
 @pytest.fixture
 def engine(tiny_dir):
-    return specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
-                                         cache_tokens=1024, max_batch=3)
+    return AREngine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
+                                    cache_tokens=1024, max_batch=3)
 
 
 PROMPTS = ["hello world", "a", "The quick brown fox jumps", "xyz 123", "tiny"]

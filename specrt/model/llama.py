@@ -185,7 +185,11 @@ class Llama(nn.Module):
             h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
             g, u = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(g) * u)
-        return rms_norm(x, self.norm, a.rms_norm_eps) if norm else x
+        return self.final_norm(x) if norm else x
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm (for states returned with ``norm=False``)."""
+        return rms_norm(h, self.norm, self.args.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., hidden]`` -> fp32 logits ``[..., V]``."""

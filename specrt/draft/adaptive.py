@@ -1,0 +1,118 @@
+"""Adaptive draft length: how many nodes a request's next tree gets.
+
+The rule (goodput, after SmartSpec): a tree with k drafted tokens emits, in
+expectation, ``E(k) = (1 - a^(k+1)) / (1 - a)`` tokens when each position is accepted
+with probability ``a``; it costs ``cost(k) = t_fixed / B + t_token * (k + 1) + k * t_draft``
+of wall time, where ``t_fixed + t_token * n`` is the target forward of a batch of n
+tokens (fitted online from every step) and ``t_draft`` the drafter's measured time per
+drafted token. Each step picks the k in ``0..max_draft`` that maximises
+``E(k) / cost(k)``. When k = 0 wins, the request decodes plainly; every
+``probe_every`` plain steps it drafts once more so that a drafter that starts to pay
+is noticed again.
+
+``a`` per request is a Beta-style running estimate: accepted positions over tested
+positions of this request, shrunk toward the drafter's running rate across requests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class _Rate:
+    hits: float = 0.0
+    trials: float = 0.0
+
+
+class LengthController:
+    """Chooses per-request draft budgets and learns from each step.
+
+    Args:
+        max_draft: largest budget (drafted tokens per step).
+        prior: acceptance rate assumed for a drafter with no history.
+        prior_weight: how many positions of evidence the drafter-level rate is worth.
+        probe_every: plain-decode steps between probes.
+        adaptive: False pins every budget to ``max_draft``.
+    """
+
+    def __init__(self, max_draft: int = 6, prior: float = 0.5, prior_weight: float = 4.0,
+                 probe_every: int = 8, adaptive: bool = True):
+        self.max_draft = max_draft
+        self.prior, self.prior_weight = prior, prior_weight
+        self.probe_every = probe_every
+        self.adaptive = adaptive
+        self.drafter_rate: dict[str, _Rate] = {}
+        self.draft_cost: dict[str, float] = {}     # seconds per drafted token (EMA)
+        # target forward time ~ t_fixed + t_token * n_tokens (running least squares)
+        self._s = [0.0] * 5  # sum w, sum n, sum n^2, sum t, sum n*t
+        self.decay = 0.98
+
+    # -------------------------------------------------------------- costs
+    def observe_forward(self, n_tokens: int, seconds: float) -> None:
+        s, d = self._s, self.decay
+        for i, x in enumerate((1.0, n_tokens, n_tokens * n_tokens, seconds, n_tokens * seconds)):
+            s[i] = s[i] * d + x
+
+    def forward_model(self) -> tuple[float, float]:
+        """(t_fixed, t_token) of the fitted forward cost; a prior until data suffices."""
+        w, sn, snn, st, snt = self._s
+        if w > 0:
+            var = snn / w - (sn / w) ** 2
+            if var > 1e-9:
+                slope = (snt / w - (sn / w) * (st / w)) / var
+                icpt = st / w - slope * sn / w
+                if slope > 0 and icpt > 0:
+                    return icpt, slope
+            mean_t = st / w
+            return 0.8 * mean_t, 0.2 * mean_t / max(sn / w, 1.0)
+        return 1.0, 0.1
+
+    def observe_draft(self, drafter: str, n_drafted: int, seconds: float) -> None:
+        if n_drafted <= 0:
+            return
+        per = seconds / n_drafted
+        old = self.draft_cost.get(drafter)
+        self.draft_cost[drafter] = per if old is None else 0.8 * old + 0.2 * per
+
+    # ---------------------------------------------------------- acceptance
+    def rate(self, drafter: str, state: dict) -> float:
+        g = self.drafter_rate.get(drafter)
+        prior = g.hits / g.trials if g and g.trials >= 1 else self.prior
+        h, t = state.get("hits", 0.0), state.get("trials", 0.0)
+        a = (h + self.prior_weight * prior) / (t + self.prior_weight)
+        return min(max(a, 0.0), 0.98)
+
+    def observe_accept(self, drafter: str, state: dict, accepted: int, depth: int) -> None:
+        """``accepted`` positions passed out of a tree of ``depth`` (longest path)."""
+        if depth <= 0:
+            return
+        trials = accepted + (1 if accepted < depth else 0)
+        state["hits"] = state.get("hits", 0.0) + accepted
+        state["trials"] = state.get("trials", 0.0) + trials
+        g = self.drafter_rate.setdefault(drafter, _Rate())
+        g.hits = g.hits * 0.995 + accepted
+        g.trials = g.trials * 0.995 + trials
+
+    # -------------------------------------------------------------- choice
+    def budget(self, drafter: str, state: dict, batch: int, remaining: int) -> int:
+        """Draft tokens for this request's next tree (0 = plain decode)."""
+        cap = min(self.max_draft, max(remaining - 1, 0))
+        if not self.adaptive or cap == 0:
+            return cap
+        a = self.rate(drafter, state)
+        fixed, per_tok = self.forward_model()
+        d = self.draft_cost.get(drafter, 0.0)
+        best_k, best = 0, 0.0
+        for k in range(cap + 1):
+            exp_tokens = (1 - a ** (k + 1)) / (1 - a)
+            cost = fixed / batch + per_tok * (k + 1) + k * d
+            if exp_tokens / cost > best * (1 + 1e-9):
+                best_k, best = k, exp_tokens / cost
+        if best_k == 0:
+            off = state.get("off", 0) + 1
+            state["off"] = off
+            if off % self.probe_every == 0:
+                return min(2, cap)
+        else:
+            state["off"] = 0
+        return best_k
