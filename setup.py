@@ -74,7 +74,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers"],
+        "test": ["pytest", "transformers", "accelerate"],
         "gpu": ["flashinfer-python"],
     },
     entry_points={"console_scripts": ["specrt=specrt.cli:main"]},

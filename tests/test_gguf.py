@@ -274,16 +274,23 @@ def test_tiny_logits_match_hf_reference(which, request):
     path, out, weights = request.getfixturevalue(which)
     ids = torch.tensor([[1, 5, 77, 200, 3, 9, 260, 100, 42, 2, 7, 8]])
     got = dir_logits(out, ids)
-    # 1. against the original (never permuted) weights in transformers' HF rotate-half model
+    # against the original (never permuted) weights in transformers' HF rotate-half model
     if which == "tiny_q8":
         weights = qdq(weights, gguf.GGMLQuantizationType.Q8_0)
     ref = hf_logits_from_weights(out, weights, ids)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    # 2. against transformers' own GGUF loader on the same file (needs accelerate)
-    if not HAVE_ACCELERATE:
-        pytest.skip("transformers' GGUF loading needs `accelerate`; compared against HF weights only")
+
+
+@pytest.mark.parametrize("which", ["tiny_f32", "tiny_q8"])
+@pytest.mark.skipif(not HAVE_ACCELERATE, reason="transformers' GGUF model loading needs `accelerate`")
+def test_tiny_logits_match_transformers_gguf(which, request):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
+    path, out, _ = request.getfixturevalue(which)
+    ids = torch.tensor([[1, 5, 77, 200, 3, 9, 260, 100, 42, 2, 7, 8]])
+    got = dir_logits(out, ids)
     m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = m(ids).logits
@@ -424,6 +431,7 @@ def smol_ref_tokenizer():
 
 
 @needs_smol
+@pytest.mark.default_model
 def test_default_model_dir_uses_cache(smol_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECRT_CACHE", str(tmp_path))
     (tmp_path / "SmolLM2-135M-Instruct").symlink_to(smol_dir, target_is_directory=True)
@@ -448,6 +456,7 @@ def test_default_model_dir_converts_incomplete(tmp_path, monkeypatch):
 
 
 @needs_smol
+@pytest.mark.default_model
 def test_smol_config(smol_dir):
     cfg = json.loads((smol_dir / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576
@@ -498,6 +507,7 @@ DIGIT_SPLIT_CASES = {"a  1": ["a", "ĠĠ", "1"], "x   42": ["x", "ĠĠĠ", "4", 
 
 
 @needs_smol
+@pytest.mark.default_model
 def test_smol_tokenizer_roundtrip(smol_dir):
     from tokenizers import Tokenizer
 
@@ -521,6 +531,7 @@ def test_smol_tokenizer_roundtrip(smol_dir):
 
 
 @needs_smol
+@pytest.mark.default_model
 def test_smol_tokenizer_matches_transformers_gguf(smol_dir, smol_ref_tokenizer):
     from tokenizers import Tokenizer
 
@@ -531,29 +542,77 @@ def test_smol_tokenizer_matches_transformers_gguf(smol_dir, smol_ref_tokenizer):
         assert tok.encode(s).ids != smol_ref_tokenizer(s)["input_ids"], s
 
 
-@needs_smol
-def test_smol_logits_and_generation(smol_dir):
+@pytest.fixture(scope="session")
+def smol_model(smol_dir):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
     model = LlamaForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32).eval()
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
     )
-    ids = torch.tensor([tok(prompt)["input_ids"]])
+    return tok, model, torch.tensor([tok(prompt)["input_ids"]])
+
+
+@needs_smol
+@pytest.mark.default_model
+def test_smol_greedy_generation_says_paris(smol_model):
+    import torch
+
+    tok, model, ids = smol_model
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=20, do_sample=False)
     text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in text, text
 
-    if not HAVE_ACCELERATE:
-        pytest.skip("transformers' GGUF model loading needs `accelerate`; logits comparison skipped")
+
+@needs_smol
+@pytest.mark.default_model
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_ACCELERATE, reason="transformers' GGUF model loading needs `accelerate`")
+def test_smol_logits_match_transformers_gguf(smol_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, model, ids = smol_model
     p = gl.default_gguf_path()
     ref = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     short = ids[:, :24]
     with torch.no_grad():
         a, b = model(short).logits, ref(short).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_sentencepiece_llama_tokenizer(tmp_path):
+    """tokenizer.ggml.model == "llama": SPM-style BPE with byte fallback, merges from scores."""
+    from tokenizers import Tokenizer
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces = ["▁", "a", "b", "c", "▁a", "ab", "▁ab", "bc"]
+    scores = [0.0] * len(tokens) + [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    tokens += pieces
+    p = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tk, special = gl.build_tokenizer(gguf.GGUFReader(str(p)))
+    assert special["add_bos_token"] is True and special["bos_token"] == "<s>"
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tk = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    enc = tk.encode("ab abc é")
+    v = {t: i for i, t in enumerate(tokens)}
+    # BOS prepended; "▁ab" merged; "é" (not in vocab) falls back to its UTF-8 bytes
+    assert enc.ids == [1, v["▁ab"], v["▁ab"], v["c"], v["▁"], v["<0xC3>"], v["<0xA9>"]], enc.tokens
+    assert tk.decode(enc.ids) == "ab abc é"

@@ -249,7 +249,7 @@ def _llama3_rope_scaling(rope_freqs: np.ndarray, head_dim: int, rope_theta: floa
     }
 
 
-def _build_config(reader, arch: str, tensors: dict[str, Any], tokens: list[str] | None) -> dict:
+def _build_config(reader, arch: str, tensors: dict[str, Any]) -> dict:
     a = arch
     hf_arch, model_type = _SUPPORTED_ARCHS[arch]
 
@@ -601,7 +601,7 @@ def gguf_to_hf_dir(
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{gguf_path}: GGUF file has no token_embd.weight tensor")
     try:
-        config = _build_config(reader, arch, tensors, None)
+        config = _build_config(reader, arch, tensors)
     except (TypeError, KeyError) as e:
         raise ValueError(f"{gguf_path}: bad GGUF metadata: {e}") from e
     n_layers = config["num_hidden_layers"]
