@@ -43,7 +43,7 @@ import triton.language as tl
 
 __all__ = ["tree_attention", "pack_tree_mask", "choose_num_splits", "tile_config"]
 
-_NEG = -1.0e30          # "minus infinity" that keeps exp() and subtraction finite
+_NEG = tl.constexpr(-1.0e30)   # "minus infinity" that keeps exp() and subtraction finite
 _MAX_SPLITS = 64
 
 
@@ -107,7 +107,7 @@ def _tree_attn_kernel(
         tlen = tl.load(TLEN + b).to(tl.int32)
     else:
         tlen = T
-    row_ok = row_in & (t <= tlen)
+    row_ok = row_in & (t < tlen)
 
     q_ptrs = Q + b64 * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
@@ -235,16 +235,19 @@ def tile_config(rows: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """Tile sizes for ``rows = T * G`` packed query rows and head dim ``D``.
 
     Returns:
-        ``(BLOCK_M, BLOCK_N, num_warps)``: ``BLOCK_M`` = rows padded to a power of two,
-        at least 16, at most 128 (64 for ``D > 128`` or fp32); ``BLOCK_N`` = 64 (32 for
-        ``D > 128`` or fp32, so K/V tiles stay within shared memory); it always divides
-        64, which the mask-word read relies on.
+        ``(BLOCK_M, BLOCK_N, num_warps)``. ``BLOCK_M`` = rows padded to a power of two,
+        at least 16 and at most 128 for fp16/bf16 (64 for ``D = 256``), 32 for fp32 (16
+        for ``D = 256``). ``BLOCK_N`` = 64 for fp16/bf16 (32 for ``D = 256``) and 16 for
+        fp32, whose "ieee" ``tl.dot`` runs on FMAs and is register-hungry; it always
+        divides 64, which the mask-word read relies on. Checked with ``ptxas -v`` for
+        sm_90: no register spills for these choices.
     """
-    wide = D > 128 or dtype == torch.float32
-    cap = 64 if wide else 128
+    if dtype == torch.float32:
+        cap, block_n, warp_at = (32 if D <= 128 else 16), 16, 32 * 128
+    else:
+        cap, block_n, warp_at = (128 if D <= 128 else 64), (64 if D <= 128 else 32), 64 * max(D, 128)
     block_m = min(cap, max(16, triton.next_power_of_2(rows)))
-    block_n = 32 if wide else 64
-    num_warps = 8 if block_m * D >= 128 * 128 else 4
+    num_warps = 8 if block_m * D >= warp_at else 4
     return block_m, block_n, num_warps
 
 

@@ -64,6 +64,7 @@ class _Request:
     t_start: float = 0.0
     t_end: float = 0.0
     steps: int = 0
+    emitted: int = 0  # tokens produced, a final EOS included
     drafted: int = 0
     accepted: int = 0
     drafter: str | None = None
@@ -429,12 +430,14 @@ class Engine:
             for t in toks:
                 if t in self.eos_ids and not r.params.ignore_eos:
                     r.finish_reason = "stop"
+                    r.emitted += 1
                     break
                 kept.append(t)
                 if len(r.out_ids) + len(kept) >= r.max_new:
                     r.finish_reason = "length"
                     break
             r.out_ids.extend(kept)
+            r.emitted += len(kept)
             if kept:
                 r.detok.push(kept)
             full = r.detok.text
@@ -465,7 +468,7 @@ class Engine:
             "drafter": r.drafter, "steps": r.steps, "drafted_tokens": r.drafted,
             "accepted_tokens": r.accepted,
             "acceptance_rate": r.accepted / r.drafted if r.drafted else 0.0,
-            "mean_accepted_length": n / r.steps if r.steps else 0.0,
+            "mean_accepted_length": r.emitted / r.steps if r.steps else 0.0,
             "prompt_tokens": len(r.prompt_ids), "completion_tokens": n,
             "elapsed_s": el, "tokens_per_s": n / el,
         }

