@@ -35,7 +35,7 @@ def load_prompts(path: str | Path | None = None, per_task: int = 2, seed: int = 
                  tasks: list[str] | None = None) -> list[dict]:
     """A task-balanced sample of a prompts.jsonl file (default: ../shared/data/prompts_small)."""
     path = Path(path) if path else DATA / "prompts_small.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
     by = {}
     for r in rows:
         by.setdefault(r["task"], []).append(r)

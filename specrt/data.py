@@ -24,7 +24,7 @@ def load_prompts(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise FileNotFoundError(f"prompt file not found: {p}")
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(p.read_text().split("\n"), 1):  # not splitlines: U+2028 in strings
         if not line.strip():
             continue
         try:
