@@ -6,7 +6,7 @@ import torch
 
 import specrt
 from specrt import SamplingParams
-from specrt.draft import NgramDrafter
+from specrt.draft import NgramDrafter, RecyclingDrafter
 from tests.drafters import ScriptedTreeDrafter
 from tests.tiny import make_tiny_model
 
@@ -37,6 +37,7 @@ def make_engine(tiny_dir, reference, **kw):
     ref, _ = reference
     drafters = [
         NgramDrafter(),
+        RecyclingDrafter(96, k=4),
         ScriptedTreeDrafter("tree", ref, 96, seed=1),
         ScriptedTreeDrafter("chain", ref, 96, seed=2, chain=True),
         ScriptedTreeDrafter("tree_q", ref, 96, seed=3, sampled=True),
@@ -46,7 +47,7 @@ def make_engine(tiny_dir, reference, **kw):
                                          adaptive=False, **kw)
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "tree", "chain", "tree_q"])
+@pytest.mark.parametrize("drafter", ["ngram", "recycling", "tree", "chain", "tree_q"])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_greedy_lossless(tiny_dir, reference, drafter, batch):
     eng = make_engine(tiny_dir, reference, max_draft=5)
@@ -56,9 +57,9 @@ def test_greedy_lossless(tiny_dir, reference, drafter, batch):
     for o, w in zip(outs, want):
         assert o.token_ids == w
         assert o.stats["drafter"] == drafter
-        assert o.stats["steps"] < N or drafter == "ngram"
+        assert o.stats["steps"] < N or drafter in ("ngram", "recycling")
         assert o.stats["accepted_tokens"] <= o.stats["drafted_tokens"]
-    if drafter != "ngram":
+    if drafter not in ("ngram", "recycling"):
         assert sum(o.stats["accepted_tokens"] for o in outs) > 0
         assert sum(o.stats["drafted_tokens"] - o.stats["accepted_tokens"] for o in outs) > 0
     assert eng.cache.allocator.num_free == eng.cache.allocator.num_blocks
@@ -66,7 +67,7 @@ def test_greedy_lossless(tiny_dir, reference, drafter, batch):
 
 def test_mixed_drafters_in_one_batch(tiny_dir, reference):
     eng = make_engine(tiny_dir, reference, max_draft=4, max_batch=5)
-    names = ["tree", "chain", "ngram", "tree_q", "tree"]
+    names = ["tree", "chain", "ngram", "tree_q", "recycling"]
     eng.stream = _routed_stream(eng, names)  # each request its own drafter kind
     outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))
     for o, w, n in zip(outs, reference[1], names):
@@ -147,3 +148,25 @@ def test_sampled_first_tokens_follow_target(tiny_dir, reference):
     pval = float(torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(chi2 / 2.0)))
     assert len(seconds) > 200 and set(seconds.tolist()) <= set(support.tolist())
     assert pval > 1e-3, f"chi2={chi2:.1f} df={df} p={pval:.2e} n={len(seconds)}"
+
+
+def test_recycling_matrix_learns_from_verification(tiny_dir, reference):
+    """After one generation the recycled matrix predicts the greedy continuation, so a
+    repeat of the same prompt accepts drafts."""
+    eng = make_engine(tiny_dir, reference, max_draft=6)
+    p = SamplingParams(max_tokens=N, ignore_eos=True)
+    first = eng.generate(PROMPTS[2], p, drafter="recycling")[0]
+    again = eng.generate(PROMPTS[2], p, drafter="recycling")[0]
+    assert first.token_ids == again.token_ids == reference[1][2]
+    assert again.stats["accepted_tokens"] > first.stats["accepted_tokens"]
+    assert again.stats["mean_accepted_length"] > 1.5
+
+
+def test_static_template_is_a_valid_tree_prefix():
+    from specrt.draft.recycling import static_template
+
+    t = static_template(40, 6)
+    assert len(t) == 40 and t[0] == (-1, 0)
+    for i, (parent, rank) in enumerate(t):
+        assert parent < i and 0 <= rank < 6
+    assert len(set(t)) == len(t)

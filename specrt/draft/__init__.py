@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from specrt.draft.base import Drafter, DraftTree, SeqState, Verified
 from specrt.draft.ngram import NgramDrafter
+from specrt.draft.recycling import RecyclingDrafter
 
-__all__ = ["Drafter", "DraftTree", "SeqState", "Verified", "NgramDrafter", "default_drafters"]
+__all__ = ["Drafter", "DraftTree", "SeqState", "Verified", "NgramDrafter", "RecyclingDrafter",
+           "default_drafters"]
 
 
 def default_drafters(model, target=None) -> list:
     """The drafters an engine gets without a pool: n-gram prompt lookup first (the
     default), then whatever else is available for this target."""
-    return [NgramDrafter()]
+    return [NgramDrafter(), RecyclingDrafter(model.args.vocab_size)]
