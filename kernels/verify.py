@@ -18,24 +18,6 @@ _GREEDY, _SAMPLED, _DETERMINISTIC = 0, 1, 2
 
 
 @triton.jit
-def _resid_chunk(row, wsrow, offs, m, tok_vec, rej, has_ws, raw, MODE: tl.constexpr):
-    """Residual values at ``offs`` (fp32, >= 0, 0 outside the row)."""
-    if MODE == 1:
-        if (has_ws != 0) & (raw == 0):
-            val = tl.load(wsrow + offs, mask=m, other=0.0)
-        else:
-            val = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
-    else:
-        val = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
-        if MODE == 2:
-            if raw == 0:
-                hitv = (offs[:, None] == tok_vec[None, :]) & (rej[None, :] != 0)
-                ex = tl.reduce(hitv.to(tl.int32), 1, tl.standard._sum_combine)
-                val = tl.where(ex > 0, 0.0, val)
-    return tl.where(m, tl.maximum(val, 0.0), 0.0)
-
-
-@triton.jit
 def _verify_tree_kernel(P, Q, TOK, PAR, LENS, U, WS, PATH, PLEN, NEXT,
                         T, V, TQ, q_shift,
                         MODE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -140,27 +122,55 @@ def _verify_tree_kernel(P, Q, TOK, PAR, LENS, U, WS, PATH, PLEN, NEXT,
     else:
         row = P + (b * T + node.to(tl.int64)) * V
         u0 = tl.load(U + b * T)
+        # residual value at offs (fp32, >= 0): sampled -> ws row (after a rejection at
+        # this node), deterministic -> the target row minus rejected tokens; raw != 0
+        # (residual without mass, a rounding corner) -> the target row itself.
         raw = tl.full([], 0, dtype=tl.int32)
-        zs = tl.full([BLOCK_V], 0, dtype=tl.float32)
+        zs = tl.full([BLOCK_V], 0.0, dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + voffs
-            zs += _resid_chunk(row, wsrow, offs, offs < V, tok_vec, rej, has_ws, raw, MODE)
+            m = offs < V
+            if MODE == 1:
+                if has_ws != 0:
+                    val = tl.load(wsrow + offs, mask=m, other=0.0)
+                else:
+                    val = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+            else:
+                val = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+                hitv = (offs[:, None] == tok_vec[None, :]) & (rej[None, :] != 0)
+                ex = tl.reduce(hitv.to(tl.int32), 1, tl.standard._sum_combine)
+                val = tl.where(ex > 0, 0.0, val)
+            zs += tl.where(m, tl.maximum(val, 0.0), 0.0)
         Zt = tl.reduce(zs, 0, tl.standard._sum_combine)
-        if Zt <= 0.0:  # residual without mass (rounding): fall back to the target row
+        if Zt <= 0.0:
             raw = tl.full([], 1, dtype=tl.int32)
-            zs = tl.full([BLOCK_V], 0, dtype=tl.float32)
+            zs = tl.full([BLOCK_V], 0.0, dtype=tl.float32)
             for v0 in range(0, V, BLOCK_V):
                 offs = v0 + voffs
-                zs += _resid_chunk(row, wsrow, offs, offs < V, tok_vec, rej, has_ws, raw, MODE)
+                m = offs < V
+                val = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+                zs += tl.where(m, tl.maximum(val, 0.0), 0.0)
             Zt = tl.reduce(zs, 0, tl.standard._sum_combine)
         target = u0 * Zt
         found = tl.full([], -1, dtype=tl.int32)
         last = tl.full([], -1, dtype=tl.int32)
-        cum = tl.full([], 0, dtype=tl.float32)
+        cum = tl.full([], 0.0, dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             if found < 0:
                 offs = v0 + voffs
-                val = _resid_chunk(row, wsrow, offs, offs < V, tok_vec, rej, has_ws, raw, MODE)
+                m = offs < V
+                if MODE == 1:
+                    if (has_ws != 0) & (raw == 0):
+                        val = tl.load(wsrow + offs, mask=m, other=0.0)
+                    else:
+                        val = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+                else:
+                    val = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+                    if raw == 0:
+                        hitv = (offs[:, None] == tok_vec[None, :]) & (rej[None, :] != 0)
+                        ex = tl.reduce(hitv.to(tl.int32), 1, tl.standard._sum_combine)
+                        val = tl.where(ex > 0, 0.0, val)
+                val = tl.where(m, tl.maximum(val, 0.0), 0.0)
                 cs = tl.associative_scan(val, 0, tl.standard._sum_combine) + cum
                 hit = (val > 0.0) & (cs > target)
                 first = tl.reduce(tl.where(hit, offs, 2147483647), 0,
@@ -190,8 +200,11 @@ def verify_tree(target: torch.Tensor, draft: torch.Tensor | None, tokens: torch.
     B, T, V = target.shape
     if B == 0:
         return
-    block_v = min(2048, triton.next_power_of_2(V))
     block_t = max(2, triton.next_power_of_2(T))
+    # deterministic mode compares each chunk with the node tokens ([BLOCK_V, BLOCK_T]):
+    # keep that tile at 8k elements
+    cap = 2048 if mode != _DETERMINISTIC else max(128, 8192 // block_t)
+    block_v = min(cap, triton.next_power_of_2(V))
     ws = (torch.empty((B, V), dtype=torch.float32, device=target.device) if mode == _SAMPLED
           else torch.empty((1,), dtype=torch.float32, device=target.device))
     q = draft if draft is not None else target
