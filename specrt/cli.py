@@ -36,6 +36,24 @@ def _generate(args) -> int:
     return 0
 
 
+def _bench_e2e(args) -> int:
+    import specrt
+    from specrt.benchmark import format_table, run_e2e
+    from specrt.data import balanced_sample, load_prompts
+
+    rows = load_prompts(args.prompts)
+    if args.per_task:
+        rows = balanced_sample(rows, args.per_task, seed=args.seed)
+    engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device)
+    modes = args.modes.split(",")
+    res = run_e2e(engine, rows, modes, max_tokens=args.max_tokens)
+    print(format_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``specrt`` command."""
     ap = argparse.ArgumentParser(prog="specrt", description="speculative-decoding runtime")
@@ -58,6 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--json", action="store_true", help="print one JSON object with stats")
     g.add_argument("--stats", action="store_true", help="print speed stats to stderr")
     g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    e = bsub.add_parser("e2e", help="tokens/s, acceptance, speedup per task and mode")
+    e.add_argument("--prompts", required=True, help="JSONL with prompt and task fields")
+    e.add_argument("--max-tokens", type=int, default=64)
+    e.add_argument("--json", default=None, help="write the results here")
+    e.add_argument("--modes", default="ar,auto",
+                   help="comma list: ar, auto (default drafter / routing), drafter names")
+    e.add_argument("--per-task", type=int, default=0, help="sample this many prompts per task")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--target", default=None)
+    e.add_argument("--pool", default=None)
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=_bench_e2e)
 
     args = ap.parse_args(argv)
     try:

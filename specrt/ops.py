@@ -23,8 +23,8 @@ import torch
 
 from specrt.verify import chain_verify, verify_tree  # noqa: F401  (re-exported)
 
-__all__ = ["append_kv", "commit_kv", "tree_attention", "verify_tree", "chain_verify",
-           "backend_for", "build_tree_mask"]
+__all__ = ["append_kv", "commit_kv", "tree_attention", "plan_tree_attention", "verify_tree",
+           "chain_verify", "backend_for", "build_tree_mask"]
 
 _BACKENDS = ("auto", "triton", "cuda", "cpu")
 
@@ -214,7 +214,8 @@ def tree_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
                    prefix_lens: torch.Tensor, tree_mask: torch.Tensor | None = None,
                    tree_lens: torch.Tensor | None = None, scale: float | None = None, *,
                    packed_mask: torch.Tensor | None = None, num_splits: int | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, plan: "TreeAttentionPlan | None" = None
+                   ) -> torch.Tensor:
     """Attention of draft-tree queries over a paged cache (prefix + the tree itself).
 
     Args:
@@ -236,10 +237,17 @@ def tree_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
             1 = single pass); ignored by the CPU path.
         out: keyword-only, preallocated ``[B, T, H_q, D]`` output in q's dtype; every
             element is written and it is returned.
+        plan: keyword-only, a :func:`plan_tree_attention` result for this step; the
+            mask/index work is then skipped (block_tables, prefix_lens, tree_mask and
+            tree_lens must be the ones it was planned with).
 
     Returns:
         ``[B, T, H_q, D]`` in q's dtype (accumulation in fp32).
     """
+    if plan is not None and out is None and backend_for(q) == "cpu":
+        # hot path of the model on CPU: everything was checked when planning
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        return _tree_attention_torch(q, kv_cache, None, None, None, None, scale, plan)
     _check_cache(kv_cache, block_tables)
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H_q, D], got {tuple(q.shape)}")
@@ -264,6 +272,8 @@ def tree_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
                                     or tuple(packed_mask.shape[:2]) != (B, T)):
         raise ValueError(f"packed_mask must be [B={B}, T={T}, W] int64, got "
                          f"{tuple(packed_mask.shape)}")
+    if plan is not None and packed_mask is None:
+        packed_mask = plan.packed_mask
     if backend in ("triton", "cuda"):
         from specrt.kernels import attention as kern
 
@@ -278,46 +288,88 @@ def tree_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
         words = packed_mask.reshape(B, T, -1).cpu()
         bit = torch.arange(T)
         tree_mask = ((words[:, :, bit // 64] >> (bit % 64)) & 1).bool()
-    res = _tree_attention_torch(q, kv_cache, block_tables, prefix, tree_mask, tl, scale)
+    res = _tree_attention_torch(q, kv_cache, block_tables, prefix, tree_mask, tl, scale, plan)
     return res if out is None else out.copy_(res)
 
 
-def _tree_attention_torch(q, kv_cache, block_tables, prefix, tree_mask, tree_lens, scale):
+class TreeAttentionPlan:
+    """Host-side work of :func:`tree_attention` done once per step and shared by all
+    layers (they attend over the same positions with the same mask).
+
+    Build with :func:`plan_tree_attention`; pass as ``plan=`` to :func:`tree_attention`.
+    CUDA: the packed tree mask. CPU: gather indices ``[B, L]`` and the visibility mask.
+    """
+
+    def __init__(self, block_tables, prefix, tree_mask, tree_lens, T, block_size, device):
+        self.block_tables = block_tables.contiguous()
+        self.prefix = prefix
+        self.tree_lens = tree_lens
+        self.T = T
+        self.tree_mask = tree_mask
+        self.packed_mask = None
+        self.device = device
+        if device.type == "cuda" or backend_for(block_tables) == "triton":
+            if tree_mask is not None:
+                from specrt.kernels.attention import pack_tree_mask
+
+                self.packed_mask = pack_tree_mask(tree_mask)
+            return
+        B = prefix.shape[0]
+        tl = torch.full((B,), T, dtype=torch.int64) if tree_lens is None else tree_lens.cpu()
+        pl = prefix.cpu()
+        L = int((pl + T).max())
+        pos = torch.arange(L)
+        slot = (pos // block_size).clamp(max=block_tables.shape[1] - 1)
+        self.blocks = block_tables.long()[:, slot].to(device)          # [B, L]
+        self.offsets = (pos % block_size).to(device)                    # [L]
+        rel = pos[None, :] - pl[:, None]                                # [B, L]
+        in_tree = (rel >= 0) & (rel < tl[:, None])
+        if tree_mask is None:
+            tmask = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
+        else:
+            tmask = tree_mask.cpu().bool()
+        tree_part = torch.gather(tmask, 2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, L))
+        mask = (rel < 0)[:, None, :] | (in_tree[:, None, :] & tree_part)  # [B, T, L]
+        row_ok = torch.arange(T)[None, :] < tl[:, None]                   # [B, T]
+        mask &= row_ok[:, :, None]
+        # rows with nothing visible (padding) would give NaN: give them a column, zero later
+        dead = ~mask.any(-1)
+        mask[..., 0] |= dead
+        zero = dead | ~row_ok
+        self.zero_rows = zero.to(device) if bool(zero.any()) else None
+        self.mask = None if bool(mask.all()) else mask[:, None].to(device)  # [B, 1, T, L]
+
+
+def plan_tree_attention(block_tables: torch.Tensor, prefix_lens: torch.Tensor, T: int,
+                        block_size: int, tree_mask: torch.Tensor | None = None,
+                        tree_lens: torch.Tensor | None = None) -> TreeAttentionPlan:
+    """Plan :func:`tree_attention` for one step (arguments as there; ``T`` tree nodes,
+    ``block_size`` of the cache). The plan is valid for every layer of that step."""
+    dev = block_tables.device
+    B = block_tables.shape[0]
+    prefix = _as_i64(prefix_lens, B, "prefix_lens", dev)
+    tl = None if tree_lens is None else _as_i64(tree_lens, B, "tree_lens", dev)
+    if tree_mask is not None and tuple(tree_mask.shape) != (B, T, T):
+        raise ValueError(f"tree_mask must be [B={B}, T={T}, T={T}], got {tuple(tree_mask.shape)}")
+    return TreeAttentionPlan(block_tables, prefix, tree_mask, tl, T, block_size, dev)
+
+
+def _tree_attention_torch(q, kv_cache, block_tables, prefix, tree_mask, tree_lens, scale,
+                          plan: TreeAttentionPlan | None = None):
     """CPU path: gather each sequence's K/V and run masked SDPA (fp32 accumulation)."""
     B, T, Hq, D = q.shape
-    Hkv, bs = kv_cache.shape[3], kv_cache.shape[2]
-    tl = torch.full((B,), T, dtype=torch.int64) if tree_lens is None else tree_lens.cpu()
-    pl = prefix.cpu()
-    L = int((pl + T).max())
-    pos = torch.arange(L)
-    slot = (pos // bs).clamp(max=block_tables.shape[1] - 1)
-    blocks = block_tables.long()[:, slot]                              # [B, L]
-    kv = kv_cache[blocks, :, pos % bs]                                 # [B, L, 2, Hkv, D]
-    k, v = kv[:, :, 0], kv[:, :, 1]
-    # mask[b, i, l]: prefix columns visible to valid rows; tree columns per tree_mask
-    rel = pos[None, :] - pl[:, None]                                   # [B, L]
-    in_prefix = rel < 0
-    in_tree = (rel >= 0) & (rel < tl[:, None])
-    if tree_mask is None:
-        tmask = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
-    else:
-        tmask = tree_mask.cpu().bool()
-    relc = rel.clamp(0, T - 1)
-    tree_part = torch.gather(tmask, 2, relc[:, None, :].expand(B, T, L))  # [B, T, L]
-    mask = in_prefix[:, None, :] | (in_tree[:, None, :] & tree_part)
-    row_ok = torch.arange(T)[None, :] < tl[:, None]                     # [B, T]
-    mask &= row_ok[:, :, None]
-    mask = mask.to(q.device)
-    # rows with nothing visible (padding) would give NaN; give them a column and zero later
-    dead = ~mask.any(-1)
-    mask[..., 0] |= dead
+    if plan is None:
+        plan = TreeAttentionPlan(block_tables, prefix, tree_mask, tree_lens, T,
+                                 kv_cache.shape[2], q.device)
+    kv = kv_cache[plan.blocks, :, plan.offsets]                        # [B, L, 2, Hkv, D]
+    kf = kv[:, :, 0].float().transpose(1, 2)                           # [B, Hkv, L, D]
+    vf = kv[:, :, 1].float().transpose(1, 2)
     qf = q.float().transpose(1, 2)                                     # [B, Hq, T, D]
-    kf = k.float().transpose(1, 2)
-    vf = v.float().transpose(1, 2)
     out = torch.nn.functional.scaled_dot_product_attention(
-        qf, kf, vf, attn_mask=mask[:, None], scale=scale, enable_gqa=(Hq != Hkv))
+        qf, kf, vf, attn_mask=plan.mask, scale=scale, enable_gqa=(Hq != kv.shape[3]))
     out = out.transpose(1, 2)
-    out = out.masked_fill((dead | ~row_ok.to(q.device))[:, :, None, None], 0.0)
+    if plan.zero_rows is not None:
+        out = out.masked_fill(plan.zero_rows[:, :, None, None], 0.0)
     return out.to(q.dtype)
 
 

@@ -170,6 +170,8 @@ class Llama(nn.Module):
         x = self.embed(tokens)
         cos, sin = self.rope(positions, x.dtype)
         qd, kvd = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        plan = ops.plan_tree_attention(block_tables, prefix_lens, T, kv.shape[3], tree_mask,
+                                       tree_lens)
         for li in (layers if layers is not None else range(a.num_hidden_layers)):
             layer = self.layers[li]
             h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
@@ -180,7 +182,7 @@ class Llama(nn.Module):
             ops.append_kv(kv[li], block_tables, prefix_lens, k.to(kv.dtype), v.to(kv.dtype),
                           tree_lens)
             o = ops.tree_attention(q.to(kv.dtype), kv[li], block_tables, prefix_lens, tree_mask,
-                                   tree_lens)
+                                   tree_lens, plan=plan)
             x = x + layer.o(o.reshape(B, T, qd).to(x.dtype))
             h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
             g, u = layer.gate_up(h).chunk(2, dim=-1)
