@@ -68,6 +68,9 @@ class _Request:
     drafted: int = 0
     accepted: int = 0
     drafter: str | None = None
+    auto_route: bool = False
+    cluster: int | None = None
+    route_confidence: float | None = None
     seq: SeqState | None = None
 
 
@@ -84,7 +87,7 @@ class Engine:
     def __init__(self, model: Llama, tokenizer: Tokenizer, *,
                  drafters: list[Drafter] | None = None, default_drafter: str | None = None,
                  max_batch: int = 16, cache_tokens: int = 16384, block_size: int = 16,
-                 max_draft: int = 6, adaptive: bool = True):
+                 max_draft: int = 6, adaptive: bool = True, router=None):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         if max_draft < 0:
@@ -107,6 +110,7 @@ class Engine:
             raise ValueError(f"default drafter {default_drafter!r} is not among "
                              f"{sorted(self.drafters)}")
         self.default_drafter = default_drafter or next(iter(self.drafters), None)
+        self.router = router
         self.max_draft = max_draft
         self.lengths = LengthController(max_draft=max_draft, adaptive=adaptive)
         self._next_seq = 0
@@ -179,6 +183,7 @@ class Engine:
         reqs = self._make_requests(prompts, params, chat)
         for r in reqs:
             r.drafter = (drafter or self.default_drafter) if speculative else None
+            r.auto_route = speculative and drafter is None and self.router is not None
         yield from self._run(reqs)
 
     # ------------------------------------------------------------ internals
@@ -288,6 +293,13 @@ class Engine:
         last = self.model.final_norm(h[torch.arange(len(reqs), device=dev), ln - 1])
         logits = self.model.logits(last)
         self.lengths.observe_forward(sum(lens), time.perf_counter() - t0)
+        auto = [i for i, r in enumerate(reqs) if r.auto_route]
+        if auto:
+            # routing features: mean of the target's final (normed) states over the prompt
+            feats = torch.stack([self.model.final_norm(h[i, :lens[i]]).mean(0) for i in auto])
+            for i, (name, cluster, conf) in zip(auto, self.router.route(feats)):
+                reqs[i].drafter = name
+                reqs[i].cluster, reqs[i].route_confidence = cluster, conf
         for i, (r, n) in enumerate(zip(reqs, lens)):
             self.cache.set_length(r.seq_id, n)
             r.steps += 1
@@ -465,7 +477,8 @@ class Engine:
         el = max(r.t_end - r.t_start, 1e-9)
         n = len(r.out_ids)
         stats = {
-            "drafter": r.drafter, "steps": r.steps, "drafted_tokens": r.drafted,
+            "drafter": r.drafter, "cluster": r.cluster,
+            "route_confidence": r.route_confidence, "steps": r.steps, "drafted_tokens": r.drafted,
             "accepted_tokens": r.accepted,
             "acceptance_rate": r.accepted / r.drafted if r.drafted else 0.0,
             "mean_accepted_length": r.emitted / r.steps if r.steps else 0.0,
