@@ -61,7 +61,10 @@ void append_kv(u8arr cache, i32arr block_tables, i64arr start_pos, u8arr k, u8ar
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < ln[b]; ++t) block_of(bt, max_blocks, b, sp[b] + t, c);
   py::gil_scoped_release nogil;
-#pragma omp parallel for collapse(2) if (B * T > 64)
+  // threads only when there is real volume to move (a fork/join costs more than a
+  // few kilobytes of memcpy, and far more on a loaded machine)
+  const bool par = B * T * c.row_bytes * 2 > (int64_t(1) << 22);
+#pragma omp parallel for collapse(2) if (par)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < T; ++t) {
       if (t >= ln[b]) continue;
@@ -92,7 +95,8 @@ void commit_kv(u8arr cache, i32arr block_tables, i64arr prefix_lens, i64arr path
     }
   }
   py::gil_scoped_release nogil;
-#pragma omp parallel for if (B > 4)
+  const bool par = B * P * c.row_bytes * 2 > (int64_t(1) << 22);
+#pragma omp parallel for if (par)
   for (int64_t b = 0; b < B; ++b) {
     // path[i] >= i and increasing: destination i is never a later source, so an
     // in-order copy reads every source before anything overwrites it.

@@ -122,13 +122,29 @@ class Engine:
         """Load a target (HF directory, .gguf file, or the default model when None)
         with its drafters.
 
-        Without ``pool`` the drafters are the model-free ones (n-gram prompt lookup and
+        ``pool``: a pool directory (see :mod:`specrt.pool`): its drafters, routing head
+        and default drafter are used (a ``ValueError`` when it was aligned to another
+        target or misses files). With ``pool=None`` and the default target, the shipped
+        default pool (``specrt/pools/default/pool.json``) is used when it exists.
+        Without a pool the drafters are the model-free ones (n-gram prompt lookup and
         token recycling) plus the shipped baseline drafter when ``target`` is the
-        default model. kwargs go to :class:`Engine`.
+        default model. kwargs go to :class:`Engine` (explicit ``drafters`` /
+        ``default_drafter`` / ``router`` override the pool's).
         """
-        if pool is not None:
-            raise NotImplementedError("drafter pools are not supported yet")
         model, tok = load_model(target, dtype=dtype, device=device)
+        if pool is None and target is None and "drafters" not in kwargs:
+            from pathlib import Path
+
+            shipped = Path(__file__).resolve().parent / "pools" / "default"
+            if (shipped / "pool.json").is_file():
+                pool = str(shipped)
+        if pool is not None:
+            from specrt.pool import load_pool
+
+            drafters, router, default, _ = load_pool(pool, model)
+            kwargs.setdefault("drafters", drafters)
+            kwargs.setdefault("router", router)
+            kwargs.setdefault("default_drafter", default)
         if "drafters" not in kwargs:
             from specrt.draft import default_drafters
 
@@ -357,7 +373,13 @@ class Engine:
         t0 = time.perf_counter()
         h = self.model(tokens.to(dev), (prefix[:, None] + depth).to(dev), self.cache.kv, bt,
                        prefix.to(dev), tree_mask, tl.to(dev) if T > 1 else None, norm=False)
-        logits = self.model.logits(self.model.final_norm(h))            # [B, T, V] fp32
+        # logits of the valid nodes only (padding rows of a ragged batch stay 0)
+        valid = (torch.arange(T)[None, :] < tl[:, None]).to(dev)
+        if bool(valid.all()):
+            logits = self.model.logits(self.model.final_norm(h))        # [B, T, V] fp32
+        else:
+            logits = torch.zeros(B, T, self.model.args.vocab_size, device=dev)
+            logits[valid] = self.model.logits(self.model.final_norm(h[valid]))
         path, plen, nxt = self._verify(reqs, trees, logits, tokens, parents, tl)
         self.lengths.observe_forward(int(B * T), time.perf_counter() - t0)
         # move accepted K/V into place (every layer in one call: layers stacked as blocks)

@@ -194,5 +194,15 @@ class Llama(nn.Module):
         return rms_norm(h, self.norm, self.args.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., hidden]`` -> fp32 logits ``[..., V]``."""
-        return F.linear(hidden, self.head_weight).float()
+        """``[..., hidden]`` -> fp32 logits ``[..., V]``.
+
+        On CPU, up to 8 rows go through ``W @ x.T``: MKL's sgemm for 2..8 rows reads the
+        (large) head at a fraction of gemv's speed, the transposed product does not.
+        """
+        W = self.head_weight
+        x = hidden.reshape(-1, hidden.shape[-1])
+        if x.device.type == "cpu" and x.shape[0] <= 8:
+            y = (W @ x.t()).t()
+        else:
+            y = F.linear(x, W)
+        return y.float().reshape(*hidden.shape[:-1], W.shape[0])
