@@ -12,7 +12,7 @@ def _generate(args) -> int:
     params = specrt.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                    stop=args.stop or [])
-    engine = specrt.Engine.from_pretrained(args.target, device=args.device)
+    engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device)
     kw = dict(speculative=not args.no_spec, drafter=args.drafter, chat=not args.no_chat)
     if args.no_spec or not hasattr(engine, "drafters"):
         kw.update(speculative=False, drafter=None)
@@ -31,7 +31,9 @@ def _generate(args) -> int:
     if final is not None and args.stats:
         s = final.stats
         print(f"[{s['completion_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, "
-              f"{s['mean_accepted_length']:.2f} tokens/step, drafter {s['drafter']}]",
+              f"{s['mean_accepted_length']:.2f} tokens/step, drafter {s['drafter']}"
+              + (f", cluster {s['cluster']} ({s['route_confidence']:.2f})"
+                 if s.get("cluster") is not None else "") + "]",
               file=sys.stderr)
     return 0
 
@@ -73,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--no-spec", action="store_true", help="target alone (no drafters)")
     g.add_argument("--drafter", default=None, help="force a drafter by name")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--pool", default=None, help="drafter pool directory (specrt align --out)")
     g.add_argument("--json", action="store_true", help="print one JSON object with stats")
     g.add_argument("--stats", action="store_true", help="print speed stats to stderr")
     g.set_defaults(func=_generate)
+
+    from specrt.align.pipeline import add_cli as _add_align
+
+    _add_align(sub)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -142,9 +142,12 @@ class Engine:
             from specrt.pool import load_pool
 
             drafters, router, default, _ = load_pool(pool, model)
-            kwargs.setdefault("drafters", drafters)
-            kwargs.setdefault("router", router)
-            kwargs.setdefault("default_drafter", default)
+            if "drafters" not in kwargs:  # explicit drafters: the pool's router only if
+                kwargs["drafters"] = drafters  # every name it routes to is among them
+                kwargs.setdefault("default_drafter", default)
+            have = {d.name for d in kwargs["drafters"]}
+            if set(router.cluster_drafter) | {router.default} <= have:
+                kwargs.setdefault("router", router)
         if "drafters" not in kwargs:
             from specrt.draft import default_drafters
 

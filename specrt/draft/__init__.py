@@ -10,6 +10,17 @@ __all__ = ["Drafter", "DraftTree", "SeqState", "Verified", "NgramDrafter", "Recy
 
 
 def default_drafters(model, target=None) -> list:
-    """The drafters an engine gets without a pool: n-gram prompt lookup first (the
-    default), then whatever else is available for this target."""
-    return [NgramDrafter(), RecyclingDrafter(model.args.vocab_size)]
+    """The drafters an engine gets without a pool. For the default target (``target``
+    None) the shipped baseline model drafter (``specrt/pools/default/baseline.json``)
+    comes first, and so is the engine's default, when its weights exist; then n-gram
+    prompt lookup and token recycling."""
+    out = []
+    if target is None:
+        from pathlib import Path
+
+        cfg = Path(__file__).resolve().parents[1] / "pools" / "default" / "baseline.json"
+        if cfg.is_file():
+            from specrt.draft.model import ModelDrafter
+
+            out.append(ModelDrafter.from_config(cfg, model))
+    return out + [NgramDrafter(), RecyclingDrafter(model.args.vocab_size)]

@@ -1,0 +1,4 @@
+"""Routing head: prompt features -> task cluster -> drafter (see :mod:`specrt.route.router`)."""
+from specrt.route.router import MLPRouter, router_latency
+
+__all__ = ["MLPRouter", "router_latency"]

@@ -1,0 +1,111 @@
+"""Router features and target hidden states, computed offline exactly as online.
+
+Online (``Engine._prefill``) the router sees, per request, the mean over the prompt of
+the target's final-normed last-layer states: ``final_norm(h[:P]).mean(0)`` where ``h``
+are the pre-norm states of the prompt's (chat-templated) tokens. :func:`prompt_features`
+runs the same model call (ragged batched forward over a paged cache, ``norm=False``)
+and the same reduction, so routing features of a prompt are the same offline and
+online (bit-identical for the same batch composition; otherwise equal within fp
+rounding of the batched matmuls).
+"""
+from __future__ import annotations
+
+import torch
+
+from specrt.cache import PagedKVCache
+
+
+@torch.inference_mode()
+def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 8192,
+                  max_batch: int = 16, block_size: int = 16, progress: bool = False,
+                  reduce=None) -> list[torch.Tensor]:
+    """Pre-norm last-layer states of the target over each token list (one causal
+    prefill each, batched by similar lengths through the paged cache).
+
+    Args:
+        model: the target :class:`specrt.model.Llama`.
+        token_lists: N lists of token ids (each ``1 <= len <= context``).
+        batch_tokens: padded tokens per forward at most (``B * max_len``).
+        reduce: optional ``f(h [T_i, hidden], i) -> tensor`` applied per sequence inside
+            the batch (keeps memory small); default keeps ``h`` itself (on CPU).
+
+    Returns: N tensors, ``[T_i, hidden]`` (model dtype, CPU) or ``reduce``'s result.
+    """
+    dev = next(model.parameters()).device
+    a = model.args
+    N = len(token_lists)
+    for i, t in enumerate(token_lists):
+        if not 1 <= len(t) <= a.max_position_embeddings:
+            raise ValueError(f"sequence {i} has {len(t)} tokens (need 1..{a.max_position_embeddings})")
+    order = sorted(range(N), key=lambda i: len(token_lists[i]))
+    batches, cur = [], []
+    for i in order:
+        L = len(token_lists[i])
+        if cur and ((len(cur) + 1) * L > batch_tokens or len(cur) >= max_batch):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    out: list = [None] * N
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=N, desc="target states", unit="seq")
+    for idx in batches:
+        lens = [len(token_lists[i]) for i in idx]
+        h = _prefill_states(model, [token_lists[i] for i in idx], block_size, dev)
+        for j, i in enumerate(idx):
+            hi = h[j, :lens[j]]
+            out[i] = reduce(hi, i) if reduce is not None else hi.detach().cpu().clone()
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _prefill_states(model, seqs: list[list[int]], block_size: int, dev) -> torch.Tensor:
+    """``Engine._prefill``'s model call: ragged batch, padded to the longest, positions
+    from 0, empty prefix. Returns pre-norm states ``[B, T, hidden]``."""
+    a = model.args
+    lens = [len(s) for s in seqs]
+    B, T = len(seqs), max(lens)
+    cache = PagedKVCache(a.num_hidden_layers, B * -(-T // block_size), block_size,
+                         a.num_key_value_heads, a.head_dim, dtype=model.embed.weight.dtype,
+                         device=dev)
+    for b, n in enumerate(lens):
+        cache.add(b)
+        cache.reserve(b, n)
+    toks = torch.zeros(B, T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        toks[b, :lens[b]] = torch.tensor(s)
+    bt = cache.block_table(list(range(B)))
+    return model(toks.to(dev), torch.arange(T, device=dev).expand(B, T), cache.kv, bt,
+                 torch.zeros(B, dtype=torch.long, device=dev),
+                 tree_lens=torch.tensor(lens, device=dev), norm=False)
+
+
+def features_from_states(model, h: torch.Tensor) -> torch.Tensor:
+    """Router features of one prompt from its pre-norm states ``h`` ``[P, hidden]``:
+    ``final_norm(h).mean(0)`` ``[hidden]`` (what ``Engine._prefill`` hands the router)."""
+    return model.final_norm(h).mean(0)
+
+
+def prompt_features(model, prompt_ids: list[list[int]], **kw) -> torch.Tensor:
+    """Router features ``[N, hidden]`` (fp32, CPU) of N tokenized prompts (token ids as
+    ``Tokenizer.encode_prompt`` makes them, chat template included). kw go to
+    :func:`target_hidden` (batch_tokens, max_batch, progress)."""
+    feats = target_hidden(model, prompt_ids,
+                          reduce=lambda h, i: features_from_states(model, h).float().cpu(), **kw)
+    if not feats:
+        return torch.zeros(0, model.args.hidden_size)
+    return torch.stack(feats)
+
+
+def engine_prompt_features(engine, prompts: list[str], chat: bool = True, **kw) -> torch.Tensor:
+    """:func:`prompt_features` of prompt strings through ``engine``'s tokenizer.
+    Returns ``[N, hidden]`` fp32 CPU."""
+    ids = [engine.tokenizer.encode_prompt(p, chat=chat) for p in prompts]
+    return prompt_features(engine.model, ids, block_size=engine.cache.block_size, **kw)

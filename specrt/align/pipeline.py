@@ -1,0 +1,853 @@
+"""``specrt align``: build a task-aware heterogeneous drafter pool for a target.
+
+Stages (outputs under ``OUT/work``; a stage whose output exists with the same
+parameters is skipped on a rerun, and redoing a stage redoes the ones after it):
+
+a. ``collect``  -- target outputs (greedy, through the engine with its default drafter,
+   batched) for a task-balanced subsample of the TRAIN split; appended to
+   ``collect.jsonl`` chunk by chunk, so an interrupted run resumes where it stopped.
+b. ``features`` -- router features of every collected prompt (mean final-normed target
+   state over the chat-templated prompt, as the engine computes online):
+   ``features.safetensors``.
+c. ``partition``-- k-means on the features (K given, or chosen by silhouette); purity and
+   adjusted Rand index against the ``task`` labels are reported, never used;
+   per cluster a held-back part of the TRAIN prompts is set aside for stages e/f:
+   ``partition.json`` + ``partition.safetensors``.
+d. ``align``    -- per cluster, a model drafter distilled on that cluster's target outputs
+   (``specrt.draft.train.stage_train``: KL to the target's distribution), starting from
+   the baseline drafter (or the target's first layers): ``align/aligned_<c>.*``.
+   Pluggable (:data:`ALIGNERS`); ``--align none`` skips it.
+e. ``assign``   -- per cluster, goodput (emitted tokens per wall second at batch 1) of
+   each candidate drafter (aligned, baseline, n-gram, token recycling) on the cluster's
+   held-back prompts; the best is assigned: ``assign.json``.
+f. ``route``    -- the MLP routing head trained on (features, cluster) of the non-held
+   prompts; accuracy on the held-back prompts and latency relative to a prefill:
+   ``route.json`` + ``router.safetensors``.
+g. ``write``    -- the pool directory ``OUT`` (``pool.json``, router, centroids, drafters).
+
+The evaluation split of the prompt file (:func:`specrt.data.split`) is never read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+STAGES = ("collect", "features", "partition", "align", "assign", "route", "write")
+
+
+@dataclass
+class AlignConfig:
+    """Options of :func:`run_align` (the CLI flags of ``specrt align``)."""
+
+    prompts: str
+    out: str
+    target: str | None = None
+    work: str | None = None               # default OUT/work
+    clusters: str | int = "auto"          # K or "auto"
+    k_min: int = 2
+    k_max: int = 10
+    metric: str = "cosine"
+    per_task: int = 24                    # train prompts per task
+    max_tokens: int = 64                  # target output tokens per prompt (collect)
+    max_prompt_chars: int = 1500          # longer prompts: head 2/3 + tail 1/3 for collect
+    gen_batch: int = 16
+    device: str | None = None
+    seed: int = 0
+    budget_minutes: float | None = None   # total; splits into collect/align if those unset
+    collect_minutes: float | None = None
+    align_minutes: float | None = None    # total over clusters
+    aligner: str = "distill"              # key of ALIGNERS, or "none"
+    baseline: str | None = None           # baseline drafter config (.json); default: shipped
+    align_kind: str = "eagle"             # when no baseline: DraftNet kind
+    align_layers: int = 1
+    align_vocab: int = 4096
+    align_epochs: float = 2.0
+    align_lr: float = 3e-4
+    hold_frac: float = 0.25               # held-back share of each cluster's train prompts
+    assign_prompts: int = 4               # held-back prompts per cluster at most
+    assign_tokens: int = 48
+    assign_metric: str = "goodput"        # or "mean_accepted_length"
+    candidates: tuple = ("aligned", "baseline", "ngram", "recycling")
+    router_hidden: int = 128
+    router_threshold: float = 0.5
+    router_epochs: int = 300
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(f"[align] {msg}", flush=True)
+
+
+class _Manifest:
+    """``work/manifest.json``: per stage, the parameters it ran with and its seconds."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def done(self, stage: str, params: dict) -> bool:
+        e = self.data.get(stage)
+        return bool(e and e.get("done") and e.get("params") == _jsonable(params))
+
+    def mark(self, stage: str, params: dict, seconds: float, **info) -> None:
+        self.data[stage] = {"done": True, "params": _jsonable(params),
+                            "seconds": round(seconds, 2), **info}
+        self.save()
+
+    def invalidate_after(self, stage: str) -> None:
+        for s in STAGES[STAGES.index(stage) + 1:]:
+            self.data.pop(s, None)
+        self.save()
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def _hash_order(key: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+
+
+def _interleave(rows: list[dict]) -> list[dict]:
+    """Round-robin over tasks, so any prefix of the list is task-balanced."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["task"], []).append(r)
+    out, i = [], 0
+    while len(out) < len(rows):
+        for t in sorted(by):
+            if i < len(by[t]):
+                out.append(by[t][i])
+        i += 1
+    return out
+
+
+def _shorten(prompt: str, max_chars: int) -> str:
+    if max_chars <= 0 or len(prompt) <= max_chars:
+        return prompt
+    h = max_chars * 2 // 3
+    return prompt[:h] + "\n...\n" + prompt[-(max_chars - h):]
+
+
+def _fit_context(ids: list[int], limit: int) -> list[int]:
+    """Head 2/3 + tail 1/3 of a token list longer than ``limit``."""
+    if len(ids) <= limit:
+        return ids
+    h = limit * 2 // 3
+    return ids[:h] + ids[len(ids) - (limit - h):]
+
+
+# ------------------------------------------------------------------------ aligners
+def _align_distill(ctx: "_Ctx", cluster: int, seqs: list[dict], out_stem: Path,
+                   time_budget_s: float) -> dict | None:
+    """Distil a model drafter on one cluster's sequences with
+    :func:`specrt.draft.train.stage_train`; writes ``out_stem.{json,safetensors}``.
+    Returns a summary dict, or None when the drafter machinery is unavailable."""
+    try:
+        from specrt.draft.model import DraftNet
+        from specrt.draft.train import stage_train, stage_vocab
+    except ImportError as e:  # the model drafter is optional machinery
+        _log(f"align: model drafter / distillation not available ({e}); skipping")
+        return None
+    cfg = ctx.cfg
+    model = ctx.model
+    if ctx.baseline_cfg is not None:
+        net = DraftNet.load(ctx.baseline_cfg, model)
+        init = f"baseline {ctx.baseline_cfg.name}"
+    else:
+        vf = ctx.work / "align" / "vocab.pt"
+        if vf.is_file():
+            vocab = torch.load(vf)
+        else:
+            n = min(cfg.align_vocab, model.args.vocab_size)
+            vocab = stage_vocab(ctx.all_train_seqs(), n, extra=sorted(ctx.eos_ids))
+            torch.save(vocab, vf)
+        net = DraftNet.from_target(model, kind=cfg.align_kind, num_layers=cfg.align_layers,
+                                   vocab_ids=vocab)
+        init = f"target layers 0..{cfg.align_layers - 1}"
+    summary = stage_train(net, model, seqs, epochs=cfg.align_epochs, lr=cfg.align_lr,
+                          max_len=256, batch_tokens=4096,
+                          feat_weight=0.1 if net.kind == "eagle" else 0.0, seed=cfg.seed,
+                          time_budget_s=time_budget_s)
+    meta = {"runtime": ctx.baseline_runtime, "aligned": {
+        "cluster": cluster, "init": init, "sequences": len(seqs), "train": summary}}
+    net.save(out_stem.with_suffix(".safetensors"), out_stem.with_suffix(".json"), meta)
+    return {"init": init, "sequences": len(seqs), **summary}
+
+
+ALIGNERS = {"distill": _align_distill}
+"""Per-cluster aligners: ``f(ctx, cluster, seqs, out_stem, time_budget_s) -> summary | None``
+writing a model drafter (``DraftNet.save`` format) to ``out_stem.{json,safetensors}``."""
+
+
+# ---------------------------------------------------------------------------- context
+class _Ctx:
+    """Shared state of one run: config, paths, target, engine, loaded stage outputs."""
+
+    def __init__(self, cfg: AlignConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.work = Path(cfg.work) if cfg.work else self.out / "work"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.manifest = _Manifest(self.work / "manifest.json")
+        self._engine = None
+        self._seqs = None
+        self.baseline_cfg: Path | None = None
+        self.baseline_runtime: dict = {"mode": "chain", "max_depth": 8, "threshold": 0.2}
+
+    # target and engine are loaded lazily: a fully cached rerun loads them for nothing
+    @property
+    def engine(self):
+        if self._engine is None:
+            from specrt.draft import default_drafters
+            from specrt.engine import Engine
+            from specrt.model import load_model
+
+            model, tok = load_model(self.cfg.target, device=self.cfg.device)
+            drafters = default_drafters(model, self.cfg.target)
+            self._engine = Engine(model, tok, drafters=drafters, max_batch=self.cfg.gen_batch,
+                                  cache_tokens=max(16384, self.cfg.gen_batch * 2048),
+                                  adaptive=True)
+            b = self.cfg.baseline
+            if b is None and self.cfg.target is None:
+                shipped = Path(__file__).resolve().parents[1] / "pools" / "default" / "baseline.json"
+                b = str(shipped) if shipped.is_file() else None
+            if b is not None:
+                self.baseline_cfg = Path(b)
+                if not self.baseline_cfg.is_file():
+                    raise FileNotFoundError(f"baseline drafter config not found: {b}")
+                rt = json.loads(self.baseline_cfg.read_text()).get("runtime") or {}
+                self.baseline_runtime.update({k: v for k, v in rt.items()
+                                              if k in ("mode", "topk", "max_depth", "threshold")})
+        return self._engine
+
+    @property
+    def model(self):
+        return self.engine.model
+
+    @property
+    def eos_ids(self):
+        return self.engine.eos_ids
+
+    def baseline_drafter(self):
+        """The baseline model drafter named ``baseline``, or None."""
+        e = self.engine
+        if self.baseline_cfg is None:
+            return None
+        from specrt.draft.model import ModelDrafter
+
+        return ModelDrafter.load(self.baseline_cfg, e.model, name="baseline",
+                                 **self.baseline_runtime)
+
+    def read_collect(self) -> list[dict]:
+        p = self.work / "collect.jsonl"
+        out = []
+        if p.is_file():
+            for line in p.read_text().split("\n"):
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:  # a line cut by an interrupted write
+                        pass
+        return out
+
+    def all_train_seqs(self) -> list[dict]:
+        if self._seqs is None:
+            part = json.loads((self.work / "partition.json").read_text())
+            held = set(part["held"])
+            ids = set(part["ids"])
+            recs = [r for r in self.read_collect() if r["id"] in ids and r["id"] not in held]
+            self._seqs = self.sequences(recs)
+        return self._seqs
+
+    def sequences(self, recs: list[dict]) -> list[dict]:
+        """Distillation sequences ``{tokens [n+1], hidden [n, H] fp16, prompt_len, task}``
+        (hidden = the target's pre-norm last-layer states, one teacher-forced prefill)."""
+        from specrt.align.features import target_hidden
+
+        model = self.model
+        ctx_len = model.args.max_position_embeddings
+        toks = [(r["prompt_ids"] + r["output_ids"])[:ctx_len + 1] for r in recs]
+        keep = [i for i, t in enumerate(toks) if len(t) >= 2]
+        hs = target_hidden(model, [toks[i][:-1] for i in keep], progress=self.cfg.progress,
+                           reduce=lambda h, i: h.to(torch.float16).cpu().clone())
+        return [{"tokens": torch.tensor(toks[i]), "hidden": h,
+                 "prompt_len": len(recs[i]["prompt_ids"]), "task": recs[i]["task"]}
+                for i, h in zip(keep, hs)]
+
+
+# ---------------------------------------------------------------------------- stages
+def _select_rows(cfg: AlignConfig) -> tuple[list[dict], dict[str, dict]]:
+    from specrt.data import balanced_sample, load_prompts, split
+
+    rows = load_prompts(cfg.prompts)
+    train, _ = split(rows)  # the eval split is never read here
+    if not train:
+        raise ValueError(f"{cfg.prompts}: no prompts in the train split")
+    sel = _interleave(balanced_sample(train, cfg.per_task, seed=cfg.seed))
+    return sel, {str(r["id"]): r for r in train}
+
+
+def stage_collect(ctx: _Ctx, rows: list[dict], budget_s: float) -> dict:
+    """Generate the target's greedy outputs for ``rows`` (chunks of ``gen_batch``),
+    appending one JSON line per prompt to ``collect.jsonl``: ``{id, task, prompt_ids,
+    output_ids, finish_reason}``. Prompts already in the file are skipped."""
+    from specrt.sampling import SamplingParams
+
+    cfg = ctx.cfg
+    path = ctx.work / "collect.jsonl"
+    have = {r["id"] for r in ctx.read_collect()}
+    todo = [r for r in rows if str(r["id"]) not in have]
+    _log(f"collect: {len(rows)} train prompts, {len(rows) - len(todo)} already collected")
+    if not todo:
+        return {"prompts": len(rows), "new": 0, "complete": True}
+    eng = ctx.engine
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="a) collect",
+                   unit="prompt")
+    t0 = time.perf_counter()
+    new = 0
+    ctx_len = eng.model.args.max_position_embeddings
+    complete = True
+    for c in range(0, len(todo), cfg.gen_batch):
+        if c > 0 and time.perf_counter() - t0 > budget_s:  # at least one chunk per run
+            _log(f"collect: time budget reached ({len(todo) - c} prompts left; rerun to resume)")
+            complete = False
+            break
+        part = todo[c:c + cfg.gen_batch]
+        texts, ok = [], []
+        for r in part:
+            t = _shorten(r["prompt"], cfg.max_prompt_chars)
+            n = len(eng.tokenizer.encode_prompt(t))
+            if n + 2 >= ctx_len:
+                _log(f"collect: prompt {r['id']} too long ({n} tokens), skipped")
+                continue
+            texts.append(t)
+            ok.append(r)
+        if not ok:
+            continue
+        outs = eng.generate(texts, SamplingParams(max_tokens=cfg.max_tokens))
+        with path.open("a") as f:
+            for r, t, o in zip(ok, texts, outs):
+                f.write(json.dumps({"id": str(r["id"]), "task": r["task"],
+                                    "prompt_ids": eng.tokenizer.encode_prompt(t),
+                                    "output_ids": o.token_ids,
+                                    "finish_reason": o.finish_reason}) + "\n")
+        new += len(ok)
+        if bar is not None:
+            bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    return {"prompts": len(rows), "new": new, "complete": complete,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def stage_features(ctx: _Ctx, recs: list[dict], by_id: dict[str, dict]) -> dict:
+    """Router features of the collected prompts (full prompt text, as served) ->
+    ``features.safetensors`` (``feats`` ``[N, hidden]`` fp32; ids in the metadata)."""
+    from safetensors.torch import save_file
+
+    from specrt.align.features import prompt_features
+
+    eng = ctx.engine
+    lim = eng.model.args.max_position_embeddings - 1
+    ids = [r["id"] for r in recs]
+    toks = [_fit_context(eng.tokenizer.encode_prompt(by_id[i]["prompt"]), lim) for i in ids]
+    feats = prompt_features(eng.model, toks, block_size=eng.cache.block_size,
+                            progress=ctx.cfg.progress)
+    save_file({"feats": feats.contiguous()}, str(ctx.work / "features.safetensors"),
+              metadata={"ids": json.dumps(ids), "tasks": json.dumps([r["task"] for r in recs])})
+    return {"n": len(ids), "dim": int(feats.shape[1])}
+
+
+def load_features(work: Path) -> tuple[torch.Tensor, list[str], list[str]]:
+    """``(feats [N, H], ids, tasks)`` from ``work/features.safetensors``."""
+    from safetensors import safe_open
+
+    with safe_open(str(work / "features.safetensors"), "pt") as f:
+        meta = f.metadata()
+        feats = f.get_tensor("feats")
+    return feats, json.loads(meta["ids"]), json.loads(meta["tasks"])
+
+
+def stage_partition(ctx: _Ctx) -> dict:
+    """k-means (auto K by silhouette unless given), cluster report vs task labels,
+    held-back prompts per cluster. Writes ``partition.json`` / ``partition.safetensors``."""
+    from safetensors.torch import save_file
+
+    from specrt.align.kmeans import (adjusted_rand_index, choose_k, kmeans, prepare, purity,
+                                     silhouette_score)
+
+    cfg = ctx.cfg
+    X, ids, tasks = load_features(ctx.work)
+    N = X.shape[0]
+    if N < 2:
+        raise ValueError(f"partition needs at least 2 collected prompts, have {N}")
+    if str(cfg.clusters) == "auto":
+        hi = min(cfg.k_max, N - 1)
+        lo = min(max(2, cfg.k_min), hi)
+        bar = range(lo, hi + 1)
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(bar, desc="c) partition (K)", unit="K")
+        k, scores, res = choose_k(X, bar, metric=cfg.metric, seed=cfg.seed)
+    else:
+        k = int(cfg.clusters)
+        if not 1 <= k <= N:
+            raise ValueError(f"--clusters {k}: need 1 <= K <= {N} (collected prompts)")
+        res = kmeans(X, k, metric=cfg.metric, seed=cfg.seed)
+        scores = {k: silhouette_score(prepare(X, res.mean, res.std, cfg.metric), res.labels,
+                                      cfg.metric)} if k >= 2 else {}
+    labels = res.labels.tolist()
+    comp = []
+    held: list[str] = []
+    for c in range(k):
+        mem = [i for i in range(N) if labels[i] == c]
+        tc: dict[str, int] = {}
+        for i in mem:
+            tc[tasks[i]] = tc.get(tasks[i], 0) + 1
+        order = sorted(mem, key=lambda i: _hash_order(ids[i], cfg.seed))
+        nh = 0 if len(mem) < 2 else min(cfg.assign_prompts,
+                                        max(1, math.ceil(cfg.hold_frac * len(mem))))
+        held += [ids[i] for i in order[:nh]]
+        comp.append({"id": c, "size": len(mem),
+                     "tasks": dict(sorted(tc.items(), key=lambda x: -x[1])),
+                     "held_back": nh})
+    rep = {"k": k, "metric": cfg.metric, "silhouette": {str(a): b for a, b in scores.items()},
+           "purity": purity(labels, tasks), "ari": adjusted_rand_index(labels, tasks),
+           "n": N, "clusters": comp, "ids": ids, "labels": labels, "held": held}
+    save_file({"centroids": res.centroids.contiguous(), "mean": res.mean.contiguous(),
+               "std": res.std.contiguous()}, str(ctx.work / "partition.safetensors"))
+    (ctx.work / "partition.json").write_text(json.dumps(rep, indent=1))
+    _log(f"partition: K={k} (silhouette {scores.get(k, float('nan')):.3f}), purity "
+         f"{rep['purity']:.3f}, ARI {rep['ari']:.3f} vs task labels; sizes "
+         f"{[c['size'] for c in comp]}")
+    return {"k": k, "purity": rep["purity"], "ari": rep["ari"]}
+
+
+def stage_align(ctx: _Ctx, budget_s: float) -> dict:
+    """Per cluster, align a model drafter on the cluster's non-held sequences with the
+    configured aligner; resumable per cluster. Writes ``align/summary.json``."""
+    cfg = ctx.cfg
+    (ctx.work / "align").mkdir(exist_ok=True)
+    if cfg.aligner == "none":
+        _log("align: skipped (--align none); candidates are the baseline and model-free drafters")
+        return {"skipped": True}
+    if cfg.aligner not in ALIGNERS:
+        raise ValueError(f"unknown aligner {cfg.aligner!r}; have {sorted(ALIGNERS)} or 'none'")
+    part = json.loads((ctx.work / "partition.json").read_text())
+    held = set(part["held"])
+    recs = {r["id"]: r for r in ctx.read_collect()}
+    summ_p = ctx.work / "align" / "summary.json"
+    summary = json.loads(summ_p.read_text()) if summ_p.is_file() else {}
+    k = part["k"]
+    clusters = range(k)
+    if cfg.progress:
+        from tqdm import tqdm
+
+        clusters = tqdm(clusters, desc="d) align", unit="cluster")
+    _ = ctx.engine  # resolves the baseline config
+    for c in clusters:
+        stem = ctx.work / "align" / f"aligned_{c}"
+        if stem.with_suffix(".json").is_file() and str(c) in summary:
+            continue
+        mem = [i for i, lab in zip(part["ids"], part["labels"]) if lab == c and i not in held]
+        if not mem:
+            summary[str(c)] = None
+            continue
+        seqs = ctx.sequences([recs[i] for i in mem])
+        s = ALIGNERS[cfg.aligner](ctx, c, seqs, stem, budget_s / k)
+        if s is None:
+            return {"skipped": True}
+        summary[str(c)] = s
+        summ_p.write_text(json.dumps(summary, indent=1))
+    summ_p.write_text(json.dumps(summary, indent=1))
+    return {"clusters": k}
+
+
+def _measure(eng, rows: list[dict], name: str, max_tokens: int) -> dict:
+    """Greedy batch-1 generation of ``rows`` with drafter ``name``: goodput etc."""
+    from specrt.sampling import SamplingParams
+
+    tok = acc = dr = steps = 0
+    el = 0.0
+    for r in rows:
+        t0 = time.perf_counter()
+        o = eng.generate(r["prompt"], SamplingParams(max_tokens=max_tokens), drafter=name)[0]
+        el += time.perf_counter() - t0
+        s = o.stats
+        tok += s["completion_tokens"]
+        acc += s["accepted_tokens"]
+        dr += s["drafted_tokens"]
+        steps += s["steps"]
+    return {"prompts": len(rows), "tokens": tok, "elapsed_s": round(el, 4),
+            "goodput_tok_s": tok / el if el > 0 else 0.0,
+            "accepted_per_s": acc / el if el > 0 else 0.0,
+            "acceptance_rate": acc / dr if dr else 0.0,
+            "mean_accepted_length": tok / steps if steps else 0.0}
+
+
+def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
+    """Per cluster, measure every candidate drafter on the cluster's held-back TRAIN
+    prompts (batch 1, greedy) and assign the best by ``assign_metric``; resumable per
+    cluster. Writes ``assign.json`` ``{clusters: {c: {candidates, drafter}}, default}``."""
+    from specrt.draft.model import ModelDrafter
+    from specrt.draft.ngram import NgramDrafter
+    from specrt.draft.recycling import RecyclingDrafter
+
+    cfg = ctx.cfg
+    part = json.loads((ctx.work / "partition.json").read_text())
+    k = part["k"]
+    eng = ctx.engine
+    path = ctx.work / "assign.json"
+    res = json.loads(path.read_text()) if path.is_file() else {"clusters": {}}
+    shared = {"ngram": NgramDrafter(), "recycling": RecyclingDrafter(eng.model.args.vocab_size)}
+    base = ctx.baseline_drafter() if "baseline" in cfg.candidates else None
+    if base is not None:
+        shared["baseline"] = base
+    held = set(part["held"])
+    old = eng.drafters, eng.default_drafter, eng.max_batch
+    clusters = range(k)
+    if cfg.progress:
+        from tqdm import tqdm
+
+        clusters = tqdm(clusters, desc="e) assign", unit="cluster")
+    try:
+        eng.max_batch = 1
+        for c in clusters:
+            if str(c) in res["clusters"]:
+                continue
+            mem = [i for i, lab in zip(part["ids"], part["labels"]) if lab == c]
+            rows = [by_id[i] for i in mem if i in held] or [by_id[i] for i in mem][:1]
+            cand = {n: d for n, d in shared.items() if n in cfg.candidates}
+            al = ctx.work / "align" / f"aligned_{c}.json"
+            if "aligned" in cfg.candidates and al.is_file():
+                cand[f"aligned_{c}"] = ModelDrafter.load(al, eng.model, name=f"aligned_{c}",
+                                                         **ctx.baseline_runtime)
+            if not cand:
+                raise ValueError(f"no candidate drafters among {cfg.candidates}")
+            eng.drafters = dict(cand)
+            eng.default_drafter = next(iter(cand))
+            rows = [dict(r, prompt=_shorten(r["prompt"], cfg.max_prompt_chars)) for r in rows]
+            m = {n: _measure(eng, rows, n, cfg.assign_tokens) for n in cand}
+            key = "goodput_tok_s" if cfg.assign_metric == "goodput" else cfg.assign_metric
+            best = max(m, key=lambda n: (m[n][key], m[n]["mean_accepted_length"]))
+            res["clusters"][str(c)] = {"candidates": m, "drafter": best,
+                                       "held_back": [r["id"] for r in rows]}
+            path.write_text(json.dumps(res, indent=1))
+            _log(f"assign: cluster {c} -> {best} (" + ", ".join(
+                f"{n} {v[key]:.2f}" for n, v in m.items()) + f" {key})")
+    finally:
+        eng.drafters, eng.default_drafter, eng.max_batch = old
+    # default drafter: the baseline when there is one, else the best over all clusters
+    if base is not None:
+        default = "baseline"
+    else:
+        tot: dict[str, list[float]] = {}
+        for v in res["clusters"].values():
+            for n, x in v["candidates"].items():
+                if not n.startswith("aligned_"):
+                    a = tot.setdefault(n, [0.0, 0.0])
+                    a[0] += x["tokens"]
+                    a[1] += x["elapsed_s"]
+        default = max(tot, key=lambda n: tot[n][0] / max(tot[n][1], 1e-9)) if tot else "ngram"
+    res["default"] = default
+    path.write_text(json.dumps(res, indent=1))
+    return {"assigned": {c: v["drafter"] for c, v in res["clusters"].items()},
+            "default": default}
+
+
+def stage_route(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
+    """Train the MLP routing head on the non-held prompts' (features, cluster); report
+    cluster and drafter accuracy on the held-back prompts and the head's latency
+    relative to one prefill. Writes ``router.safetensors`` and ``route.json``."""
+    from safetensors.torch import load_file
+
+    from specrt.align.features import prompt_features
+    from specrt.route import MLPRouter, router_latency
+
+    cfg = ctx.cfg
+    part = json.loads((ctx.work / "partition.json").read_text())
+    asg = json.loads((ctx.work / "assign.json").read_text())
+    X, ids, _ = load_features(ctx.work)
+    y = torch.tensor(part["labels"])
+    k = part["k"]
+    cd = [asg["clusters"][str(c)]["drafter"] for c in range(k)]
+    held = set(part["held"])
+    tr = torch.tensor([i not in held for i in ids])
+    pt = load_file(str(ctx.work / "partition.safetensors"))
+    dev = next(ctx.model.parameters()).device
+    router = MLPRouter(X.shape[1], k, cd, asg["default"], hidden=cfg.router_hidden,
+                       threshold=cfg.router_threshold, metric=part["metric"]).to(dev)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=1, desc="f) route", unit="fit")
+    fit = router.fit(X[tr], y[tr], centroids=pt["centroids"], epochs=cfg.router_epochs,
+                     seed=cfg.seed)
+    if bar is not None:
+        bar.update(1)
+        bar.close()
+    rep: dict = {"train": fit, "clusters": k, "cluster_drafter": cd, "default": asg["default"]}
+    hv = ~tr
+    if hv.any():
+        pred = router.predict_clusters(X[hv])
+        rep["heldout_n"] = int(hv.sum())
+        rep["heldout_cluster_acc"] = float((pred == y[hv]).float().mean())
+        routed = [n for n, _, _ in router.route(X[hv])]
+        want = [cd[int(c)] for c in y[hv]]
+        rep["heldout_drafter_acc"] = sum(a == b for a, b in zip(routed, want)) / len(want)
+        rep["heldout_fallback_rate"] = sum(
+            f < router.threshold for _, _, f in router.route(X[hv])) / len(want)
+    # latency: one route call vs one batch-1 prefill of a median-length collected prompt
+    recs = ctx.read_collect()
+    lens = sorted(len(r["prompt_ids"]) for r in recs)
+    med = next(r for r in recs if len(r["prompt_ids"]) == lens[len(lens) // 2])
+    ptoks = [med["prompt_ids"]]
+    prompt_features(ctx.model, ptoks)
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        prompt_features(ctx.model, ptoks)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    pre = sorted(ts)[1]
+    lat = router_latency(router, X.shape[1], device=dev)
+    rep.update(router_latency_s=lat, prefill_s=pre, prefill_tokens=len(ptoks[0]),
+               router_over_prefill=lat / pre if pre > 0 else None)
+    router.save(ctx.work / "router.safetensors")
+    (ctx.work / "route.json").write_text(json.dumps(rep, indent=1))
+    _log(f"route: held-back cluster acc {rep.get('heldout_cluster_acc', float('nan')):.3f}, "
+         f"drafter acc {rep.get('heldout_drafter_acc', float('nan')):.3f}; latency "
+         f"{lat * 1e3:.3f} ms = {100 * lat / max(pre, 1e-12):.2f}% of a {len(ptoks[0])}-token prefill")
+    return {k_: rep[k_] for k_ in ("heldout_cluster_acc", "heldout_drafter_acc",
+                                   "router_over_prefill") if k_ in rep}
+
+
+def stage_write(ctx: _Ctx) -> dict:
+    """Write the pool directory from the stage outputs (see :mod:`specrt.pool`)."""
+    from safetensors.torch import load_file
+
+    from specrt.draft.ngram import NgramDrafter
+    from specrt.draft.recycling import RecyclingDrafter
+    from specrt.pool import copy_model_drafter_files, drafter_entry, write_pool
+    from specrt.route import MLPRouter
+
+    cfg = ctx.cfg
+    part = json.loads((ctx.work / "partition.json").read_text())
+    asg = json.loads((ctx.work / "assign.json").read_text())
+    route = json.loads((ctx.work / "route.json").read_text())
+    model = ctx.model
+    router = MLPRouter.load(ctx.work / "router.safetensors")
+    used = list(dict.fromkeys(router.cluster_drafter + [router.default]))
+    entries = []
+    for n in used:
+        if n == "ngram":
+            entries.append(drafter_entry(NgramDrafter()))
+        elif n == "recycling":
+            entries.append(drafter_entry(RecyclingDrafter(model.args.vocab_size)))
+        elif n == "baseline":
+            files = copy_model_drafter_files(ctx.baseline_cfg, ctx.out, "baseline")
+            entries.append({"name": n, "kind": "model", "files": files,
+                            "config": dict(ctx.baseline_runtime)})
+        elif n.startswith("aligned_"):
+            files = copy_model_drafter_files(ctx.work / "align" / f"{n}.json", ctx.out, n)
+            entries.append({"name": n, "kind": "model", "files": files,
+                            "config": dict(ctx.baseline_runtime)})
+        else:
+            raise ValueError(f"unknown drafter {n!r} in the assignment")
+    items = []
+    for c in part["clusters"]:
+        a = asg["clusters"][str(c["id"])]
+        items.append({"id": c["id"], "size": c["size"], "tasks": c["tasks"],
+                      "drafter": a["drafter"], "held_back": len(a["held_back"]),
+                      "candidates": a["candidates"]})
+    pt = load_file(str(ctx.work / "partition.safetensors"))
+    manifest = ctx.manifest.data
+    write_pool(ctx.out, model=model, drafters=entries, default_drafter=router.default,
+               router=router, centroids=pt["centroids"], mean=pt.get("mean"),
+               std=pt.get("std"), metric=part["metric"], clusters=items,
+               target_name=cfg.target or "default",
+               extra={"router": {k: v for k, v in route.items() if k not in ("clusters",)},
+                      "partition": {k: part[k] for k in ("k", "metric", "silhouette", "purity",
+                                                         "ari", "n")},
+                      "build": {"prompts": str(cfg.prompts), "split": "train",
+                                "per_task": cfg.per_task, "max_tokens": cfg.max_tokens,
+                                "aligner": cfg.aligner, "assign_metric": cfg.assign_metric,
+                                "assign_tokens": cfg.assign_tokens,
+                                "stage_seconds": {s: manifest.get(s, {}).get("seconds")
+                                                  for s in STAGES if s != "write"},
+                                **cfg.extra}})
+    return {"pool": str(ctx.out / "pool.json"), "drafters": used}
+
+
+# ------------------------------------------------------------------------------ run
+def run_align(cfg: AlignConfig) -> dict:
+    """Run (or resume) every stage; returns ``{stage: "ran" | "skipped", ...,
+    "reports": {stage: summary}}``."""
+    t_all = time.perf_counter()
+    if cfg.assign_metric not in ("goodput", "mean_accepted_length", "acceptance_rate"):
+        raise ValueError(f"unknown assign metric {cfg.assign_metric!r}")
+    if str(cfg.clusters) != "auto":
+        try:
+            int(cfg.clusters)
+        except ValueError:
+            raise ValueError(f"--clusters must be an integer or 'auto', got {cfg.clusters!r}")
+    rows, by_id = _select_rows(cfg)  # clear errors for bad prompt files before any work
+    if cfg.target is not None:
+        from specrt.model import resolve_target
+
+        resolve_target(cfg.target)  # unknown target: FileNotFoundError now
+    total = (cfg.budget_minutes or 0) * 60 or None
+    collect_s = (cfg.collect_minutes * 60 if cfg.collect_minutes is not None
+                 else (0.5 * total if total else float("inf")))
+    align_s = (cfg.align_minutes * 60 if cfg.align_minutes is not None
+               else (0.35 * total if total else 30 * 60))
+    ctx = _Ctx(cfg)
+    status: dict = {"reports": {}}
+    man = ctx.manifest
+    tgt = cfg.target or "default"
+    params = {
+        "collect": {"prompts": str(Path(cfg.prompts).resolve()), "target": tgt,
+                    "per_task": cfg.per_task, "max_tokens": cfg.max_tokens,
+                    "max_prompt_chars": cfg.max_prompt_chars, "seed": cfg.seed},
+    }
+    params["features"] = dict(params["collect"])
+    params["partition"] = {"clusters": str(cfg.clusters), "k_min": cfg.k_min, "k_max": cfg.k_max,
+                           "metric": cfg.metric, "hold_frac": cfg.hold_frac,
+                           "assign_prompts": cfg.assign_prompts}
+    params["align"] = {"aligner": cfg.aligner, "baseline": cfg.baseline, "kind": cfg.align_kind,
+                       "layers": cfg.align_layers, "vocab": cfg.align_vocab,
+                       "epochs": cfg.align_epochs, "lr": cfg.align_lr}
+    params["assign"] = {"candidates": list(cfg.candidates), "tokens": cfg.assign_tokens,
+                        "metric": cfg.assign_metric}
+    params["route"] = {"hidden": cfg.router_hidden, "threshold": cfg.router_threshold,
+                       "epochs": cfg.router_epochs}
+    params["write"] = {"out": str(Path(cfg.out).resolve())}
+
+    # collect: its file is reused across parameter changes only for the same outputs
+    cp = params["collect"]
+    old = man.data.get("collect", {}).get("params")
+    same_out = old is not None and all(old.get(k) == cp[k] for k in
+                                       ("prompts", "target", "max_tokens", "max_prompt_chars"))
+    if old is not None and not same_out and (ctx.work / "collect.jsonl").is_file():
+        _log("collect: parameters changed; discarding the old collect.jsonl")
+        (ctx.work / "collect.jsonl").unlink()
+    if man.done("collect", cp):
+        status["collect"] = "skipped"
+    else:
+        t0 = time.perf_counter()
+        rep = stage_collect(ctx, rows, collect_s)
+        status["reports"]["collect"] = rep
+        if rep.get("new", 0) or not man.data.get("collect"):
+            man.invalidate_after("collect")
+        if rep["complete"]:
+            man.mark("collect", cp, time.perf_counter() - t0)
+        status["collect"] = "ran"
+    want = {str(r["id"]) for r in rows}
+    recs = [r for r in ctx.read_collect() if r["id"] in want]
+    if not recs:
+        raise ValueError("collect produced no sequences")
+
+    def step(name, fn):
+        if man.done(name, params[name]):
+            status[name] = "skipped"
+            return
+        t0 = time.perf_counter()
+        status["reports"][name] = fn()
+        man.invalidate_after(name)
+        man.mark(name, params[name], time.perf_counter() - t0)
+        status[name] = "ran"
+
+    step("features", lambda: stage_features(ctx, recs, by_id))
+    step("partition", lambda: stage_partition(ctx))
+    step("align", lambda: stage_align(ctx, align_s))
+    step("assign", lambda: stage_assign(ctx, by_id))
+    step("route", lambda: stage_route(ctx, by_id))
+    step("write", lambda: stage_write(ctx))
+    status["seconds"] = round(time.perf_counter() - t_all, 1)
+    _log(f"pool written to {cfg.out} ({status['seconds']} s; stages: " + ", ".join(
+        f"{s} {status.get(s)}" for s in STAGES) + ")")
+    return status
+
+
+def config_from_args(args) -> AlignConfig:
+    """An :class:`AlignConfig` from the ``specrt align`` argparse namespace."""
+    cands = tuple(c.strip() for c in args.candidates.split(",") if c.strip())
+    return AlignConfig(
+        prompts=args.prompts, out=args.out, target=args.target, work=args.work,
+        clusters=args.clusters, k_min=args.k_min, k_max=args.k_max, metric=args.metric,
+        per_task=args.per_task, max_tokens=args.max_tokens,
+        max_prompt_chars=args.max_prompt_chars, gen_batch=args.gen_batch, device=args.device,
+        seed=args.seed, budget_minutes=args.budget, collect_minutes=args.collect_minutes,
+        align_minutes=args.align_minutes, aligner=args.align, baseline=args.baseline,
+        align_kind=args.align_kind, align_layers=args.align_layers,
+        align_vocab=args.align_vocab, align_epochs=args.align_epochs,
+        assign_prompts=args.assign_prompts, assign_tokens=args.assign_tokens,
+        assign_metric=args.assign_metric, candidates=cands,
+        router_hidden=args.router_hidden, router_threshold=args.router_threshold,
+        progress=not args.no_progress)
+
+
+def add_cli(sub) -> None:
+    """Register ``specrt align`` on an argparse subparsers object."""
+    a = sub.add_parser("align", help="build a task-aware drafter pool (resumable stages)",
+                       description=__doc__.split("\n\n")[0])
+    a.add_argument("--target", default=None,
+                   help="HF model directory or .gguf file (default: the default model)")
+    a.add_argument("--prompts", required=True, help="prompt JSONL (id, task, prompt); only "
+                   "its train split is read")
+    a.add_argument("--out", required=True, help="pool directory to write (work files in OUT/work)")
+    a.add_argument("--work", default=None, help="stage outputs (default OUT/work)")
+    a.add_argument("--clusters", default="auto", help="K, or 'auto' (silhouette over "
+                   "--k-min..--k-max)")
+    a.add_argument("--k-min", type=int, default=2)
+    a.add_argument("--k-max", type=int, default=10)
+    a.add_argument("--metric", choices=["cosine", "euclidean"], default="cosine")
+    a.add_argument("--per-task", type=int, default=24, help="train prompts per task")
+    a.add_argument("--max-tokens", type=int, default=64, help="target tokens per prompt (collect)")
+    a.add_argument("--max-prompt-chars", type=int, default=1500,
+                   help="collect: longer prompts keep head 2/3 + tail 1/3 of this (0: off)")
+    a.add_argument("--gen-batch", type=int, default=16)
+    a.add_argument("--budget", type=float, default=None,
+                   help="total minutes: collect gets 50%%, alignment 35%% (unless set below)")
+    a.add_argument("--collect-minutes", type=float, default=None)
+    a.add_argument("--align-minutes", type=float, default=None,
+                   help="alignment time over all clusters (default 30)")
+    a.add_argument("--align", default="distill", help="aligner: distill or none")
+    a.add_argument("--baseline", default=None,
+                   help="baseline model drafter .json (default: the shipped one for the "
+                        "default target; none otherwise)")
+    a.add_argument("--align-kind", choices=["lm", "eagle"], default="eagle",
+                   help="drafter kind when there is no baseline")
+    a.add_argument("--align-layers", type=int, default=1)
+    a.add_argument("--align-vocab", type=int, default=4096)
+    a.add_argument("--align-epochs", type=float, default=2.0)
+    a.add_argument("--candidates", default="aligned,baseline,ngram,recycling")
+    a.add_argument("--assign-prompts", type=int, default=4,
+                   help="held-back train prompts per cluster for assign/route")
+    a.add_argument("--assign-tokens", type=int, default=48)
+    a.add_argument("--assign-metric", default="goodput",
+                   choices=["goodput", "mean_accepted_length", "acceptance_rate"])
+    a.add_argument("--router-hidden", type=int, default=128)
+    a.add_argument("--router-threshold", type=float, default=0.5)
+    a.add_argument("--device", default=None)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=lambda args: (run_align(config_from_args(args)), 0)[1])

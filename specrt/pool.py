@@ -1,0 +1,264 @@
+"""Drafter pools on disk (DESIGN.md "Pools"): write and load a pool directory.
+
+A pool directory holds ``pool.json`` plus safetensors files::
+
+    {
+      "format": "specrt-pool", "version": 1, "created": "...",
+      "target": {"name": str, "fingerprint": str, "config_sha": str, "weights_sha": str,
+                 "vocab_size": int, "hidden_size": int},
+      "drafters": [{"name": str, "kind": "model" | "ngram" | "recycling",
+                    "files": [relative paths], "config": {constructor / runtime options}}],
+      "default_drafter": str,
+      "clusters": {"k": int, "metric": "cosine" | "euclidean",
+                   "centroids": "clusters.safetensors",   # tensors centroids, mean, std
+                   "items": [{"id": int, "size": int, "tasks": {task: count},
+                              "drafter": str,
+                              "candidates": {name: {"acceptance_rate", "mean_accepted_length",
+                                                    "goodput_tok_s", "accepted_per_s",
+                                                    "prompts", "tokens"}}}]},
+      "router": {"file": "router.safetensors", "config": "router.json", "mode", "threshold",
+                 "hidden", ... measured accuracy / latency},
+      "partition": {...}, "build": {...}      # free-form reports
+    }
+
+A ``model`` drafter's files are its ``<stem>.json`` config and weights as written by
+:meth:`specrt.draft.model.DraftNet.save` (the target's embedding and LM head are
+shared, not stored); ``files[0]`` is the config. Its ``config`` holds the runtime
+options (mode, topk, max_depth, threshold) given to
+:class:`specrt.draft.model.ModelDrafter`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+POOL_FORMAT = "specrt-pool"
+POOL_VERSION = 1
+KINDS = ("model", "ngram", "recycling")
+
+
+class PoolError(ValueError):
+    """A pool directory that cannot be used (missing files, other target, bad JSON)."""
+
+
+# --------------------------------------------------------------------- target identity
+def target_fingerprint(model) -> dict:
+    """Identity of a target model: ``config_sha`` (its hyper-parameters), ``weights_sha``
+    (a bf16-rounded sample of its embedding and final norm, so the same weights give the
+    same value in fp32 or bf16, on CPU or GPU), ``fingerprint`` (both combined),
+    ``vocab_size``, ``hidden_size``."""
+    a = model.args
+    cfg = json.dumps(dataclasses.asdict(a), sort_keys=True, default=str).encode()
+    config_sha = hashlib.sha256(cfg).hexdigest()[:16]
+    with torch.no_grad():
+        e = model.embed.weight
+        rows = torch.linspace(0, e.shape[0] - 1, min(64, e.shape[0])).long().to(e.device)
+        sample = torch.cat([e[rows].flatten(), model.norm.flatten()])
+        sample = sample.float().to(torch.bfloat16).float().cpu()
+    weights_sha = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+    fp = hashlib.sha256(f"{config_sha}:{weights_sha}".encode()).hexdigest()[:16]
+    return {"fingerprint": fp, "config_sha": config_sha, "weights_sha": weights_sha,
+            "vocab_size": a.vocab_size, "hidden_size": a.hidden_size}
+
+
+# ---------------------------------------------------------------------------- write
+def drafter_entry(d, files: list[str] | None = None, config: dict | None = None) -> dict:
+    """The ``pool.json`` entry of a live drafter object (ngram / recycling / model).
+    For model drafters ``files`` (config json first, then weights) must be given."""
+    kind = getattr(d, "kind", None)
+    if kind == "ngram":
+        cfg = {"max_ngram": d.max_ngram, "min_ngram": d.min_ngram, "branches": d.branches}
+    elif kind == "recycling":
+        cfg = {"k": d.k, "max_nodes": len(d.template)}
+    elif kind == "model":
+        if not files:
+            raise ValueError(f"model drafter {d.name!r} needs its files")
+        cfg = {"mode": d.mode, "topk": d.topk, "max_depth": d.max_depth,
+               "threshold": d.threshold}
+    else:
+        raise ValueError(f"drafter {getattr(d, 'name', d)!r} of kind {kind!r} cannot go in a "
+                         f"pool (kinds: {KINDS})")
+    cfg.update(config or {})
+    return {"name": d.name, "kind": kind, "files": list(files or []), "config": cfg}
+
+
+def copy_model_drafter_files(config_json: str | Path, out_dir: str | Path, stem: str
+                             ) -> list[str]:
+    """Copy a saved model drafter (``<x>.json`` + the weights file it names) into
+    ``out_dir`` as ``<stem>.json`` / ``<stem>.safetensors``; returns the two relative
+    file names (config first). Copies nothing when source and destination coincide."""
+    src = Path(config_json)
+    out = Path(out_dir)
+    cfg = json.loads(src.read_text())
+    wsrc = src.parent / cfg["weights"]
+    wdst, cdst = out / f"{stem}.safetensors", out / f"{stem}.json"
+    if wsrc.resolve() != wdst.resolve():
+        shutil.copyfile(wsrc, wdst)
+    cfg["weights"] = wdst.name
+    if src.resolve() != cdst.resolve():
+        cdst.write_text(json.dumps(cfg, indent=1))
+    return [cdst.name, wdst.name]
+
+
+def write_pool(out_dir: str | Path, *, model, drafters: list[dict], default_drafter: str,
+               router, centroids: torch.Tensor, mean: torch.Tensor | None,
+               std: torch.Tensor | None, metric: str, clusters: list[dict],
+               target_name: str | None = None, extra: dict | None = None) -> Path:
+    """Write ``pool.json``, ``router.safetensors``/``router.json`` and
+    ``clusters.safetensors`` into ``out_dir`` (model drafter files must already be there,
+    see :func:`copy_model_drafter_files`).
+
+    Args:
+        model: the target the pool was aligned to (for the fingerprint).
+        drafters: entries as made by :func:`drafter_entry`.
+        default_drafter: fallback drafter name (one of ``drafters``).
+        router: a :class:`specrt.route.MLPRouter` whose cluster->drafter map uses those
+            names.
+        centroids: ``[K, D]`` k-means centroids (prepared space); ``mean``/``std`` ``[D]``.
+        clusters: K dicts (id, size, tasks, drafter, candidates ...).
+        extra: more top-level keys (partition / build reports).
+
+    Returns the path of ``pool.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [d["name"] for d in drafters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate drafter names {names}")
+    if default_drafter not in names:
+        raise ValueError(f"default drafter {default_drafter!r} not among {names}")
+    for d in drafters:
+        if d["kind"] not in KINDS:
+            raise ValueError(f"drafter {d['name']!r}: kind {d['kind']!r} not in {KINDS}")
+        for f in d["files"]:
+            if not (out / f).is_file():
+                raise FileNotFoundError(f"drafter {d['name']!r}: {out / f} not written")
+    missing = set(router.cluster_drafter) - set(names)
+    if missing or router.default not in names:
+        raise ValueError(f"router routes to drafters not in the pool: "
+                         f"{sorted(missing | ({router.default} - set(names)))}")
+    from safetensors.torch import save_file
+
+    router.save(out / "router.safetensors", out / "router.json")
+    ct = {"centroids": centroids.detach().float().contiguous().cpu()}
+    if mean is not None:
+        ct["mean"], ct["std"] = mean.float().contiguous().cpu(), std.float().contiguous().cpu()
+    save_file(ct, str(out / "clusters.safetensors"))
+    meta = {
+        "format": POOL_FORMAT, "version": POOL_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "target": {"name": target_name or "default", **target_fingerprint(model)},
+        "drafters": drafters,
+        "default_drafter": default_drafter,
+        "clusters": {"k": int(centroids.shape[0]), "metric": metric,
+                     "centroids": "clusters.safetensors", "items": clusters},
+        "router": {"file": "router.safetensors", "config": "router.json", **router.config()},
+    }
+    for k, v in (extra or {}).items():
+        if k in meta and isinstance(meta[k], dict) and isinstance(v, dict):
+            meta[k].update(v)
+        else:
+            meta[k] = v
+    p = out / "pool.json"
+    p.write_text(json.dumps(meta, indent=1))
+    return p
+
+
+# ----------------------------------------------------------------------------- load
+def read_pool_meta(pool_dir: str | Path) -> dict:
+    """``pool.json`` of a pool directory, checked for format and version."""
+    d = Path(pool_dir)
+    p = d / "pool.json"
+    if not p.is_file():
+        raise PoolError(f"not a pool directory (no pool.json): {d}")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise PoolError(f"{p}: not JSON ({e})") from None
+    if meta.get("format") != POOL_FORMAT:
+        raise PoolError(f"{p}: not a specrt pool (format {meta.get('format')!r})")
+    if int(meta.get("version", 0)) > POOL_VERSION:
+        raise PoolError(f"{p}: pool version {meta.get('version')} is newer than this specrt "
+                        f"reads ({POOL_VERSION})")
+    return meta
+
+
+def check_target(meta: dict, model, pool_dir: str | Path = "") -> None:
+    """Raise :class:`PoolError` when ``model`` is not the target the pool was aligned to."""
+    want = meta.get("target", {})
+    have = target_fingerprint(model)
+    for key in ("vocab_size", "hidden_size", "config_sha", "weights_sha"):
+        if key in want and want[key] != have[key]:
+            raise PoolError(
+                f"pool {pool_dir} was aligned to target {want.get('name')!r} "
+                f"(fingerprint {want.get('fingerprint')}), but this target differs "
+                f"({key}: pool {want[key]!r}, target {have[key]!r}; fingerprint "
+                f"{have['fingerprint']}). Rebuild the pool with `specrt align` for this target.")
+
+
+def build_drafter(entry: dict, pool_dir: Path, model):
+    """Instantiate one drafter from its ``pool.json`` entry for ``model``."""
+    kind, name, cfg = entry.get("kind"), entry.get("name"), dict(entry.get("config", {}))
+    for f in entry.get("files", []):
+        if not (pool_dir / f).is_file():
+            raise PoolError(f"pool {pool_dir}: drafter {name!r} misses file {f}")
+    if kind == "ngram":
+        from specrt.draft.ngram import NgramDrafter
+
+        return NgramDrafter(name=name, **cfg)
+    if kind == "recycling":
+        from specrt.draft.recycling import RecyclingDrafter
+
+        return RecyclingDrafter(model.args.vocab_size, name=name, **cfg)
+    if kind == "model":
+        from specrt.draft.model import ModelDrafter
+
+        if not entry.get("files"):
+            raise PoolError(f"pool {pool_dir}: model drafter {name!r} lists no files")
+        opts = {k: v for k, v in cfg.items() if k in ("mode", "topk", "max_depth", "threshold")}
+        return ModelDrafter.load(pool_dir / entry["files"][0], model, name=name, **opts)
+    raise PoolError(f"pool {pool_dir}: drafter {name!r} has unknown kind {kind!r} "
+                    f"(kinds: {KINDS})")
+
+
+def load_pool(pool_dir: str | Path, model, *, check: bool = True):
+    """Load a pool for ``model`` (the target).
+
+    Returns ``(drafters, router, default_name, meta)``: the drafter objects (protocol
+    of :mod:`specrt.draft.base`), the :class:`specrt.route.MLPRouter` on the target's
+    device, the default drafter's name, and the parsed ``pool.json``.
+
+    Raises :class:`PoolError` (a ``ValueError``) when the directory is not a pool, a file
+    is missing, or the pool was aligned to a different target (``check``).
+    """
+    from specrt.route import MLPRouter
+
+    d = Path(pool_dir)
+    meta = read_pool_meta(d)
+    if check:
+        check_target(meta, model, d)
+    entries = meta.get("drafters") or []
+    if not entries:
+        raise PoolError(f"pool {d}: no drafters")
+    drafters = [build_drafter(e, d, model) for e in entries]
+    names = [x.name for x in drafters]
+    default = meta.get("default_drafter")
+    if default not in names:
+        raise PoolError(f"pool {d}: default drafter {default!r} not among {names}")
+    r = meta.get("router") or {}
+    rfile = d / r.get("file", "router.safetensors")
+    if not rfile.is_file():
+        raise PoolError(f"pool {d}: router file missing: {rfile.name}")
+    rcfg = d / r["config"] if r.get("config") and (d / r["config"]).is_file() else None
+    dev = next(model.parameters()).device
+    router = MLPRouter.load(rfile, rcfg, device=dev)
+    bad = (set(router.cluster_drafter) | {router.default}) - set(names)
+    if bad:
+        raise PoolError(f"pool {d}: router names drafters not in the pool: {sorted(bad)}")
+    return drafters, router, default, meta

