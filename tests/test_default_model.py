@@ -41,3 +41,25 @@ def test_cli_missing_target_is_a_clear_error(capsys, tmp_path):
     assert main(["generate", "hi", "--target", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "target not found" in err and "nope" in err
+
+
+def test_speculative_greedy_equals_target_on_real_prompts(engine):
+    """Every drafter kind, batch 1 and a mixed batch, on real prompts: greedy
+    speculative output equals the target alone, token for token (fp32)."""
+    from specrt.data import default_prompts_path, load_prompts
+
+    rows = load_prompts(default_prompts_path(small=True))
+    picks = [r["prompt"] for r in rows if r["task"] in ("summarization", "code", "math")][::12][:3]
+    p = specrt.SamplingParams(max_tokens=24)
+    want = engine.generate(picks, p, speculative=False)
+    names = list(engine.drafters)
+    for name in names:
+        got = engine.generate(picks[:1], p, drafter=name)[0]
+        assert got.token_ids == want[0].token_ids, name
+    # one batch, each request its own drafter
+    reqs = engine._make_requests(picks, p, True)
+    for r, name in zip(reqs, names * 3):
+        r.drafter = name
+    outs = {ev.index: ev.output for ev in engine._run(reqs) if ev.finished}
+    for i, w in enumerate(want):
+        assert outs[i].token_ids == w.token_ids and outs[i].stats["drafter"] == names[i % len(names)]
