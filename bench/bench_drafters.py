@@ -118,6 +118,9 @@ def main(argv=None) -> list[dict]:
         for c in cfgs:
             c.run(eng, r["prompt"], a.max_tokens)
         print(f"prompt {i + 1}/{len(rows)} done", flush=True)
+        if (i + 1) % 4 == 0 and i + 1 < len(rows):  # running figures (partial runs)
+            for c in cfgs:
+                print("partial " + json.dumps(c.summary()), flush=True)
     out = [c.summary() | {"prompts": len(rows), "max_tokens": a.max_tokens} for c in cfgs]
     for o in out:
         print(json.dumps(o), flush=True)

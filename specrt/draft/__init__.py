@@ -10,17 +10,24 @@ __all__ = ["Drafter", "DraftTree", "SeqState", "Verified", "NgramDrafter", "Recy
 
 
 def default_drafters(model, target=None) -> list:
-    """The drafters an engine gets without a pool. For the default target (``target``
-    None) the shipped baseline model drafter (``specrt/pools/default/baseline.json``)
-    comes first, and so is the engine's default, when its weights exist; then n-gram
-    prompt lookup and token recycling."""
-    out = []
+    """The drafters an engine gets without a pool; the first one is the engine's default.
+
+    For the default target (``target`` None) the shipped baseline model drafter
+    (``specrt/pools/default/baseline.json``, named ``baseline``) is included when its
+    weights exist. It goes first only when its config says it pays
+    (``"runtime": {"default_first": true}``, set from measured goodput); on the CPU
+    it was measured on it does not, so n-gram prompt lookup stays the default there.
+    """
+    out = [NgramDrafter(), RecyclingDrafter(model.args.vocab_size)]
     if target is None:
+        import json
         from pathlib import Path
 
         cfg = Path(__file__).resolve().parents[1] / "pools" / "default" / "baseline.json"
         if cfg.is_file():
             from specrt.draft.model import ModelDrafter
 
-            out.append(ModelDrafter.from_config(cfg, model))
-    return out + [NgramDrafter(), RecyclingDrafter(model.args.vocab_size)]
+            d = ModelDrafter.from_config(cfg, model)
+            first = json.loads(cfg.read_text()).get("runtime", {}).get("default_first", False)
+            out.insert(0 if first else 1, d)
+    return out

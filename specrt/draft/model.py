@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ from torch import nn
 
 from specrt import ops
 from specrt.cache import PagedKVCache
+from specrt.cache.paged import OutOfBlocks
 from specrt.draft.base import DraftTree, SeqState, Verified
 from specrt.model.llama import Layer, Llama, ModelArgs, apply_rope, rms_norm
 
@@ -461,7 +461,10 @@ class ModelDrafter:
             return
         dlen = st["dlen"]
         n = len(cols)
-        self.cache.reserve(seq.seq_id, dlen + n)
+        try:
+            self.cache.reserve(seq.seq_id, dlen + n)
+        except OutOfBlocks:  # the accepted tokens stay pending and are recomputed
+            return
         bt = self.cache.block_table([seq.seq_id])
         idx = torch.tensor(cols, device=self.device)
         for li, (k, v) in enumerate(scratch["kv"]):
@@ -481,7 +484,13 @@ class ModelDrafter:
         if not act:
             return out  # type: ignore[return-value]
         S = [seqs[i] for i in act]
-        x_root = self._catch_up(S)                               # [B, hidden]
+        try:
+            x_root = self._catch_up(S)                           # [B, hidden]
+        except OutOfBlocks:  # drafter cache full: decode plainly, stay consistent
+            for i in act:
+                seqs[i].state["scratch"] = None
+                out[i] = DraftTree([seqs[i].tokens[-1]], [-1])
+            return out  # type: ignore[return-value]
         trees = self._expand(S, [budgets[i] for i in act], x_root)
         for i, t in zip(act, trees):
             out[i] = t
@@ -527,7 +536,6 @@ class ModelDrafter:
     def _gather_prefix(self, S: list[SeqState]):
         """Committed K/V of the batch, padded: per layer ``[B, Lp, H_kv, D]`` and the
         ``[B, Lp]`` validity mask."""
-        B = len(S)
         lens = [self.cache.length(s.seq_id) for s in S]
         Lp = max(lens)
         bs = self.cache.block_size
