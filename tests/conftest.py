@@ -9,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # the tests' tiny tensors gain nothing from threads, and on a loaded 2-core machine
+    # every fork/join of a second thread costs milliseconds
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

@@ -96,6 +96,31 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(medium, smoothed, out)
 
 
+def small_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for few rows on CPU, as ``w @ x.T`` with at least 2 columns.
+
+    Measured on the CI CPU (2 threads, fp32, SmolLM2 shapes): MKL's sgemm for 2-4 rows
+    runs at a fraction of memory bandwidth and its gemv (1 row) is slower than the
+    2-column ``w @ x.T`` product, which streams the weight once; so one row is
+    duplicated. Rows stay independent (each output is its own dot products).
+    """
+    rows = x.shape[0]
+    xx = x if rows > 1 else x.repeat(2, 1)
+    y = (w @ xx.t()).t()
+    return y[:rows]
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, max_rows: int = 4) -> torch.Tensor:
+    """``layer(x)``, through :func:`small_mm` for up to ``max_rows`` rows on CPU."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type == "cpu" and rows <= max_rows:
+        y = small_mm(x.reshape(rows, x.shape[-1]), layer.weight)
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.reshape(*x.shape[:-1], layer.weight.shape[0])
+    return layer(x)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -175,7 +200,7 @@ class Llama(nn.Module):
         for li in (layers if layers is not None else range(a.num_hidden_layers)):
             layer = self.layers[li]
             h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
-            q, k, v = layer.qkv(h).split((qd, kvd, kvd), dim=-1)
+            q, k, v = linear(h, layer.qkv).split((qd, kvd, kvd), dim=-1)
             q = apply_rope(q.view(B, T, a.num_attention_heads, a.head_dim), cos, sin)
             k = apply_rope(k.view(B, T, a.num_key_value_heads, a.head_dim), cos, sin)
             v = v.view(B, T, a.num_key_value_heads, a.head_dim)
@@ -183,10 +208,10 @@ class Llama(nn.Module):
                           tree_lens)
             o = ops.tree_attention(q.to(kv.dtype), kv[li], block_tables, prefix_lens, tree_mask,
                                    tree_lens, plan=plan)
-            x = x + layer.o(o.reshape(B, T, qd).to(x.dtype))
+            x = x + linear(o.reshape(B, T, qd).to(x.dtype), layer.o)
             h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
-            g, u = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(g) * u)
+            g, u = linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(g) * u, layer.down)
         return self.final_norm(x) if norm else x
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
@@ -196,13 +221,12 @@ class Llama(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., hidden]`` -> fp32 logits ``[..., V]``.
 
-        On CPU, up to 8 rows go through ``W @ x.T``: MKL's sgemm for 2..8 rows reads the
-        (large) head at a fraction of gemv's speed, the transposed product does not.
+        On CPU, up to 8 rows go through :func:`small_mm` (see there why).
         """
         W = self.head_weight
         x = hidden.reshape(-1, hidden.shape[-1])
         if x.device.type == "cpu" and x.shape[0] <= 8:
-            y = (W @ x.t()).t()
+            y = small_mm(x, W)
         else:
             y = F.linear(x, W)
         return y.float().reshape(*hidden.shape[:-1], W.shape[0])
