@@ -80,8 +80,9 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--modes", default=None, help="specrt modes (default: ar + every drafter)")
     ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--hf-assistant", default=None,
-                    help="HF directory of the baseline drafter (default: exported on the fly)")
+    ap.add_argument("--lm-drafter", default=str(Path(specrt.__file__).parent / "pools" / "default"
+                                                 / "lm2.json"),
+                    help="plain-LM drafter used in specrt AND, exported, as HF's assistant")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -89,22 +90,30 @@ def main():
     rows = balanced_sample(split(load_prompts(default_prompts_path()))[1], args.per_task,
                            seed=args.seed)
     engine = specrt.Engine.from_pretrained(device="cpu")
+    lm = None
+    if args.lm_drafter and Path(args.lm_drafter).is_file():
+        from specrt.draft.model import ModelDrafter
+
+        lm = ModelDrafter.load(args.lm_drafter, engine.model, name="lm2", mode="chain")
+        engine.drafters["lm2"] = lm
     modes = args.modes.split(",") if args.modes else ["ar", *engine.drafters]
     print(f"device: {machine()}  date: {datetime.date.today()}  prompts: {len(rows)} "
           f"({args.per_task}/task, eval split)  max_tokens {args.max_tokens}  greedy batch 1")
     res = run_e2e(engine, rows, modes, max_tokens=args.max_tokens)
     print(format_table(res))
     if not args.no_hf:
-        asst_dir = Path(args.hf_assistant) if args.hf_assistant else export_assistant(engine)
+        asst_dir = None
+        if lm is not None:
+            from specrt.model import resolve_target
+
+            asst_dir = lm.net.export_hf("/tmp/specrt_hf_assistant", resolve_target(None))
         tgt, asst = hf_models(engine, asst_dir)
         hf = run_hf(engine, rows, args.max_tokens, tgt, asst)
         both = {"modes": {"ar": res["modes"]["ar"], **hf["modes"]}, "mismatches": {}}
         print("\nHF transformers peers (same prompts):")
         print(format_table(both))
         print("\nspecrt / HF tokens/s (all prompts):")
-        pairs = [("ar", "hf_ar"), ("ngram", "hf_lookup")]
-        if asst_dir is not None and engine.default_drafter not in ("ngram", "recycling"):
-            pairs.append((engine.default_drafter, "hf_assisted"))
+        pairs = [("ar", "hf_ar"), ("ngram", "hf_lookup"), ("lm2", "hf_assisted")]
         for a, b in pairs:
             if a in res["modes"] and b in hf["modes"]:
                 x, y = res["modes"][a]["all"]["tokens_per_s"], hf["modes"][b]["all"]["tokens_per_s"]
@@ -112,18 +121,6 @@ def main():
         res["hf"] = hf["modes"]
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
-
-
-def export_assistant(engine) -> Path | None:
-    """The default model drafter as an HF LlamaForCausalLM directory, if it is one."""
-    d = engine.drafters.get(engine.default_drafter)
-    fn = getattr(d, "export_hf", None)
-    if fn is None:
-        print("(the default drafter has no HF form; HF assisted generation skipped)")
-        return None
-    out = Path("/tmp/specrt_hf_assistant")
-    fn(out)
-    return out
 
 
 if __name__ == "__main__":

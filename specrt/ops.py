@@ -308,6 +308,7 @@ class TreeAttentionPlan:
         self.tree_mask = tree_mask
         self.packed_mask = None
         self.device = device
+        self.causal = False
         if device.type == "cuda" or backend_for(block_tables) == "triton":
             if tree_mask is not None:
                 from specrt.kernels.attention import pack_tree_mask
@@ -317,6 +318,9 @@ class TreeAttentionPlan:
         B = prefix.shape[0]
         tl = torch.full((B,), T, dtype=torch.int64) if tree_lens is None else tree_lens.cpu()
         pl = prefix.cpu()
+        # plain causal attention (a single prefill from position 0): SDPA's causal kernel
+        self.causal = (B == 1 and tree_mask is None and T > 1 and int(pl[0]) == 0
+                       and int(tl[0]) == T)
         L = int((pl + T).max())
         pos = torch.arange(L)
         slot = (pos // block_size).clamp(max=block_tables.shape[1] - 1)
@@ -366,7 +370,8 @@ def _tree_attention_torch(q, kv_cache, block_tables, prefix, tree_mask, tree_len
     vf = kv[:, :, 1].float().transpose(1, 2)
     qf = q.float().transpose(1, 2)                                     # [B, Hq, T, D]
     out = torch.nn.functional.scaled_dot_product_attention(
-        qf, kf, vf, attn_mask=plan.mask, scale=scale, enable_gqa=(Hq != kv.shape[3]))
+        qf, kf, vf, attn_mask=None if plan.causal else plan.mask, is_causal=plan.causal,
+        scale=scale, enable_gqa=(Hq != kv.shape[3]))
     out = out.transpose(1, 2)
     if plan.zero_rows is not None:
         out = out.masked_fill(plan.zero_rows[:, :, None, None], 0.0)

@@ -279,6 +279,43 @@ class DraftNet(nn.Module):
         return x
 
     # ------------------------------------------------------------ save/load
+    def export_hf(self, out_dir: str | Path, target_dir: str | Path) -> Path:
+        """Write an ``lm`` drafter as an HF ``LlamaForCausalLM`` directory (its layers,
+        norm, the target's embedding and full tied head, the target's tokenizer), e.g.
+        for HF assisted generation. LoRA adapters are merged into the copy."""
+        import shutil
+
+        from safetensors.torch import save_file
+
+        if self.kind != "lm":
+            raise ValueError("only 'lm' drafters have an HF form (eagle reads target states)")
+        net = copy.deepcopy(self)
+        if net.lora:
+            net.merge_lora()
+        a, out, td = net.args, Path(out_dir), Path(target_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = json.loads((td / "config.json").read_text())
+        cfg.update(num_hidden_layers=a.num_hidden_layers, tie_word_embeddings=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        qd, kvd = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        sd = {"model.embed_tokens.weight": net.embed_weight, "model.norm.weight": net.norm}
+        for i, L in enumerate(net.layers):
+            p = f"model.layers.{i}."
+            q, k, v = L.qkv.weight.split((qd, kvd, kvd))
+            g, u = L.gate_up.weight.chunk(2)
+            sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                       p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": L.o.weight,
+                       p + "mlp.gate_proj.weight": g, p + "mlp.up_proj.weight": u,
+                       p + "mlp.down_proj.weight": L.down.weight,
+                       p + "input_layernorm.weight": L.attn_norm,
+                       p + "post_attention_layernorm.weight": L.mlp_norm})
+        save_file({k: t.detach().float().contiguous().cpu() for k, t in sd.items()},
+                  str(out / "model.safetensors"))
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (td / f).is_file():
+                shutil.copy(td / f, out / f)
+        return out
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors stored on disk (no embedding, no head)."""
         sd = {k: v for k, v in self.state_dict().items()}
