@@ -64,3 +64,17 @@ def balanced_sample(rows: list[dict], per_task: int, seed: int = 0) -> list[dict
         rng.shuffle(xs)
         out.extend(xs[:per_task])
     return out
+
+
+def interleave_tasks(rows: list[dict]) -> list[dict]:
+    """Round-robin over tasks, so any prefix of the list is task-balanced."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["task"], []).append(r)
+    out, i = [], 0
+    while len(out) < len(rows):
+        for t in sorted(by):
+            if i < len(by[t]):
+                out.append(by[t][i])
+        i += 1
+    return out

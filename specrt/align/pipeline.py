@@ -118,20 +118,6 @@ def _hash_order(key: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
 
 
-def _interleave(rows: list[dict]) -> list[dict]:
-    """Round-robin over tasks, so any prefix of the list is task-balanced."""
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        by.setdefault(r["task"], []).append(r)
-    out, i = [], 0
-    while len(out) < len(rows):
-        for t in sorted(by):
-            if i < len(by[t]):
-                out.append(by[t][i])
-        i += 1
-    return out
-
-
 def _shorten(prompt: str, max_chars: int) -> str:
     if max_chars <= 0 or len(prompt) <= max_chars:
         return prompt
@@ -288,13 +274,13 @@ class _Ctx:
 
 # ---------------------------------------------------------------------------- stages
 def _select_rows(cfg: AlignConfig) -> tuple[list[dict], dict[str, dict]]:
-    from specrt.data import balanced_sample, load_prompts, split
+    from specrt.data import balanced_sample, interleave_tasks, load_prompts, split
 
     rows = load_prompts(cfg.prompts)
     train, _ = split(rows)  # the eval split is never read here
     if not train:
         raise ValueError(f"{cfg.prompts}: no prompts in the train split")
-    sel = _interleave(balanced_sample(train, cfg.per_task, seed=cfg.seed))
+    sel = interleave_tasks(balanced_sample(train, cfg.per_task, seed=cfg.seed))
     return sel, {str(r["id"]): r for r in train}
 
 

@@ -120,20 +120,6 @@ def stage_collect(engine, rows: list[dict], work: Path, max_tokens: int, batch: 
     return seqs
 
 
-def _interleave(rows: list[dict]) -> list[dict]:
-    """Round-robin over tasks (so any prefix of the list is task-balanced)."""
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        by.setdefault(r["task"], []).append(r)
-    out, i = [], 0
-    while len(out) < len(rows):
-        for t in sorted(by):
-            if i < len(by[t]):
-                out.append(by[t][i])
-        i += 1
-    return out
-
-
 def stage_vocab(seqs: list[dict], n: int, extra: list[int]) -> torch.Tensor:
     """The ``n`` most frequent output tokens (prompt tokens fill up), ``extra`` forced in.
 
@@ -325,7 +311,8 @@ def stage_eval(engine, drafter, rows: list[dict], max_tokens: int, max_draft: in
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (``python -m specrt.draft.train --help``)."""
-    from specrt.data import balanced_sample, default_prompts_path, load_prompts, split
+    from specrt.data import (balanced_sample, default_prompts_path, interleave_tasks,
+                             load_prompts, split)
 
     ap = argparse.ArgumentParser(prog="python -m specrt.draft.train",
                                  description=__doc__.split("\n\n")[0])
@@ -375,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     times["load_target_s"] = round(time.perf_counter() - t, 1)
     rows = load_prompts(a.prompts or default_prompts_path())
     train_rows, eval_rows = split(rows)
-    train_rows = _interleave(balanced_sample(train_rows, a.per_task, seed=a.seed))
+    train_rows = interleave_tasks(balanced_sample(train_rows, a.per_task, seed=a.seed))
     if a.max_prompt_chars > 0:  # long documents: keep head and tail (batched prefill pads)
         h = a.max_prompt_chars * 2 // 3
         t = a.max_prompt_chars - h
