@@ -46,12 +46,24 @@ class LengthController:
         # target forward time ~ t_fixed + t_token * n_tokens (running least squares)
         self._s = [0.0] * 5  # sum w, sum n, sum n^2, sum t, sum n*t
         self.decay = 0.98
+        self._table: dict[int, tuple[float, int]] = {}  # n_tokens -> (EMA seconds, count)
 
     # -------------------------------------------------------------- costs
     def observe_forward(self, n_tokens: int, seconds: float) -> None:
         s, d = self._s, self.decay
         for i, x in enumerate((1.0, n_tokens, n_tokens * n_tokens, seconds, n_tokens * seconds)):
             s[i] = s[i] * d + x
+        old = self._table.get(n_tokens)
+        self._table[n_tokens] = (seconds, 1) if old is None else (
+            0.7 * old[0] + 0.3 * seconds, old[1] + 1)
+
+    def forward_cost(self, n_tokens: int) -> float:
+        """Seconds of a target forward over ``n_tokens`` (measured, else the fitted line)."""
+        m = self._table.get(n_tokens)
+        if m is not None and m[1] >= 2:
+            return m[0]
+        fixed, per_tok = self.forward_model()
+        return fixed + per_tok * n_tokens
 
     def forward_model(self) -> tuple[float, float]:
         """(t_fixed, t_token) of the fitted forward cost; a prior until data suffices."""
@@ -100,13 +112,13 @@ class LengthController:
         if not self.adaptive or cap == 0:
             return cap
         a = self.rate(drafter, state)
-        fixed, per_tok = self.forward_model()
         d = self.draft_cost.get(drafter, 0.0)
         best_k, best = 0, 0.0
         for k in range(cap + 1):
             exp_tokens = (1 - a ** (k + 1)) / (1 - a)
-            cost = fixed / batch + per_tok * (k + 1) + k * d
-            if exp_tokens / cost > best * (1 + 1e-9):
+            cost = self.forward_cost(batch * (k + 1)) / batch + k * d
+            # a larger tree must beat the best so far by 2%: costs are noisy measurements
+            if exp_tokens / cost > best * 1.02:
                 best_k, best = k, exp_tokens / cost
         if best_k == 0:
             off = state.get("off", 0) + 1

@@ -1,0 +1,45 @@
+"""The adaptive draft-length rule: drafts where it pays, stops where it does not."""
+from specrt.draft.adaptive import LengthController
+
+
+def cpu_like(c, flat_until=5, base=0.06):
+    """Forward costs flat up to ``flat_until`` tokens, then steep."""
+    for n in range(1, 12):
+        t = base if n <= flat_until else base * (1 + 0.25 * (n - flat_until))
+        c.observe_forward(n, t)
+        c.observe_forward(n, t)
+
+
+def test_budget_follows_acceptance_and_measured_cost():
+    c = LengthController(max_draft=8)
+    cpu_like(c)
+    good = {"hits": 80, "trials": 100}
+    bad = {"hits": 1, "trials": 100}
+    kg = c.budget("d", good, batch=1, remaining=64)
+    assert 3 <= kg <= 5, kg          # cheap up to 5 tokens, steep after: stop near there
+    assert c.budget("d", bad, batch=1, remaining=64) <= 1
+    # a drafter that costs as much as a forward per token never pays
+    c.observe_draft("slow", 4, 4 * 0.06)
+    assert c.budget("slow", {"hits": 30, "trials": 100}, batch=1, remaining=64) == 0
+
+
+def test_plain_decode_probes_again_and_respects_limits():
+    c = LengthController(max_draft=6, probe_every=4)
+    for n in range(1, 10):
+        c.observe_forward(n, 0.05 * n)
+        c.observe_forward(n, 0.05 * n)   # linear cost: drafting never pays at a=0
+    st = {"hits": 0, "trials": 50}
+    ks = [c.budget("d", st, 1, 64) for _ in range(8)]
+    assert ks.count(0) == 6 and ks[3] > 0 and ks[7] > 0
+    assert c.budget("d", {"hits": 90, "trials": 100}, 1, remaining=3) <= 2
+    pinned = LengthController(max_draft=5, adaptive=False)
+    assert pinned.budget("d", st, 1, 64) == 5
+
+
+def test_acceptance_estimate_updates():
+    c = LengthController(prior=0.5, prior_weight=4)
+    st = {}
+    assert c.rate("d", st) == 0.5
+    for _ in range(20):
+        c.observe_accept("d", st, accepted=3, depth=3)
+    assert c.rate("d", st) > 0.9
