@@ -1,7 +1,8 @@
 """End-to-end speed of generation modes over a prompt file, per task.
 
 A mode is ``ar`` (the target alone), ``auto`` (the engine's default drafter / routing),
-or a drafter name. Each prompt runs at batch 1 (latency), greedy unless told otherwise.
+or a drafter name; with two or more drafter modes an ``oracle`` row is added: per
+prompt, the drafter that emitted the most tokens per target forward, in hindsight. Each prompt runs at batch 1 (latency), greedy unless told otherwise.
 Results: ``{mode: {task: {prompts, tokens, tokens_per_s, acceptance_rate,
 mean_accepted_length, elapsed_s}}}`` plus an ``all`` row per mode; ``mismatches`` counts
 prompts whose greedy output differs from the ``ar`` mode (must be 0: lossless).
@@ -35,6 +36,7 @@ def run_e2e(engine, rows: list[dict], modes: list[str], max_tokens: int = 64,
     """
     params = params or SamplingParams(max_tokens=max_tokens)
     per: dict[str, dict[str, list]] = {m: {} for m in modes}
+    _prompt_time: dict[str, dict[str, list]] = {m: {} for m in modes}
     times: dict[str, dict[str, float]] = {m: {} for m in modes}
     outs: dict[str, list] = {m: [] for m in modes}
     it = rows
@@ -50,13 +52,25 @@ def run_e2e(engine, rows: list[dict], modes: list[str], max_tokens: int = 64,
             dt = time.perf_counter() - t0
             per[m].setdefault(r["task"], []).append(o.stats)
             times[m][r["task"]] = times[m].get(r["task"], 0.0) + dt
+            _prompt_time[m].setdefault(r["task"], []).append(dt)
             outs[m].append(o.token_ids)
     res: dict = {"modes": {}, "mismatches": {}}
+    # oracle: per prompt, the drafter mode with the most tokens per target forward
+    drafter_modes = [m for m in modes if m not in ("ar", "auto")]
+    if len(drafter_modes) > 1:
+        per["oracle"], times["oracle"] = {}, {}
+        counts = {t: len(v) for t, v in per[drafter_modes[0]].items()}
+        for t, n in counts.items():
+            for j in range(n):
+                best = max(drafter_modes, key=lambda m: per[m][t][j]["mean_accepted_length"])
+                per["oracle"].setdefault(t, []).append({**per[best][t][j], "choice": best})
+                times["oracle"][t] = times["oracle"].get(t, 0.0) + _prompt_time[best][t][j]
+        modes = [*modes, "oracle"]
     for m in modes:
         res["modes"][m] = {t: _summ(s, times[m][t]) for t, s in sorted(per[m].items())}
         allstats = [x for s in per[m].values() for x in s]
         res["modes"][m]["all"] = _summ(allstats, sum(times[m].values()))
-        if "ar" in modes and params.greedy:
+        if "ar" in modes and params.greedy and m != "oracle":
             res["mismatches"][m] = sum(a != b for a, b in zip(outs[m], outs["ar"]))
     return res
 

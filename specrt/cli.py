@@ -44,6 +44,10 @@ def _bench_e2e(args) -> int:
     from specrt.data import balanced_sample, load_prompts
 
     rows = load_prompts(args.prompts)
+    if args.split != "all":
+        from specrt.data import split
+
+        rows = split(rows)[0 if args.split == "train" else 1]
     if args.per_task:
         rows = balanced_sample(rows, args.per_task, seed=args.seed)
     engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device)
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--modes", default="ar,auto",
                    help="comma list: ar, auto (default drafter / routing), drafter names")
     e.add_argument("--per-task", type=int, default=0, help="sample this many prompts per task")
+    e.add_argument("--split", choices=("all", "train", "eval"), default="all",
+                   help="use only this part of the file's fixed train/eval split")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--target", default=None)
     e.add_argument("--pool", default=None)

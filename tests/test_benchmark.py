@@ -1,0 +1,34 @@
+"""`specrt bench e2e`: schema of the JSON, losslessness count, the oracle row."""
+import json
+
+import pytest
+
+from specrt.cli import main
+from tests.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("bench"), "llama", seed=11)
+
+
+def test_bench_e2e_json(tiny_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"id": f"x{i}", "task": t, "prompt": p} for i, (t, p) in enumerate([
+        ("a", "abcabcabc abc"), ("a", "hello hello"), ("b", "xyz xyz"), ("b", "the cat")])]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "r.json"
+    assert main(["bench", "e2e", "--prompts", str(prompts), "--max-tokens", "12", "--target",
+                 str(tiny_dir), "--modes", "ar,ngram,recycling", "--json", str(out),
+                 "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["modes"]) == {"ar", "ngram", "recycling", "oracle"}
+    for m, per in res["modes"].items():
+        assert set(per) == {"a", "b", "all"}
+        for t, x in per.items():
+            assert set(x) >= {"prompts", "tokens", "tokens_per_s", "acceptance_rate",
+                              "mean_accepted_length"}
+    assert res["mismatches"] == {"ar": 0, "ngram": 0, "recycling": 0}
+    for t in ("a", "b", "all"):
+        best = max(res["modes"][m][t]["mean_accepted_length"] for m in ("ngram", "recycling"))
+        assert res["modes"]["oracle"][t]["mean_accepted_length"] >= best - 1e-9
