@@ -393,7 +393,7 @@ class Engine:
             sel = torch.tensor(moved)
             bts = torch.cat([bt[sel.to(dev)] + l * NB for l in range(L)])
             P = max(plen[i] for i in moved)
-            pth = torch.tensor([path[i][:P] + [-1] * (P - len(path[i][:P])) for i in moved])
+            pth = torch.tensor([path[i][:P] for i in moved])  # rows are T wide, -1 padded
             ops.commit_kv(kv, bts, prefix[sel].repeat(L).to(dev), pth.repeat(L, 1).to(dev),
                           torch.tensor([plen[i] for i in moved]).repeat(L).to(dev))
         news = []
@@ -403,7 +403,7 @@ class Engine:
             new = [trees[i].tokens[j] for j in pth[1:]] + [nxt[i]]
             r.steps += 1
             if r.drafter is not None:
-                dmax = max(trees[i].depths())
+                dmax = int(depth[i].max())
                 r.drafted += len(trees[i]) - 1
                 r.accepted += plen[i] - 1
                 self.lengths.observe_accept(r.drafter, r.seq.state, plen[i] - 1, dmax)
