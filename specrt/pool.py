@@ -92,10 +92,19 @@ def copy_model_drafter_files(config_json: str | Path, out_dir: str | Path, stem:
                              ) -> list[str]:
     """Copy a saved model drafter (``<x>.json`` + the weights file it names) into
     ``out_dir`` as ``<stem>.json`` / ``<stem>.safetensors``; returns the two relative
-    file names (config first). Copies nothing when source and destination coincide."""
+    file names (config first). Copies nothing when source and destination coincide.
+
+    A LoRA drafter saved over a base (config key ``"base"``) brings its base along: the
+    base is copied under its own stem (once, however many drafters share it), its two
+    files are appended to the returned list, and the copied config points at it."""
     src = Path(config_json)
     out = Path(out_dir)
     cfg = json.loads(src.read_text())
+    extra: list[str] = []
+    if cfg.get("base"):
+        bsrc = src.parent / cfg["base"]
+        extra = copy_model_drafter_files(bsrc, out, bsrc.stem)
+        cfg["base"] = extra[0]
     wsrc = src.parent / cfg["weights"]
     wdst, cdst = out / f"{stem}.safetensors", out / f"{stem}.json"
     if wsrc.resolve() != wdst.resolve():
@@ -103,7 +112,7 @@ def copy_model_drafter_files(config_json: str | Path, out_dir: str | Path, stem:
     cfg["weights"] = wdst.name
     if src.resolve() != cdst.resolve():
         cdst.write_text(json.dumps(cfg, indent=1))
-    return [cdst.name, wdst.name]
+    return [cdst.name, wdst.name, *extra]
 
 
 def write_pool(out_dir: str | Path, *, model, drafters: list[dict], default_drafter: str,

@@ -82,6 +82,44 @@ def test_align_end_to_end_and_resume(setup):
     assert st3["collect"] == st3["assign"] == "skipped" and st3["route"] == st3["write"] == "ran"
 
 
+def test_align_lora_on_baseline(setup):
+    """With a baseline drafter, alignment trains LoRA adapters on it: the aligned files
+    hold only adapters, held-back draft accuracy is reported before/after, and a pool
+    whose clusters get aligned drafters carries the base once and serves losslessly."""
+    import torch
+    from safetensors.torch import load_file
+
+    from specrt.draft.model import DraftNet
+    from specrt.model import load_model
+
+    tiny, pf, d = setup
+    model, _ = load_model(str(tiny), device="cpu")
+    net = DraftNet.from_target(model, kind="eagle", num_layers=1, vocab_ids=torch.arange(64))
+    net.save(d / "base.safetensors", d / "base.json", {"runtime": {"mode": "chain",
+                                                                    "max_depth": 3}})
+    out = d / "pool_lora"
+    st = run_align(_cfg(tiny, pf, out, baseline=str(d / "base.json"), align_lora=4,
+                        align_minutes=1.0, align_epochs=2.0, candidates=("aligned",)))
+    assert st["align"] == "ran"
+    summ = json.loads((out / "work" / "align" / "summary.json").read_text())
+    for c in ("0", "1"):
+        assert "LoRA r4" in summ[c]["init"] and summ[c]["steps"] > 0
+        h = summ[c]["heldout"]
+        assert h["positions"] > 0 and 0 <= h["baseline_top1"] <= 1 and 0 <= h["aligned_top1"] <= 1
+        w = load_file(out / "work" / "align" / f"aligned_{c}.safetensors")
+        assert w and all(k.startswith("lora.") for k in w)
+    meta = json.loads((out / "pool.json").read_text())
+    names = {e["name"]: e for e in meta["drafters"]}
+    assert {it["drafter"] for it in meta["clusters"]["items"]} == {"aligned_0", "aligned_1"}
+    assert names["aligned_0"]["files"][2:] == ["base.json", "base.safetensors"]
+    assert json.loads((out / "aligned_1.json").read_text())["base"] == "base.json"
+    eng = specrt.Engine.from_pretrained(str(tiny), pool=str(out), device="cpu")
+    prompts = [r["prompt"] for r in _rows()[:4]]
+    ref = eng.generate(prompts, SamplingParams(max_tokens=8), speculative=False)
+    got = eng.generate(prompts, SamplingParams(max_tokens=8))
+    assert [a.token_ids for a in got] == [b.token_ids for b in ref]
+
+
 def test_align_interrupted_collect_resumes(setup):
     tiny, pf, d = setup
     out = d / "pool_cut"

@@ -210,3 +210,63 @@ def test_full_drafter_cache_falls_back_to_plain_decoding(tiny_dir, target, refer
     outs = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=N, ignore_eos=True))
     for o, w in zip(outs, reference):
         assert o.token_ids == w
+
+
+def test_lora_over_base_trains_adapters_only_and_round_trips(tmp_path, target):
+    """Per-cluster alignment: LoRA on a saved base drafter. Training moves only the
+    adapters; the saved file holds only them; loading puts them back on the base (same
+    outputs); copying into a pool brings the base along, once."""
+    from specrt.draft.train import stage_train, teacher_forced_accuracy
+    from specrt.pool import copy_model_drafter_files
+
+    torch.manual_seed(0)
+    base = DraftNet.from_target(target.model, kind="eagle", num_layers=1, vocab_ids=_vocab(48))
+    base.save(tmp_path / "base.safetensors", tmp_path / "base.json", dtype=torch.float32)
+    net = DraftNet.load(tmp_path / "base.json", target.model)
+    net.add_lora(4, targets=("qkv", "o", "gate_up", "down"), seed=1)
+    net.train_lora_only()
+    frozen = {k: v.clone() for k, v in net.state_dict().items()}
+    H = net.args.hidden_size
+    seqs = [{"tokens": torch.randint(0, 96, (n + 1,)), "hidden": torch.randn(n, H),
+             "prompt_len": n // 2, "task": "x"} for n in (12, 17, 9)]
+    acc0 = teacher_forced_accuracy(net, target.model, seqs)
+    assert acc0["positions"] == sum(n - n // 2 + 1 for n in (12, 17, 9))
+    rep = stage_train(net, target.model, seqs, epochs=3, lr=1e-2, max_len=8, batch_tokens=64,
+                      feat_weight=0.1, seed=0, time_budget_s=60)
+    assert rep["steps"] > 0
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"base tensor {k} changed under LoRA-only training"
+    assert any(ad["B"].abs().sum() > 0 for ad in net.lora.values())  # adapters learned
+    net.save(tmp_path / "al.safetensors", tmp_path / "al.json", dtype=torch.float32,
+             base=tmp_path / "base.json")
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("lora.") for k in load_file(tmp_path / "al.safetensors"))
+    assert json.loads((tmp_path / "al.json").read_text())["base"] == "base.json"
+    back = DraftNet.load(tmp_path / "al.json", target.model)
+    t = torch.randint(0, 96, (1, 7))
+    pos = torch.arange(7)[None]
+    prev = torch.randn(1, 7, H)
+    with torch.no_grad():
+        want = net.train_forward(t, pos, prev)
+        assert torch.allclose(back.train_forward(t, pos, prev), want, atol=1e-5)
+        plain = DraftNet.load(tmp_path / "base.json", target.model)
+        assert not torch.allclose(plain.train_forward(t, pos, prev), want, atol=1e-4)
+    served = ModelDrafter.load(tmp_path / "al.json", target.model)  # merged for serving
+    assert not served.net.lora
+    with torch.no_grad():
+        assert torch.allclose(served.net.train_forward(t, pos, prev), want, atol=1e-4)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    files = copy_model_drafter_files(tmp_path / "al.json", pool, "aligned_0")
+    files2 = copy_model_drafter_files(tmp_path / "al.json", pool, "aligned_1")
+    assert files == ["aligned_0.json", "aligned_0.safetensors", "base.json", "base.safetensors"]
+    assert files2[2:] == files[2:] and sorted(p.name for p in pool.iterdir()) == sorted(
+        set(files + files2))
+    again = DraftNet.load(pool / "aligned_1.json", target.model)
+    with torch.no_grad():
+        assert torch.allclose(again.train_forward(t, pos, prev), want, atol=1e-5)
+    # a missing base is a clear error
+    (pool / "base.json").unlink()
+    with pytest.raises(FileNotFoundError, match="base drafter"):
+        DraftNet.load(pool / "aligned_0.json", target.model)

@@ -14,8 +14,10 @@ c. ``partition``-- k-means on the features (K given, or chosen by silhouette); p
    per cluster a held-back part of the TRAIN prompts is set aside for stages e/f:
    ``partition.json`` + ``partition.safetensors``.
 d. ``align``    -- per cluster, a model drafter distilled on that cluster's target outputs
-   (``specrt.draft.train.stage_train``: KL to the target's distribution), starting from
-   the baseline drafter (or the target's first layers): ``align/aligned_<c>.*``.
+   (``specrt.draft.train.stage_train``: KL to the target's distribution): LoRA adapters
+   on the baseline drafter (a few hundred KB; ``--align-lora 0``: full tuning), or the
+   target's first layers when there is no baseline; teacher-forced draft accuracy on the
+   cluster's held-back prompts before/after: ``align/aligned_<c>.*``, ``summary.json``.
    Pluggable (:data:`ALIGNERS`); ``--align none`` skips it.
 e. ``assign``   -- per cluster, goodput (emitted tokens per wall second at batch 1) of
    each candidate drafter (aligned, baseline, n-gram, token recycling) on the cluster's
@@ -67,8 +69,9 @@ class AlignConfig:
     align_kind: str = "eagle"             # when no baseline: DraftNet kind
     align_layers: int = 1
     align_vocab: int = 4096
-    align_epochs: float = 2.0
-    align_lr: float = 3e-4
+    align_epochs: float = 12.0
+    align_lr: float | None = None         # default 1e-3 with LoRA, 3e-4 full tuning
+    align_lora: int = 16                  # LoRA rank on the baseline; 0 = full tuning
     hold_frac: float = 0.25               # held-back share of each cluster's train prompts
     assign_prompts: int = 4               # held-back prompts per cluster at most
     assign_tokens: int = 48
@@ -135,13 +138,16 @@ def _fit_context(ids: list[int], limit: int) -> list[int]:
 
 # ------------------------------------------------------------------------ aligners
 def _align_distill(ctx: "_Ctx", cluster: int, seqs: list[dict], out_stem: Path,
-                   time_budget_s: float) -> dict | None:
+                   time_budget_s: float, held: list[dict] | None = None) -> dict | None:
     """Distil a model drafter on one cluster's sequences with
-    :func:`specrt.draft.train.stage_train`; writes ``out_stem.{json,safetensors}``.
-    Returns a summary dict, or None when the drafter machinery is unavailable."""
+    :func:`specrt.draft.train.stage_train` -- LoRA adapters on the baseline drafter
+    (``align_lora`` > 0 and a baseline exists) or full tuning of its layers; writes
+    ``out_stem.{json,safetensors}``. With ``held`` (the cluster's held-back sequences)
+    the teacher-forced draft accuracy before and after is measured on them. Returns a
+    summary dict, or None when the drafter machinery is unavailable."""
     try:
         from specrt.draft.model import DraftNet
-        from specrt.draft.train import stage_train, stage_vocab
+        from specrt.draft.train import stage_train, stage_vocab, teacher_forced_accuracy
     except ImportError as e:  # the model drafter is optional machinery
         _log(f"align: model drafter / distillation not available ({e}); skipping")
         return None
@@ -161,19 +167,35 @@ def _align_distill(ctx: "_Ctx", cluster: int, seqs: list[dict], out_stem: Path,
         net = DraftNet.from_target(model, kind=cfg.align_kind, num_layers=cfg.align_layers,
                                    vocab_ids=vocab)
         init = f"target layers 0..{cfg.align_layers - 1}"
-    summary = stage_train(net, model, seqs, epochs=cfg.align_epochs, lr=cfg.align_lr,
+    lora = cfg.align_lora if ctx.baseline_cfg is not None else 0
+    if lora > 0:  # adapters on the baseline: kilobytes per cluster, base shared
+        net.add_lora(lora, targets=("qkv", "o", "gate_up", "down"), seed=cfg.seed)
+        net.train_lora_only()
+        init += f" + LoRA r{lora}"
+    lr = cfg.align_lr if cfg.align_lr is not None else (1e-3 if lora > 0 else 3e-4)
+    before = teacher_forced_accuracy(net, model, held) if held else None
+    summary = stage_train(net, model, seqs, epochs=cfg.align_epochs, lr=lr,
                           max_len=256, batch_tokens=4096,
                           feat_weight=0.1 if net.kind == "eagle" else 0.0, seed=cfg.seed,
                           time_budget_s=time_budget_s)
+    if held:
+        after = teacher_forced_accuracy(net, model, held)
+        summary["heldout"] = {"positions": after["positions"],
+                              "baseline_top1": before["top1"], "aligned_top1": after["top1"],
+                              "baseline_top3": before["top3"], "aligned_top3": after["top3"]}
+        _log(f"align: cluster {cluster}: held-back draft accuracy (teacher forced, top-1) "
+             f"{before['top1']:.3f} -> {after['top1']:.3f} over {after['positions']} positions")
     meta = {"runtime": ctx.baseline_runtime, "aligned": {
         "cluster": cluster, "init": init, "sequences": len(seqs), "train": summary}}
-    net.save(out_stem.with_suffix(".safetensors"), out_stem.with_suffix(".json"), meta)
+    net.save(out_stem.with_suffix(".safetensors"), out_stem.with_suffix(".json"), meta,
+             base=ctx.baseline_cfg if lora > 0 else None)
     return {"init": init, "sequences": len(seqs), **summary}
 
 
 ALIGNERS = {"distill": _align_distill}
-"""Per-cluster aligners: ``f(ctx, cluster, seqs, out_stem, time_budget_s) -> summary | None``
-writing a model drafter (``DraftNet.save`` format) to ``out_stem.{json,safetensors}``."""
+"""Per-cluster aligners: ``f(ctx, cluster, seqs, out_stem, time_budget_s, held) ->
+summary | None`` writing a model drafter (``DraftNet.save`` format) to
+``out_stem.{json,safetensors}``; ``held`` are the cluster's held-back sequences."""
 
 
 # ---------------------------------------------------------------------------- context
@@ -456,7 +478,10 @@ def stage_align(ctx: _Ctx, budget_s: float) -> dict:
             summary[str(c)] = None
             continue
         seqs = ctx.sequences([recs[i] for i in mem])
-        s = ALIGNERS[cfg.aligner](ctx, c, seqs, stem, budget_s / k)
+        hv = [i for i, lab in zip(part["ids"], part["labels"]) if lab == c and i in held
+              and i in recs]
+        s = ALIGNERS[cfg.aligner](ctx, c, seqs, stem, budget_s / k,
+                                  ctx.sequences([recs[i] for i in hv]) if hv else None)
         if s is None:
             return {"skipped": True}
         summary[str(c)] = s
@@ -465,26 +490,34 @@ def stage_align(ctx: _Ctx, budget_s: float) -> dict:
     return {"clusters": k}
 
 
-def _measure(eng, rows: list[dict], name: str, max_tokens: int) -> dict:
-    """Greedy batch-1 generation of ``rows`` with drafter ``name``: goodput etc."""
+def _measure(eng, rows: list[dict], names: list[str], max_tokens: int) -> dict[str, dict]:
+    """Greedy batch-1 generation of ``rows`` with each drafter in ``names``: goodput etc.
+
+    Candidates are interleaved prompt by prompt (the order rotating), so a drift in the
+    host's load during the measurement hits every candidate alike."""
     from specrt.sampling import SamplingParams
 
-    tok = acc = dr = steps = 0
-    el = 0.0
-    for r in rows:
-        t0 = time.perf_counter()
-        o = eng.generate(r["prompt"], SamplingParams(max_tokens=max_tokens), drafter=name)[0]
-        el += time.perf_counter() - t0
-        s = o.stats
-        tok += s["completion_tokens"]
-        acc += s["accepted_tokens"]
-        dr += s["drafted_tokens"]
-        steps += s["steps"]
-    return {"prompts": len(rows), "tokens": tok, "elapsed_s": round(el, 4),
-            "goodput_tok_s": tok / el if el > 0 else 0.0,
-            "accepted_per_s": acc / el if el > 0 else 0.0,
-            "acceptance_rate": acc / dr if dr else 0.0,
-            "mean_accepted_length": tok / steps if steps else 0.0}
+    acc_ = {n: [0, 0, 0, 0, 0.0] for n in names}  # tokens, accepted, drafted, steps, seconds
+    for j, r in enumerate(rows):
+        for q in range(len(names)):
+            n = names[(j + q) % len(names)]
+            t0 = time.perf_counter()
+            o = eng.generate(r["prompt"], SamplingParams(max_tokens=max_tokens), drafter=n)[0]
+            a = acc_[n]
+            a[4] += time.perf_counter() - t0
+            s = o.stats
+            a[0] += s["completion_tokens"]
+            a[1] += s["accepted_tokens"]
+            a[2] += s["drafted_tokens"]
+            a[3] += s["steps"]
+    out = {}
+    for n, (tok, acc, dr, steps, el) in acc_.items():
+        out[n] = {"prompts": len(rows), "tokens": tok, "elapsed_s": round(el, 4),
+                  "goodput_tok_s": tok / el if el > 0 else 0.0,
+                  "accepted_per_s": acc / el if el > 0 else 0.0,
+                  "acceptance_rate": acc / dr if dr else 0.0,
+                  "mean_accepted_length": tok / steps if steps else 0.0}
+    return out
 
 
 def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
@@ -529,7 +562,7 @@ def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
             eng.drafters = dict(cand)
             eng.default_drafter = next(iter(cand))
             rows = [dict(r, prompt=_shorten(r["prompt"], cfg.max_prompt_chars)) for r in rows]
-            m = {n: _measure(eng, rows, n, cfg.assign_tokens) for n in cand}
+            m = _measure(eng, rows, list(cand), cfg.assign_tokens)
             key = "goodput_tok_s" if cfg.assign_metric == "goodput" else cfg.assign_metric
             best = max(m, key=lambda n: (m[n][key], m[n]["mean_accepted_length"]))
             res["clusters"][str(c)] = {"candidates": m, "drafter": best,
@@ -720,7 +753,7 @@ def run_align(cfg: AlignConfig) -> dict:
                            "assign_prompts": cfg.assign_prompts}
     params["align"] = {"aligner": cfg.aligner, "baseline": cfg.baseline, "kind": cfg.align_kind,
                        "layers": cfg.align_layers, "vocab": cfg.align_vocab,
-                       "epochs": cfg.align_epochs, "lr": cfg.align_lr}
+                       "epochs": cfg.align_epochs, "lr": cfg.align_lr, "lora": cfg.align_lora}
     params["assign"] = {"candidates": list(cfg.candidates), "tokens": cfg.assign_tokens,
                         "metric": cfg.assign_metric}
     params["route"] = {"hidden": cfg.router_hidden, "threshold": cfg.router_threshold,
@@ -785,6 +818,7 @@ def config_from_args(args) -> AlignConfig:
         align_minutes=args.align_minutes, aligner=args.align, baseline=args.baseline,
         align_kind=args.align_kind, align_layers=args.align_layers,
         align_vocab=args.align_vocab, align_epochs=args.align_epochs,
+        align_lr=args.align_lr, align_lora=args.align_lora,
         assign_prompts=args.assign_prompts, assign_tokens=args.assign_tokens,
         assign_metric=args.assign_metric, candidates=cands,
         router_hidden=args.router_hidden, router_threshold=args.router_threshold,
@@ -824,7 +858,12 @@ def add_cli(sub) -> None:
                    help="drafter kind when there is no baseline")
     a.add_argument("--align-layers", type=int, default=1)
     a.add_argument("--align-vocab", type=int, default=4096)
-    a.add_argument("--align-epochs", type=float, default=2.0)
+    a.add_argument("--align-epochs", type=float, default=12.0,
+                   help="passes over each cluster's sequences")
+    a.add_argument("--align-lr", type=float, default=None,
+                   help="learning rate (default 1e-3 with LoRA, 3e-4 full tuning)")
+    a.add_argument("--align-lora", type=int, default=16,
+                   help="LoRA rank on the baseline drafter (0: tune all its weights)")
     a.add_argument("--candidates", default="aligned,baseline,ngram,recycling")
     a.add_argument("--assign-prompts", type=int, default=4,
                    help="held-back train prompts per cluster for assign/route")

@@ -106,8 +106,21 @@ class DraftNet(nn.Module):
         return net.to(target.embed.weight.dtype)
 
     def trainable_parameters(self):
-        """The drafter's own parameters (the shared embedding/head are not among them)."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """What an optimiser should update: the drafter's own parameters that require
+        grad (never the shared embedding/head) plus trainable LoRA factors."""
+        return [p for p in self.parameters() if p.requires_grad] + [
+            ad[x] for ad in self.lora.values() for x in ("A", "B") if ad[x].requires_grad]
+
+    def train_lora_only(self) -> None:
+        """Freeze every base parameter and make the LoRA factors trainable, so
+        that :meth:`trainable_parameters` yields the adapters alone."""
+        if not self.lora:
+            raise ValueError("train_lora_only: no adapters (call add_lora first)")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for ad in self.lora.values():
+            for x in ("A", "B"):
+                ad[x] = ad[x].detach().clone().requires_grad_(True)
 
     # ------------------------------------------------------------------ LoRA
     def add_lora(self, rank: int, targets: tuple[str, ...] = ("q", "v"), alpha: float | None = None,
@@ -320,18 +333,29 @@ class DraftNet(nn.Module):
         """The tensors stored on disk (no embedding, no head)."""
         sd = {k: v for k, v in self.state_dict().items()}
         for key, ad in self.lora.items():
-            sd[f"lora.{key}.A"] = ad["A"]
-            sd[f"lora.{key}.B"] = ad["B"]
+            sd[f"lora.{key}.A"] = ad["A"].detach()
+            sd[f"lora.{key}.B"] = ad["B"].detach()
         return sd
 
     def save(self, weights: str | Path, config: str | Path, meta: dict | None = None,
-             dtype: torch.dtype = torch.float16) -> None:
+             dtype: torch.dtype = torch.float16, base: str | Path | None = None) -> None:
         """Write ``weights`` (safetensors; float tensors in ``dtype``) and ``config``
-        (JSON: kind, arch, layers, reduced vocab size, target shape, LoRA, ``meta``)."""
+        (JSON: kind, arch, layers, reduced vocab size, target shape, LoRA, ``meta``).
+
+        With ``base`` (the config of the drafter the adapters were trained on, whose
+        base weights this net must still hold unmerged), only the LoRA factors are
+        written and the config records ``"base"``: the path of ``base`` relative to
+        ``config``'s folder when it lies beneath it, else absolute. :meth:`load` then
+        loads the base and attaches the adapters: a per-task drafter costs kilobytes."""
         from safetensors.torch import save_file
 
+        tens = self.state_tensors()
+        if base is not None:
+            if not self.lora:
+                raise ValueError("save(base=...): this net has no LoRA adapters")
+            tens = {k: v for k, v in tens.items() if k.startswith("lora.")}
         sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
-              for k, v in self.state_tensors().items()}
+              for k, v in tens.items()}
         save_file(sd, str(weights))
         a = self.args
         cfg = {
@@ -346,6 +370,9 @@ class DraftNet(nn.Module):
             "lora": {k: {"rank": int(ad["A"].shape[0]), "scale": ad["scale"]}
                      for k, ad in self.lora.items()},
         }
+        if base is not None:
+            b, folder = Path(base).resolve(), Path(config).resolve().parent
+            cfg["base"] = str(b.relative_to(folder)) if b.is_relative_to(folder) else str(b)
         cfg.update(meta or {})
         Path(config).write_text(json.dumps(cfg, indent=1))
 
@@ -362,6 +389,21 @@ class DraftNet(nn.Module):
             if getattr(ta, k) != v:
                 raise ValueError(f"drafter {config} was built for {k}={v}, target has "
                                  f"{getattr(ta, k)}")
+        if cfg.get("base"):  # LoRA adapters over a base drafter saved elsewhere
+            bpath = config.parent / cfg["base"]
+            if not bpath.is_file():
+                raise FileNotFoundError(f"{config}: base drafter {bpath} not found")
+            net = cls.load(bpath, target)
+            if net.lora:
+                raise ValueError(f"{config}: base drafter {bpath} has adapters itself")
+            sd = load_file(str(config.parent / cfg["weights"]))
+            dt = target.embed.weight.dtype
+            for key, meta in cfg.get("lora", {}).items():
+                li, t = key.split(".")
+                net._lora_site(net.layers[int(li)], t)  # checks the site exists
+                net.lora[key] = {"A": sd[f"lora.{key}.A"].to(dt), "B": sd[f"lora.{key}.B"].to(dt),
+                                 "scale": float(meta["scale"])}
+            return net
         sd = load_file(str(config.parent / cfg["weights"]))
         a = copy.deepcopy(ta)
         a.num_hidden_layers = int(cfg["layers"])
@@ -437,6 +479,8 @@ class ModelDrafter:
         """Load a saved drafter (``<stem>.json`` + weights) for ``target``. kw go to
         the constructor; ``name`` defaults to the file stem."""
         net = DraftNet.load(config, target)
+        if net.lora:  # serve merged: no adapter matmuls per step
+            net.merge_lora()
         return cls(net, name=name or Path(config).stem, **kw)
 
     @classmethod

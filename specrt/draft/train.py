@@ -188,6 +188,57 @@ def _batches(seqs: list[dict], max_len: int, batch_tokens: int, rng: random.Rand
     return groups
 
 
+def _assemble(g: list, hidden_size: int):
+    """One batch of windows ``(seq, start, end)``: ``toks [B, L+1]``, target states
+    ``hid [B, L, H]`` (fp32), previous-position states ``prev [B, L, H]``, valid
+    ``mask [B, L]``, window-local ``pos [B, L]`` and ``out [B, L]`` (position j
+    predicts an OUTPUT token: j + 1 >= prompt_len)."""
+    B, L = len(g), max(e - s for _, s, e in g)
+    toks = torch.zeros(B, L + 1, dtype=torch.long)
+    hid = torch.zeros(B, L, hidden_size)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    out = torch.zeros(B, L, dtype=torch.bool)
+    prev = torch.zeros(B, L, hidden_size)
+    for i, (s, a, e) in enumerate(g):
+        n = e - a
+        toks[i, :n + 1] = s["tokens"][a:e + 1]
+        hid[i, :n] = s["hidden"][a:e].float()
+        if a > 0:
+            prev[i, 0] = s["hidden"][a - 1].float()
+        prev[i, 1:n] = hid[i, :n - 1]
+        mask[i, :n] = True
+        j = torch.arange(a, e)
+        out[i, :n] = j + 1 >= s["prompt_len"]
+    return toks, hid, prev, mask, torch.arange(L).expand(B, L), out
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(net, target, seqs: list[dict], max_len: int = 256,
+                            batch_tokens: int = 4096) -> dict:
+    """Draft accuracy of ``net`` on ``seqs`` (as for :func:`stage_train`), teacher
+    forced: at each position whose next token is a target OUTPUT token, does the
+    drafter's argmax equal the target's (``top1``), is the target's token among the
+    drafter's top 3 (``top3``)? Returns ``{"top1", "top3", "positions"}``."""
+    was = net.training
+    net.eval()
+    hits1 = hits3 = n = 0
+    for g in _batches(seqs, max_len, batch_tokens, random.Random(0)):
+        toks, hid, prev, mask, pos, out = _assemble(g, target.args.hidden_size)
+        L = pos.shape[1]
+        sel = mask & out
+        if not sel.any():
+            continue
+        x = net.train_forward(toks[:, :L], pos, prev if net.kind == "eagle" else None)
+        dl = net.logits(x)[sel]
+        want = toks[:, 1:L + 1][sel]
+        top = net.vocab_ids[dl.topk(min(3, dl.shape[-1]), -1).indices]
+        hits1 += int((top[:, 0] == want).sum())
+        hits3 += int((top == want[:, None]).any(-1).sum())
+        n += int(sel.sum())
+    net.train(was)
+    return {"top1": hits1 / n if n else 0.0, "top3": hits3 / n if n else 0.0, "positions": n}
+
+
 def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: float,
                 max_len: int, batch_tokens: int, feat_weight: float, seed: int,
                 time_budget_s: float) -> dict:
@@ -227,20 +278,8 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
             if frac >= 1.0:
                 break
             set_lr(frac)
-            B, L = len(g), max(e - s for _, s, e in g)
-            toks = torch.zeros(B, L + 1, dtype=torch.long)
-            hid = torch.zeros(B, L, target.args.hidden_size)
-            mask = torch.zeros(B, L, dtype=torch.bool)
-            prev = torch.zeros(B, L, target.args.hidden_size)
-            for i, (s, a, e) in enumerate(g):
-                n = e - a
-                toks[i, :n + 1] = s["tokens"][a:e + 1]
-                hid[i, :n] = s["hidden"][a:e].float()
-                if a > 0:
-                    prev[i, 0] = s["hidden"][a - 1].float()
-                prev[i, 1:n] = hid[i, :n - 1]
-                mask[i, :n] = True
-            pos = torch.arange(L).expand(B, L)
+            toks, hid, prev, mask, pos, _ = _assemble(g, target.args.hidden_size)
+            L = pos.shape[1]
             with torch.no_grad():
                 from specrt.model.llama import rms_norm
                 tl = F.linear(rms_norm(hid, norm_w, eps), head_sub)[mask]
