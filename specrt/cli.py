@@ -12,7 +12,8 @@ def _generate(args) -> int:
     params = specrt.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                    stop=args.stop or [])
-    engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device)
+    engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device,
+                                           record=args.record)
     kw = dict(speculative=not args.no_spec, drafter=args.drafter, chat=not args.no_chat)
     if args.no_spec or not hasattr(engine, "drafters"):
         kw.update(speculative=False, drafter=None)
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
     g = sub.add_parser("generate", help="generate a completion for one prompt")
     g.add_argument("prompt")
+    g.add_argument("--record", default=None, metavar="FILE.jsonl",
+                   help="append the prompt and output to this file (a prompt file for "
+                        "`specrt align`: rerun alignment on served traffic)")
     g.add_argument("--target", default=None,
                    help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     g.add_argument("--max-tokens", type=int, default=128)

@@ -82,12 +82,19 @@ class Engine:
         max_batch: requests decoded together at most.
         cache_tokens: KV cache capacity in tokens over all sequences.
         block_size: tokens per KV block.
+        record: path of a JSONL file to which every finished request is appended
+            (``id``, ``task`` = "served", ``prompt``, ``output``, ``prompt_ids``,
+            ``output_ids``, ``finish_reason``, ``drafter``, ``cluster``, ``time``): served
+            traffic kept so that ``specrt align --prompts FILE`` can be rerun on it (the
+            file is a valid prompt file). A failing write warns once and never stops
+            serving.
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, *,
                  drafters: list[Drafter] | None = None, default_drafter: str | None = None,
                  max_batch: int = 16, cache_tokens: int = 16384, block_size: int = 16,
-                 max_draft: int = 6, adaptive: bool = True, router=None):
+                 max_draft: int = 6, adaptive: bool = True, router=None,
+                 record: str | None = None):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         if max_draft < 0:
@@ -114,6 +121,8 @@ class Engine:
         self.max_draft = max_draft
         self.lengths = LengthController(max_draft=max_draft, adaptive=adaptive)
         self._next_seq = 0
+        self.record = record
+        self._record_warned = False
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, pool: str | None = None, *,
@@ -490,13 +499,35 @@ class Engine:
                 r.text = full
                 delta = full[r.text_sent:]
                 r.t_end = time.perf_counter()
-                yield StreamEvent(r.index, delta, kept, True, self._output(r))
+                out = self._output(r)
+                if self.record:
+                    self._record(r, out)
+                yield StreamEvent(r.index, delta, kept, True, out)
             else:
                 end = max(r.text_sent, len(full) - hold)
                 delta = full[r.text_sent:end]
                 r.text_sent = end
                 if kept:
                     yield StreamEvent(r.index, delta, kept, False)
+
+    def _record(self, r: _Request, out: RequestOutput) -> None:
+        """Append one served request to ``self.record`` (see the class docstring)."""
+        import hashlib
+        import json
+        import warnings
+
+        key = hashlib.sha256(f"{r.prompt}\x00{out.text}".encode()).hexdigest()[:16]
+        row = {"id": f"served:{key}", "task": "served", "prompt": r.prompt,
+               "output": out.text, "prompt_ids": list(r.prompt_ids),
+               "output_ids": out.token_ids, "finish_reason": out.finish_reason,
+               "drafter": r.drafter, "cluster": r.cluster, "time": time.time()}
+        try:
+            with open(self.record, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        except OSError as e:
+            if not self._record_warned:
+                warnings.warn(f"specrt: cannot record served requests to {self.record}: {e}")
+                self._record_warned = True
 
     def _output(self, r: _Request) -> RequestOutput:
         el = max(r.t_end - r.t_start, 1e-9)

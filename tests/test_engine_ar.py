@@ -113,3 +113,28 @@ def test_bad_input_clear_error_and_harmless(engine, bad, match):
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
     again = engine.generate("hello", SamplingParams(max_tokens=6, ignore_eos=True))[0]
     assert again.token_ids == good.token_ids
+
+
+def test_record_served_requests(tiny_dir, tmp_path):
+    """Online-learning row: served prompts and outputs are appended to a JSONL that is
+    itself a valid prompt file for `specrt align`; an unwritable path only warns."""
+    import json
+
+    from specrt.data import load_prompts
+
+    rec = tmp_path / "served.jsonl"
+    eng = specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
+                                        cache_tokens=1024, max_batch=2, record=str(rec))
+    outs = eng.generate(PROMPTS[:3], SamplingParams(max_tokens=5))
+    rows = [json.loads(x) for x in rec.read_text().splitlines()]
+    assert sorted(r["prompt"] for r in rows) == sorted(PROMPTS[:3])
+    by = {r["prompt"]: r for r in rows}
+    for p, o in zip(PROMPTS[:3], outs):
+        assert by[p]["output_ids"] == o.token_ids and by[p]["output"] == o.text
+        assert by[p]["finish_reason"] == o.finish_reason and by[p]["task"] == "served"
+    assert [r["prompt"] for r in load_prompts(str(rec))] and len(load_prompts(str(rec))) == 3
+    bad = specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
+                                        cache_tokens=1024, record=str(tmp_path / "no" / "x.jsonl"))
+    with pytest.warns(UserWarning, match="cannot record"):
+        again = bad.generate(PROMPTS[:2], SamplingParams(max_tokens=5))
+    assert [a.token_ids for a in again] == [o.token_ids for o in outs[:2]]
