@@ -1,7 +1,7 @@
 """End-to-end speed of generation modes over a prompt file, per task.
 
-A mode is ``ar`` (the target alone), ``auto`` (the engine's default drafter / routing),
-or a drafter name; with two or more drafter modes an ``oracle`` row is added: per
+A mode is ``ar`` (the target alone), ``auto`` or ``pool`` (the engine's own choice: its
+routing head when a pool is loaded, else its default drafter), or a drafter name; with two or more drafter modes an ``oracle`` row is added: per
 prompt, the drafter that emitted the most tokens per target forward, in hindsight. Each prompt runs at batch 1 (latency), greedy unless told otherwise.
 Results: ``{mode: {task: {prompts, tokens, tokens_per_s, acceptance_rate,
 mean_accepted_length, elapsed_s}}}`` plus an ``all`` row per mode; ``mismatches`` counts
@@ -46,7 +46,8 @@ def run_e2e(engine, rows: list[dict], modes: list[str], max_tokens: int = 64,
         it = tqdm(rows, desc="bench e2e", unit="prompt")
     for r in it:
         for m in modes:
-            kw = {"speculative": False} if m == "ar" else ({} if m == "auto" else {"drafter": m})
+            kw = ({"speculative": False} if m == "ar" else
+                  {} if m in ("auto", "pool") else {"drafter": m})
             t0 = time.perf_counter()
             o = engine.generate(r["prompt"], params, **kw)[0]
             dt = time.perf_counter() - t0
@@ -56,7 +57,7 @@ def run_e2e(engine, rows: list[dict], modes: list[str], max_tokens: int = 64,
             outs[m].append(o.token_ids)
     res: dict = {"modes": {}, "mismatches": {}}
     # oracle: per prompt, the drafter mode with the most tokens per target forward
-    drafter_modes = [m for m in modes if m not in ("ar", "auto")]
+    drafter_modes = [m for m in modes if m not in ("ar", "auto", "pool")]
     if len(drafter_modes) > 1:
         per["oracle"], times["oracle"] = {}, {}
         counts = {t: len(v) for t, v in per[drafter_modes[0]].items()}

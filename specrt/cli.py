@@ -52,7 +52,18 @@ def _bench_e2e(args) -> int:
     if args.per_task:
         rows = balanced_sample(rows, args.per_task, seed=args.seed)
     engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device)
-    modes = args.modes.split(",")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ("ar", "auto", "pool") and m not in engine.drafters]
+    if unknown:
+        print(f"specrt bench e2e: no drafter {', '.join(unknown)} in this engine (have "
+              f"{', '.join(sorted(engine.drafters)) or 'none'}); dropped", file=sys.stderr)
+        modes = [m for m in modes if m not in unknown]
+    if not modes:
+        print("specrt bench e2e: no modes left to run", file=sys.stderr)
+        return 2
+    if any(m in ("auto", "pool") for m in modes) and engine.router is None:
+        print("specrt bench e2e: no pool loaded; 'pool'/'auto' use the default drafter "
+              f"{engine.default_drafter!r}", file=sys.stderr)
     res = run_e2e(engine, rows, modes, max_tokens=args.max_tokens)
     print(format_table(res))
     if args.json:
@@ -98,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--prompts", required=True, help="JSONL with prompt and task fields")
     e.add_argument("--max-tokens", type=int, default=64)
     e.add_argument("--json", default=None, help="write the results here")
-    e.add_argument("--modes", default="ar,auto",
-                   help="comma list: ar, auto (default drafter / routing), drafter names")
+    e.add_argument("--modes", default="ar,baseline,pool",
+                   help="comma list: ar (target alone), pool or auto (the engine's routing "
+                        "/ default drafter), drafter names; two or more drafter names add "
+                        "an oracle row. Names the engine lacks are dropped with a warning")
     e.add_argument("--per-task", type=int, default=0, help="sample this many prompts per task")
     e.add_argument("--split", choices=("all", "train", "eval"), default="all",
                    help="use only this part of the file's fixed train/eval split")

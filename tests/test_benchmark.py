@@ -32,3 +32,19 @@ def test_bench_e2e_json(tiny_dir, tmp_path):
     for t in ("a", "b", "all"):
         best = max(res["modes"][m][t]["mean_accepted_length"] for m in ("ngram", "recycling"))
         assert res["modes"]["oracle"][t]["mean_accepted_length"] >= best - 1e-9
+
+
+def test_bench_e2e_pool_mode_and_unknown_drafter(tiny_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"x{i}", "task": "a", "prompt": p})
+                                 for i, p in enumerate(["abcabc abc", "hello hello"])))
+    out = tmp_path / "r.json"
+    assert main(["bench", "e2e", "--prompts", str(prompts), "--max-tokens", "8", "--target",
+                 str(tiny_dir), "--modes", "ar,pool,nosuch", "--json", str(out),
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "no drafter nosuch" in err and "no pool loaded" in err
+    res = json.loads(out.read_text())
+    assert set(res["modes"]) == {"ar", "pool"} and res["mismatches"] == {"ar": 0, "pool": 0}
+    assert main(["bench", "e2e", "--prompts", str(prompts), "--target", str(tiny_dir),
+                 "--modes", "nosuch", "--device", "cpu"]) == 2

