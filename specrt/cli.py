@@ -51,7 +51,12 @@ def _bench_e2e(args) -> int:
         rows = split(rows)[0 if args.split == "train" else 1]
     if args.per_task:
         rows = balanced_sample(rows, args.per_task, seed=args.seed)
-    engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device)
+    kw = {}
+    if args.draft_len is not None:
+        if args.draft_len < 1:
+            raise ValueError(f"--draft-len must be >= 1, got {args.draft_len}")
+        kw = {"max_draft": args.draft_len, "adaptive": False}
+    engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device, **kw)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in ("ar", "auto", "pool") and m not in engine.drafters]
     if unknown:
@@ -117,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--split", choices=("all", "train", "eval"), default="all",
                    help="use only this part of the file's fixed train/eval split")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--draft-len", type=int, default=None, metavar="K",
+                   help="fixed draft budget K every step (adaptive length off): vanilla "
+                        "speculative decoding; default: the adaptive rule")
     e.add_argument("--target", default=None)
     e.add_argument("--pool", default=None)
     e.add_argument("--device", default=None)

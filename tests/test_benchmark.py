@@ -48,3 +48,11 @@ def test_bench_e2e_pool_mode_and_unknown_drafter(tiny_dir, tmp_path, capsys):
     assert set(res["modes"]) == {"ar", "pool"} and res["mismatches"] == {"ar": 0, "pool": 0}
     assert main(["bench", "e2e", "--prompts", str(prompts), "--target", str(tiny_dir),
                  "--modes", "nosuch", "--device", "cpu"]) == 2
+    # fixed draft length (vanilla SD): still lossless; a bad length is a clear error
+    assert main(["bench", "e2e", "--prompts", str(prompts), "--max-tokens", "8", "--target",
+                 str(tiny_dir), "--modes", "ar,ngram", "--draft-len", "3", "--json", str(out),
+                 "--device", "cpu"]) == 0
+    assert json.loads(out.read_text())["mismatches"] == {"ar": 0, "ngram": 0}
+    assert main(["bench", "e2e", "--prompts", str(prompts), "--target", str(tiny_dir),
+                 "--draft-len", "0", "--device", "cpu"]) == 2
+    assert "--draft-len must be >= 1" in capsys.readouterr().err
