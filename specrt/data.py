@@ -45,6 +45,16 @@ def is_eval(row: dict, eval_fraction: float = 0.2) -> bool:
     return (h % 10_000) < eval_fraction * 10_000
 
 
+def is_reserved(row: dict, fraction: float) -> bool:
+    """Fixed membership in the *reserve* of the train split (a hash of the id, salted
+    apart from :func:`is_eval`): prompts a shipped baseline drafter was not trained on,
+    so that ``specrt align`` can measure drafters on prompts none of them has seen."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(f"reserve:{row['id']}".encode()).digest()[:8], "big")
+    return (h % 10_000) < fraction * 10_000
+
+
 def split(rows: list[dict], eval_fraction: float = 0.2) -> tuple[list[dict], list[dict]]:
     """(train, eval) by :func:`is_eval`."""
     train = [r for r in rows if not is_eval(r, eval_fraction)]

@@ -147,3 +147,29 @@ def test_align_bad_inputs(setup, tmp_path, capsys):
     assert "target not found" in capsys.readouterr().err
     assert main(["align", "--target", str(tiny), "--prompts", str(pf), "--clusters", "x",
                  "--out", str(tmp_path / "o")]) == 2
+
+
+def test_held_back_prefers_prompts_the_baseline_never_saw(setup):
+    """A baseline trained with a reserve (config data.reserve_fraction): the held-back
+    prompts of every cluster come from the reserve first."""
+    import torch
+
+    from specrt.data import is_reserved
+    from specrt.draft.model import DraftNet
+    from specrt.model import load_model
+
+    tiny, pf, d = setup
+    model, _ = load_model(str(tiny), device="cpu")
+    net = DraftNet.from_target(model, kind="eagle", num_layers=1, vocab_ids=torch.arange(64))
+    net.save(d / "rbase.safetensors", d / "rbase.json", {"data": {"reserve_fraction": 0.5}})
+    out = d / "pool_reserve"
+    run_align(_cfg(tiny, pf, out, baseline=str(d / "rbase.json"), aligner="none",
+                   assign_prompts=3, hold_frac=0.5))
+    part = json.loads((out / "work" / "partition.json").read_text())
+    ids = part["ids"]
+    for c in part["clusters"]:
+        mem = [i for i, lab in zip(ids, part["labels"]) if lab == c["id"]]
+        unseen = [i for i in mem if is_reserved({"id": i}, 0.5)]
+        held = [i for i in part["held"] if i in mem]
+        assert c["held_back_unseen_by_baseline"] == min(len(held), len(unseen))
+        assert sum(i in unseen for i in held) == min(len(held), len(unseen))

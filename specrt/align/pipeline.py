@@ -11,7 +11,9 @@ b. ``features`` -- router features of every collected prompt (mean final-normed 
    ``features.safetensors``.
 c. ``partition``-- k-means on the features (K given, or chosen by silhouette); purity and
    adjusted Rand index against the ``task`` labels are reported, never used;
-   per cluster a held-back part of the TRAIN prompts is set aside for stages e/f:
+   per cluster a held-back part of the TRAIN prompts is set aside for stages d/e/f,
+   preferring prompts the baseline drafter was not trained on (its config's
+   ``data.reserve_fraction``, :func:`specrt.data.is_reserved`):
    ``partition.json`` + ``partition.safetensors``.
 d. ``align``    -- per cluster, a model drafter distilled on that cluster's target outputs
    (``specrt.draft.train.stage_train``: KL to the target's distribution): LoRA adapters
@@ -198,6 +200,30 @@ summary | None`` writing a model drafter (``DraftNet.save`` format) to
 ``out_stem.{json,safetensors}``; ``held`` are the cluster's held-back sequences."""
 
 
+def _baseline_path(cfg: AlignConfig) -> Path | None:
+    """The baseline drafter config: ``--baseline``, else the shipped one for the default
+    target, else None."""
+    b = cfg.baseline
+    if b is None and cfg.target is None:
+        shipped = Path(__file__).resolve().parents[1] / "pools" / "default" / "baseline.json"
+        b = str(shipped) if shipped.is_file() else None
+    if b is None:
+        return None
+    p = Path(b)
+    if not p.is_file():
+        raise FileNotFoundError(f"baseline drafter config not found: {b}")
+    return p
+
+
+def _baseline_reserve(cfg: AlignConfig) -> float:
+    """Share of train prompts the baseline drafter was NOT trained on
+    (:func:`specrt.data.is_reserved`), from its config; 0.0 when unknown."""
+    p = _baseline_path(cfg)
+    if p is None:
+        return 0.0
+    return float(json.loads(p.read_text()).get("data", {}).get("reserve_fraction", 0.0))
+
+
 # ---------------------------------------------------------------------------- context
 class _Ctx:
     """Shared state of one run: config, paths, target, engine, loaded stage outputs."""
@@ -226,14 +252,9 @@ class _Ctx:
             self._engine = Engine(model, tok, drafters=drafters, max_batch=self.cfg.gen_batch,
                                   cache_tokens=max(16384, self.cfg.gen_batch * 2048),
                                   adaptive=True)
-            b = self.cfg.baseline
-            if b is None and self.cfg.target is None:
-                shipped = Path(__file__).resolve().parents[1] / "pools" / "default" / "baseline.json"
-                b = str(shipped) if shipped.is_file() else None
+            b = _baseline_path(self.cfg)
             if b is not None:
-                self.baseline_cfg = Path(b)
-                if not self.baseline_cfg.is_file():
-                    raise FileNotFoundError(f"baseline drafter config not found: {b}")
+                self.baseline_cfg = b
                 rt = json.loads(self.baseline_cfg.read_text()).get("runtime") or {}
                 self.baseline_runtime.update({k: v for k, v in rt.items()
                                               if k in ("mode", "topk", "max_depth", "threshold")})
@@ -423,18 +444,25 @@ def stage_partition(ctx: _Ctx) -> dict:
     labels = res.labels.tolist()
     comp = []
     held: list[str] = []
+    # held-back prompts: those the baseline drafter never trained on first (its reserve),
+    # so that measurements on them are not flattered by memorised outputs
+    from specrt.data import is_reserved
+
+    rf = _baseline_reserve(cfg)
+    unseen = {i for i in ids if is_reserved({"id": i}, rf)}
     for c in range(k):
         mem = [i for i in range(N) if labels[i] == c]
         tc: dict[str, int] = {}
         for i in mem:
             tc[tasks[i]] = tc.get(tasks[i], 0) + 1
-        order = sorted(mem, key=lambda i: _hash_order(ids[i], cfg.seed))
+        order = sorted(mem, key=lambda i: (ids[i] not in unseen, _hash_order(ids[i], cfg.seed)))
         nh = 0 if len(mem) < 2 else min(cfg.assign_prompts,
                                         max(1, math.ceil(cfg.hold_frac * len(mem))))
         held += [ids[i] for i in order[:nh]]
         comp.append({"id": c, "size": len(mem),
                      "tasks": dict(sorted(tc.items(), key=lambda x: -x[1])),
-                     "held_back": nh})
+                     "held_back": nh,
+                     "held_back_unseen_by_baseline": sum(ids[i] in unseen for i in order[:nh])})
     rep = {"k": k, "metric": cfg.metric, "silhouette": {str(a): b for a, b in scores.items()},
            "purity": purity(labels, tasks), "ari": adjusted_rand_index(labels, tasks),
            "n": N, "clusters": comp, "ids": ids, "labels": labels, "held": held}
@@ -748,9 +776,13 @@ def run_align(cfg: AlignConfig) -> dict:
                     "max_prompt_chars": cfg.max_prompt_chars, "seed": cfg.seed},
     }
     params["features"] = dict(params["collect"])
+    base_p = _baseline_path(cfg)
+    base_sig = None
+    if base_p is not None:  # a retrained baseline redoes partition (held-back) onward
+        base_sig = [str(base_p.resolve()), hashlib.sha256(base_p.read_bytes()).hexdigest()[:16]]
     params["partition"] = {"clusters": str(cfg.clusters), "k_min": cfg.k_min, "k_max": cfg.k_max,
                            "metric": cfg.metric, "hold_frac": cfg.hold_frac,
-                           "assign_prompts": cfg.assign_prompts}
+                           "assign_prompts": cfg.assign_prompts, "baseline": base_sig}
     params["align"] = {"aligner": cfg.aligner, "baseline": cfg.baseline, "kind": cfg.align_kind,
                        "layers": cfg.align_layers, "vocab": cfg.align_vocab,
                        "epochs": cfg.align_epochs, "lr": cfg.align_lr, "lora": cfg.align_lora}

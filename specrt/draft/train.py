@@ -381,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: torch default; 1 is much faster on a busy "
                          "shared CPU, where extra threads oversubscribe the cores)")
+    ap.add_argument("--reserve-frac", type=float, default=0.3,
+                    help="leave this share of the train prompts (specrt.data.is_reserved) "
+                         "out of training: `specrt align` measures drafters on them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop-after", choices=["collect", "vocab", "train"], default=None)
     a = ap.parse_args(argv)
@@ -417,6 +420,16 @@ def main(argv: list[str] | None = None) -> int:
         n = min(s["hidden"].shape[0], len(s["tokens"]) - 1)
         s["hidden"], s["tokens"] = s["hidden"][:n], s["tokens"][:n + 1]
     seqs = [s for s in seqs if s["hidden"].shape[0] >= 2]
+    n_reserved = 0
+    if a.reserve_frac > 0:  # collected for every selected prompt; train on the rest
+        from specrt.data import is_reserved
+
+        res_keys = {tuple(engine.tokenizer.encode_prompt(r["prompt"])) for r in train_rows
+                    if is_reserved(r, a.reserve_frac)}
+        keep = [s for s in seqs if tuple(s["tokens"][:s["prompt_len"]].tolist()) not in res_keys]
+        n_reserved = len(seqs) - len(keep)
+        seqs = keep
+        _log(f"reserve: {n_reserved} sequences of reserved prompts left out of training")
     n_pos = sum(s["hidden"].shape[0] for s in seqs)
     n_out = sum(len(s["tokens"]) - s["prompt_len"] for s in seqs)
     _log(f"collect: {len(seqs)} sequences, {n_pos} positions, {n_out} output tokens "
@@ -447,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": a.target or "default", "train": summary,
         "data": {"prompts_file": str(a.prompts or default_prompts_path().name),
                  "split": "train", "per_task": a.per_task, "sequences": len(seqs),
+                 "reserve_fraction": a.reserve_frac, "reserved_left_out": n_reserved,
                  "positions": n_pos, "output_tokens": n_out, "max_tokens": a.max_tokens,
                  "tasks": sorted({s["task"] for s in seqs})},
         "stage_seconds": times,
