@@ -80,6 +80,14 @@ def test_align_end_to_end_and_resume(setup):
     # a changed router option redoes only route and write
     st3 = run_align(_cfg(tiny, pf, out, router_threshold=0.3))
     assert st3["collect"] == st3["assign"] == "skipped" and st3["route"] == st3["write"] == "ran"
+    # a changed alignment option redoes EVERY cluster's drafter (no stale per-cluster
+    # files from the old parameters survive), then assign onward
+    al = work / "align"
+    before = {f.name: f.stat().st_mtime_ns for f in al.glob("aligned_*")}
+    st4 = run_align(_cfg(tiny, pf, out, router_threshold=0.3, align_epochs=2.0))
+    assert st4["features"] == "skipped" and st4["align"] == st4["assign"] == "ran"
+    after = {f.name: f.stat().st_mtime_ns for f in al.glob("aligned_*")}
+    assert set(after) == set(before) and all(after[n] != before[n] for n in before)
 
 
 def test_align_lora_on_baseline(setup):

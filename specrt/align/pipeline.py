@@ -744,6 +744,17 @@ def stage_write(ctx: _Ctx) -> dict:
     return {"pool": str(ctx.out / "pool.json"), "drafters": used}
 
 
+def _clear_partial(work: Path, stage: str) -> None:
+    """Delete the per-cluster progress of ``stage`` (align: ``align/aligned_*`` and
+    ``summary.json``; assign: ``assign.json``) before it reruns with new inputs."""
+    if stage == "align" and (work / "align").is_dir():
+        for f in (work / "align").iterdir():
+            if f.name.startswith("aligned_") or f.name in ("summary.json", "vocab.pt"):
+                f.unlink()
+    elif stage == "assign":
+        (work / "assign.json").unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------ run
 def run_align(cfg: AlignConfig) -> dict:
     """Run (or resume) every stage; returns ``{stage: "ran" | "skipped", ...,
@@ -820,6 +831,13 @@ def run_align(cfg: AlignConfig) -> dict:
         if man.done(name, params[name]):
             status[name] = "skipped"
             return
+        # align and assign resume per cluster; their partial outputs are kept only when
+        # they were made with these very parameters (and the earlier stages unchanged)
+        prog = man.data.get(name)
+        if not (prog and prog.get("params") == _jsonable(params[name])):
+            _clear_partial(ctx.work, name)
+        man.data[name] = {"done": False, "params": _jsonable(params[name])}
+        man.save()
         t0 = time.perf_counter()
         status["reports"][name] = fn()
         man.invalidate_after(name)
