@@ -57,6 +57,25 @@ def _bench_e2e(args) -> int:
             raise ValueError(f"--draft-len must be >= 1, got {args.draft_len}")
         kw = {"max_draft": args.draft_len, "adaptive": False}
     engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device, **kw)
+    for x in (args.extra_drafters or "").split(","):  # more candidates for the oracle row
+        x = x.strip()
+        if not x:
+            continue
+        if x == "ngram":
+            from specrt.draft.ngram import NgramDrafter as _D
+            d = _D()
+        elif x == "recycling":
+            from specrt.draft.recycling import RecyclingDrafter
+            d = RecyclingDrafter(engine.model.args.vocab_size)
+        elif x.endswith(".json"):
+            from specrt.draft.model import ModelDrafter
+            d = ModelDrafter.from_config(x, engine.model)
+        else:
+            raise ValueError(f"--extra-drafters: {x!r} is not ngram, recycling or a model "
+                             "drafter .json")
+        if d.name in engine.drafters:
+            raise ValueError(f"--extra-drafters: the engine already has a drafter {d.name!r}")
+        engine.drafters[d.name] = d
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in ("ar", "auto", "pool") and m not in engine.drafters]
     if unknown:
@@ -125,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--draft-len", type=int, default=None, metavar="K",
                    help="fixed draft budget K every step (adaptive length off): vanilla "
                         "speculative decoding; default: the adaptive rule")
+    e.add_argument("--extra-drafters", default=None, metavar="LIST",
+                   help="comma list of drafters to add to the engine (ngram, recycling, or "
+                        "a model drafter .json), e.g. a pool's unassigned candidates, so "
+                        "that they can be modes and enter the oracle row")
     e.add_argument("--target", default=None)
     e.add_argument("--pool", default=None)
     e.add_argument("--device", default=None)

@@ -53,6 +53,27 @@ def test_bench_e2e_pool_mode_and_unknown_drafter(tiny_dir, tmp_path, capsys):
                  str(tiny_dir), "--modes", "ar,ngram", "--draft-len", "3", "--json", str(out),
                  "--device", "cpu"]) == 0
     assert json.loads(out.read_text())["mismatches"] == {"ar": 0, "ngram": 0}
+    # extra candidate drafters (a pool's unassigned ones) become modes and oracle entries
+    import torch
+
+    from specrt.draft.model import DraftNet
+    from specrt.model import load_model
+
+    model, _ = load_model(str(tiny_dir), device="cpu")
+    DraftNet.from_target(model, kind="eagle", num_layers=1, vocab_ids=torch.arange(64)).save(
+        tmp_path / "m.safetensors", tmp_path / "m.json", {"runtime": {"mode": "chain"}})
+    assert main(["bench", "e2e", "--prompts", str(prompts), "--max-tokens", "8", "--target",
+                 str(tiny_dir), "--modes", "ar,ngram,m", "--json", str(out),
+                 "--device", "cpu", "--extra-drafters", str(tmp_path / "m.json")]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["modes"]) == {"ar", "ngram", "m", "oracle"}
+    assert res["mismatches"] == {"ar": 0, "ngram": 0, "m": 0}
+    assert main(["bench", "e2e", "--prompts", str(prompts), "--target", str(tiny_dir),
+                 "--device", "cpu", "--extra-drafters", "recycling"]) == 2
+    assert "already has a drafter 'recycling'" in capsys.readouterr().err
+    assert main(["bench", "e2e", "--prompts", str(prompts), "--target", str(tiny_dir),
+                 "--device", "cpu", "--extra-drafters", "bogus"]) == 2
+    assert "--extra-drafters: 'bogus'" in capsys.readouterr().err
     assert main(["bench", "e2e", "--prompts", str(prompts), "--target", str(tiny_dir),
                  "--draft-len", "0", "--device", "cpu"]) == 2
     assert "--draft-len must be >= 1" in capsys.readouterr().err
