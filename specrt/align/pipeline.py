@@ -58,7 +58,7 @@ class AlignConfig:
     k_max: int = 10
     metric: str = "cosine"
     per_task: int = 24                    # train prompts per task
-    max_tokens: int = 64                  # target output tokens per prompt (collect)
+    max_tokens: int = 48                  # target output tokens per prompt (collect)
     max_prompt_chars: int = 1500          # longer prompts: head 2/3 + tail 1/3 for collect
     gen_batch: int = 16
     device: str | None = None
@@ -71,8 +71,8 @@ class AlignConfig:
     align_kind: str = "eagle"             # when no baseline: DraftNet kind
     align_layers: int = 1
     align_vocab: int = 4096
-    align_epochs: float = 12.0
-    align_lr: float | None = None         # default 1e-3 with LoRA, 3e-4 full tuning
+    align_epochs: float = 30.0
+    align_lr: float | None = None         # default 3e-3 with LoRA, 3e-4 full tuning
     align_lora: int = 16                  # LoRA rank on the baseline; 0 = full tuning
     hold_frac: float = 0.25               # held-back share of each cluster's train prompts
     assign_prompts: int = 4               # held-back prompts per cluster at most
@@ -174,7 +174,7 @@ def _align_distill(ctx: "_Ctx", cluster: int, seqs: list[dict], out_stem: Path,
         net.add_lora(lora, targets=("qkv", "o", "gate_up", "down"), seed=cfg.seed)
         net.train_lora_only()
         init += f" + LoRA r{lora}"
-    lr = cfg.align_lr if cfg.align_lr is not None else (1e-3 if lora > 0 else 3e-4)
+    lr = cfg.align_lr if cfg.align_lr is not None else (3e-3 if lora > 0 else 3e-4)
     before = teacher_forced_accuracy(net, model, held) if held else None
     summary = stage_train(net, model, seqs, epochs=cfg.align_epochs, lr=lr,
                           max_len=256, batch_tokens=4096,
@@ -891,7 +891,7 @@ def add_cli(sub) -> None:
     a.add_argument("--k-max", type=int, default=10)
     a.add_argument("--metric", choices=["cosine", "euclidean"], default="cosine")
     a.add_argument("--per-task", type=int, default=24, help="train prompts per task")
-    a.add_argument("--max-tokens", type=int, default=64, help="target tokens per prompt (collect)")
+    a.add_argument("--max-tokens", type=int, default=48, help="target tokens per prompt (collect)")
     a.add_argument("--max-prompt-chars", type=int, default=1500,
                    help="collect: longer prompts keep head 2/3 + tail 1/3 of this (0: off)")
     a.add_argument("--gen-batch", type=int, default=16)
@@ -908,10 +908,10 @@ def add_cli(sub) -> None:
                    help="drafter kind when there is no baseline")
     a.add_argument("--align-layers", type=int, default=1)
     a.add_argument("--align-vocab", type=int, default=4096)
-    a.add_argument("--align-epochs", type=float, default=12.0,
+    a.add_argument("--align-epochs", type=float, default=30.0,
                    help="passes over each cluster's sequences")
     a.add_argument("--align-lr", type=float, default=None,
-                   help="learning rate (default 1e-3 with LoRA, 3e-4 full tuning)")
+                   help="learning rate (default 3e-3 with LoRA, 3e-4 full tuning)")
     a.add_argument("--align-lora", type=int, default=16,
                    help="LoRA rank on the baseline drafter (0: tune all its weights)")
     a.add_argument("--candidates", default="aligned,baseline,ngram,recycling")
