@@ -36,15 +36,13 @@ SHIPPED = Path(specrt.__file__).resolve().parent / "pools" / "default"
 
 def _extra_drafters(engine, pool: Path) -> list[str]:
     """Add the pool's unassigned candidates to ``engine``; return their names."""
-    from specrt.draft.model import ModelDrafter
-    from specrt.draft.ngram import NgramDrafter
-    from specrt.draft.recycling import RecyclingDrafter
+    from specrt.draft import drafter_from_spec
 
     names = []
-    cands = [NgramDrafter(), RecyclingDrafter(engine.model.args.vocab_size)]
-    for f in sorted((pool / "work" / "align").glob("aligned_*.json")):
-        cands.append(ModelDrafter.from_config(f, engine.model))
-    for d in cands:
+    aligned = sorted((pool / "work" / "align").glob("aligned_*.json"))
+    specs = ["ngram", "recycling", *map(str, aligned)]
+    for spec in specs:
+        d = drafter_from_spec(spec, engine.model)
         if d.name not in engine.drafters:
             engine.drafters[d.name] = d
         names.append(d.name)

@@ -1,8 +1,10 @@
 """End-to-end speed of generation modes over a prompt file, per task.
 
 A mode is ``ar`` (the target alone), ``auto`` or ``pool`` (the engine's own choice: its
-routing head when a pool is loaded, else its default drafter), or a drafter name; with two or more drafter modes an ``oracle`` row is added: per
-prompt, the drafter that emitted the most tokens per target forward, in hindsight. Each prompt runs at batch 1 (latency), greedy unless told otherwise.
+routing head when a pool is loaded, else its default drafter), or a drafter name; with
+two or more drafter modes an ``oracle`` row is added: per prompt, the drafter that
+emitted the most tokens per target forward, in hindsight. Each prompt runs at batch 1
+(latency), greedy unless told otherwise.
 Results: ``{mode: {task: {prompts, tokens, tokens_per_s, acceptance_rate,
 mean_accepted_length, elapsed_s}}}`` plus an ``all`` row per mode; ``mismatches`` counts
 prompts whose greedy output differs from the ``ar`` mode (must be 0: lossless).

@@ -57,22 +57,15 @@ def _bench_e2e(args) -> int:
             raise ValueError(f"--draft-len must be >= 1, got {args.draft_len}")
         kw = {"max_draft": args.draft_len, "adaptive": False}
     engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device, **kw)
+    from specrt.draft import drafter_from_spec
+
     for x in (args.extra_drafters or "").split(","):  # more candidates for the oracle row
-        x = x.strip()
-        if not x:
+        if not x.strip():
             continue
-        if x == "ngram":
-            from specrt.draft.ngram import NgramDrafter as _D
-            d = _D()
-        elif x == "recycling":
-            from specrt.draft.recycling import RecyclingDrafter
-            d = RecyclingDrafter(engine.model.args.vocab_size)
-        elif x.endswith(".json"):
-            from specrt.draft.model import ModelDrafter
-            d = ModelDrafter.from_config(x, engine.model)
-        else:
-            raise ValueError(f"--extra-drafters: {x!r} is not ngram, recycling or a model "
-                             "drafter .json")
+        try:
+            d = drafter_from_spec(x.strip(), engine.model)
+        except ValueError as e:
+            raise ValueError(f"--extra-drafters: {e}") from None
         if d.name in engine.drafters:
             raise ValueError(f"--extra-drafters: the engine already has a drafter {d.name!r}")
         engine.drafters[d.name] = d

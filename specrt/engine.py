@@ -6,7 +6,10 @@ forward per step; a finished request leaves and the next waiting one is admitted
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -512,10 +515,6 @@ class Engine:
 
     def _record(self, r: _Request, out: RequestOutput) -> None:
         """Append one served request to ``self.record`` (see the class docstring)."""
-        import hashlib
-        import json
-        import warnings
-
         key = hashlib.sha256(f"{r.prompt}\x00{out.text}".encode()).hexdigest()[:16]
         row = {"id": f"served:{key}", "task": "served", "prompt": r.prompt,
                "output": out.text, "prompt_ids": list(r.prompt_ids),

@@ -682,7 +682,8 @@ def stage_route(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
     (ctx.work / "route.json").write_text(json.dumps(rep, indent=1))
     _log(f"route: held-back cluster acc {rep.get('heldout_cluster_acc', float('nan')):.3f}, "
          f"drafter acc {rep.get('heldout_drafter_acc', float('nan')):.3f}; latency "
-         f"{lat * 1e3:.3f} ms = {100 * lat / max(pre, 1e-12):.2f}% of a {len(ptoks[0])}-token prefill")
+         f"{lat * 1e3:.3f} ms = {100 * lat / max(pre, 1e-12):.2f}% of a "
+         f"{len(ptoks[0])}-token prefill")
     return {k_: rep[k_] for k_ in ("heldout_cluster_acc", "heldout_drafter_acc",
                                    "router_over_prefill") if k_ in rep}
 

@@ -6,7 +6,7 @@ from specrt.draft.ngram import NgramDrafter
 from specrt.draft.recycling import RecyclingDrafter
 
 __all__ = ["Drafter", "DraftTree", "SeqState", "Verified", "NgramDrafter", "RecyclingDrafter",
-           "default_drafters"]
+           "default_drafters", "drafter_from_spec"]
 
 
 def default_drafters(model, target=None) -> list:
@@ -31,3 +31,18 @@ def default_drafters(model, target=None) -> list:
             first = json.loads(cfg.read_text()).get("runtime", {}).get("default_first", False)
             out.insert(0 if first else 1, d)
     return out
+
+
+def drafter_from_spec(spec: str, model):
+    """A drafter from a short spec: ``ngram``, ``recycling``, or the path of a saved
+    model drafter's ``.json`` (loaded with its recorded runtime settings, named after
+    the file stem). ``ValueError`` for anything else."""
+    if spec == "ngram":
+        return NgramDrafter()
+    if spec == "recycling":
+        return RecyclingDrafter(model.args.vocab_size)
+    if spec.endswith(".json"):
+        from specrt.draft.model import ModelDrafter
+
+        return ModelDrafter.from_config(spec, model)
+    raise ValueError(f"{spec!r} is not ngram, recycling or a model drafter .json")
