@@ -34,7 +34,10 @@ def run_e2e(engine, rows: list[dict], modes: list[str], max_tokens: int = 64,
     """Generate every row's prompt in every mode; return per-mode, per-task figures.
 
     Rows need ``prompt`` and ``task``. Modes run interleaved per prompt (ar, then each
-    mode) so that machine noise hits all modes alike.
+    mode) so that machine noise hits all modes alike. Each mode keeps its own learned
+    drafter acceptance rates in the adaptive length rule (as if it were deployed
+    alone), so one mode's history never steers another's draft lengths; the measured
+    machine costs (target forward, drafting) are shared.
     """
     params = params or SamplingParams(max_tokens=max_tokens)
     per: dict[str, dict[str, list]] = {m: {} for m in modes}
@@ -46,17 +49,23 @@ def run_e2e(engine, rows: list[dict], modes: list[str], max_tokens: int = 64,
         from tqdm import tqdm
 
         it = tqdm(rows, desc="bench e2e", unit="prompt")
-    for r in it:
-        for m in modes:
-            kw = ({"speculative": False} if m == "ar" else
-                  {} if m in ("auto", "pool") else {"drafter": m})
-            t0 = time.perf_counter()
-            o = engine.generate(r["prompt"], params, **kw)[0]
-            dt = time.perf_counter() - t0
-            per[m].setdefault(r["task"], []).append(o.stats)
-            times[m][r["task"]] = times[m].get(r["task"], 0.0) + dt
-            _prompt_time[m].setdefault(r["task"], []).append(dt)
-            outs[m].append(o.token_ids)
+    rates = {m: {} for m in modes}
+    shared_rates = engine.lengths.drafter_rate
+    try:
+        for r in it:
+            for m in modes:
+                engine.lengths.drafter_rate = rates[m]
+                kw = ({"speculative": False} if m == "ar" else
+                      {} if m in ("auto", "pool") else {"drafter": m})
+                t0 = time.perf_counter()
+                o = engine.generate(r["prompt"], params, **kw)[0]
+                dt = time.perf_counter() - t0
+                per[m].setdefault(r["task"], []).append(o.stats)
+                times[m][r["task"]] = times[m].get(r["task"], 0.0) + dt
+                _prompt_time[m].setdefault(r["task"], []).append(dt)
+                outs[m].append(o.token_ids)
+    finally:
+        engine.lengths.drafter_rate = shared_rates
     res: dict = {"modes": {}, "mismatches": {}}
     # oracle: per prompt, the drafter mode with the most tokens per target forward
     drafter_modes = [m for m in modes if m not in ("ar", "auto", "pool")]
