@@ -522,22 +522,32 @@ def _measure(eng, rows: list[dict], names: list[str], max_tokens: int) -> dict[s
     """Greedy batch-1 generation of ``rows`` with each drafter in ``names``: goodput etc.
 
     Candidates are interleaved prompt by prompt (the order rotating), so a drift in the
-    host's load during the measurement hits every candidate alike."""
+    host's load during the measurement hits every candidate alike. The adaptive length
+    rule's learned acceptance per drafter starts empty (restored afterwards): a
+    candidate is measured as if deployed on this cluster alone, not with the history of
+    clusters measured before (which made a drafter that fails on one task barely
+    draft on the next)."""
     from specrt.sampling import SamplingParams
 
     acc_ = {n: [0, 0, 0, 0, 0.0] for n in names}  # tokens, accepted, drafted, steps, seconds
-    for j, r in enumerate(rows):
-        for q in range(len(names)):
-            n = names[(j + q) % len(names)]
-            t0 = time.perf_counter()
-            o = eng.generate(r["prompt"], SamplingParams(max_tokens=max_tokens), drafter=n)[0]
-            a = acc_[n]
-            a[4] += time.perf_counter() - t0
-            s = o.stats
-            a[0] += s["completion_tokens"]
-            a[1] += s["accepted_tokens"]
-            a[2] += s["drafted_tokens"]
-            a[3] += s["steps"]
+    saved = eng.lengths.drafter_rate
+    eng.lengths.drafter_rate = {}
+    try:
+        for j, r in enumerate(rows):
+            for q in range(len(names)):
+                n = names[(j + q) % len(names)]
+                t0 = time.perf_counter()
+                o = eng.generate(r["prompt"], SamplingParams(max_tokens=max_tokens),
+                                 drafter=n)[0]
+                a = acc_[n]
+                a[4] += time.perf_counter() - t0
+                s = o.stats
+                a[0] += s["completion_tokens"]
+                a[1] += s["accepted_tokens"]
+                a[2] += s["drafted_tokens"]
+                a[3] += s["steps"]
+    finally:
+        eng.lengths.drafter_rate = saved
     out = {}
     for n, (tok, acc, dr, steps, el) in acc_.items():
         out[n] = {"prompts": len(rows), "tokens": tok, "elapsed_s": round(el, 4),
@@ -799,7 +809,7 @@ def run_align(cfg: AlignConfig) -> dict:
                        "layers": cfg.align_layers, "vocab": cfg.align_vocab,
                        "epochs": cfg.align_epochs, "lr": cfg.align_lr, "lora": cfg.align_lora}
     params["assign"] = {"candidates": list(cfg.candidates), "tokens": cfg.assign_tokens,
-                        "metric": cfg.assign_metric}
+                        "metric": cfg.assign_metric, "rates": "per-cluster"}
     params["route"] = {"hidden": cfg.router_hidden, "threshold": cfg.router_threshold,
                        "epochs": cfg.router_epochs}
     params["write"] = {"out": str(Path(cfg.out).resolve())}
