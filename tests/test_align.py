@@ -209,3 +209,16 @@ def test_assign_measures_each_cluster_with_fresh_acceptance_history(setup):
     assert {k: (v.hits, v.trials) for k, v in mine.items()} == before
     assert id(mine) not in {id(x) for x in seen}
     assert len({id(x) for x in seen[:4]}) == 1 and seen[0] is not seen[4]
+
+
+def test_pick_drafter_breaks_goodput_ties_by_accepted_length():
+    from specrt.align.pipeline import pick_drafter
+
+    m = {"ngram": {"goodput_tok_s": 19.07, "mean_accepted_length": 1.14},
+         "aligned_0": {"goodput_tok_s": 19.11, "mean_accepted_length": 1.05},
+         "baseline": {"goodput_tok_s": 15.0, "mean_accepted_length": 1.60}}
+    # 0.2% apart is a tie: the longer accepted length wins; 21% slower is not a tie
+    assert pick_drafter(m, "goodput_tok_s", 0.02) == "ngram"
+    assert pick_drafter(m, "goodput_tok_s", 0.0) == "aligned_0"
+    assert pick_drafter(m, "goodput_tok_s", 0.25) == "baseline"
+    assert pick_drafter(m, "mean_accepted_length", 0.0) == "baseline"

@@ -78,6 +78,7 @@ class AlignConfig:
     assign_prompts: int = 4               # held-back prompts per cluster at most
     assign_tokens: int = 48
     assign_metric: str = "goodput"        # or "mean_accepted_length"
+    assign_margin: float = 0.02           # relative: closer candidates tie (see pick_drafter)
     candidates: tuple = ("aligned", "baseline", "ngram", "recycling")
     router_hidden: int = 128
     router_threshold: float = 0.5
@@ -558,6 +559,16 @@ def _measure(eng, rows: list[dict], names: list[str], max_tokens: int) -> dict[s
     return out
 
 
+def pick_drafter(m: dict[str, dict], key: str, margin: float) -> str:
+    """The candidate to assign from measurements ``{name: {key, mean_accepted_length}}``:
+    candidates within ``margin`` (relative) of the best ``key`` count as tied -- wall-clock
+    goodput over a few prompts is noisy -- and among them the longest mean accepted
+    length wins (then the better ``key``, then the name)."""
+    top = max(v[key] for v in m.values())
+    tied = [n for n in m if m[n][key] >= top * (1.0 - margin)]
+    return max(sorted(tied), key=lambda n: (m[n]["mean_accepted_length"], m[n][key]))
+
+
 def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
     """Per cluster, measure every candidate drafter on the cluster's held-back TRAIN
     prompts (batch 1, greedy) and assign the best by ``assign_metric``; resumable per
@@ -602,7 +613,7 @@ def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
             rows = [dict(r, prompt=_shorten(r["prompt"], cfg.max_prompt_chars)) for r in rows]
             m = _measure(eng, rows, list(cand), cfg.assign_tokens)
             key = "goodput_tok_s" if cfg.assign_metric == "goodput" else cfg.assign_metric
-            best = max(m, key=lambda n: (m[n][key], m[n]["mean_accepted_length"]))
+            best = pick_drafter(m, key, cfg.assign_margin)
             res["clusters"][str(c)] = {"candidates": m, "drafter": best,
                                        "held_back": [r["id"] for r in rows]}
             path.write_text(json.dumps(res, indent=1))
@@ -809,7 +820,8 @@ def run_align(cfg: AlignConfig) -> dict:
                        "layers": cfg.align_layers, "vocab": cfg.align_vocab,
                        "epochs": cfg.align_epochs, "lr": cfg.align_lr, "lora": cfg.align_lora}
     params["assign"] = {"candidates": list(cfg.candidates), "tokens": cfg.assign_tokens,
-                        "metric": cfg.assign_metric, "rates": "per-cluster"}
+                        "metric": cfg.assign_metric, "rates": "per-cluster",
+                        "margin": cfg.assign_margin}
     params["route"] = {"hidden": cfg.router_hidden, "threshold": cfg.router_threshold,
                        "epochs": cfg.router_epochs}
     params["write"] = {"out": str(Path(cfg.out).resolve())}
@@ -881,7 +893,7 @@ def config_from_args(args) -> AlignConfig:
         align_vocab=args.align_vocab, align_epochs=args.align_epochs,
         align_lr=args.align_lr, align_lora=args.align_lora,
         assign_prompts=args.assign_prompts, assign_tokens=args.assign_tokens,
-        assign_metric=args.assign_metric, candidates=cands,
+        assign_metric=args.assign_metric, assign_margin=args.assign_margin, candidates=cands,
         router_hidden=args.router_hidden, router_threshold=args.router_threshold,
         progress=not args.no_progress)
 
@@ -931,6 +943,9 @@ def add_cli(sub) -> None:
     a.add_argument("--assign-tokens", type=int, default=48)
     a.add_argument("--assign-metric", default="goodput",
                    choices=["goodput", "mean_accepted_length", "acceptance_rate"])
+    a.add_argument("--assign-margin", type=float, default=0.02,
+                   help="candidates within this relative margin of the best metric tie; "
+                        "the longest mean accepted length among them wins")
     a.add_argument("--router-hidden", type=int, default=128)
     a.add_argument("--router-threshold", type=float, default=0.5)
     a.add_argument("--device", default=None)
