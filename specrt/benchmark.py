@@ -49,23 +49,19 @@ def run_e2e(engine, rows: list[dict], modes: list[str], max_tokens: int = 64,
         from tqdm import tqdm
 
         it = tqdm(rows, desc="bench e2e", unit="prompt")
-    rates = {m: {} for m in modes}
-    shared_rates = engine.lengths.drafter_rate
-    try:
-        for r in it:
-            for m in modes:
-                engine.lengths.drafter_rate = rates[m]
-                kw = ({"speculative": False} if m == "ar" else
-                      {} if m in ("auto", "pool") else {"drafter": m})
+    rates: dict[str, dict] = {m: {} for m in modes}  # each mode's own history
+    for r in it:
+        for m in modes:
+            kw = ({"speculative": False} if m == "ar" else
+                  {} if m in ("auto", "pool") else {"drafter": m})
+            with engine.lengths.scoped_rates(rates[m]):
                 t0 = time.perf_counter()
                 o = engine.generate(r["prompt"], params, **kw)[0]
                 dt = time.perf_counter() - t0
-                per[m].setdefault(r["task"], []).append(o.stats)
-                times[m][r["task"]] = times[m].get(r["task"], 0.0) + dt
-                _prompt_time[m].setdefault(r["task"], []).append(dt)
-                outs[m].append(o.token_ids)
-    finally:
-        engine.lengths.drafter_rate = shared_rates
+            per[m].setdefault(r["task"], []).append(o.stats)
+            times[m][r["task"]] = times[m].get(r["task"], 0.0) + dt
+            _prompt_time[m].setdefault(r["task"], []).append(dt)
+            outs[m].append(o.token_ids)
     res: dict = {"modes": {}, "mismatches": {}}
     # oracle: per prompt, the drafter mode with the most tokens per target forward
     drafter_modes = [m for m in modes if m not in ("ar", "auto", "pool")]

@@ -39,6 +39,16 @@ def load_prompts(path: str | Path) -> list[dict]:
     return rows
 
 
+def shorten_prompt(prompt: str, max_chars: int) -> str:
+    """A prompt longer than ``max_chars`` keeps its first 2/3 and last 1/3 of that many
+    characters, joined by ``"\n...\n"`` (long documents: the task and the question
+    survive); ``max_chars`` <= 0 keeps every prompt whole."""
+    if max_chars <= 0 or len(prompt) <= max_chars:
+        return prompt
+    h = max_chars * 2 // 3
+    return prompt[:h] + "\n...\n" + prompt[-(max_chars - h):]
+
+
 def is_eval(row: dict, eval_fraction: float = 0.2) -> bool:
     """Fixed membership in the evaluation split, by a hash of the row's id."""
     h = int.from_bytes(hashlib.sha256(str(row["id"]).encode()).digest()[:8], "big")

@@ -59,3 +59,23 @@ class ScriptedTreeDrafter:
 
     def release(self, seq):
         pass
+
+
+def record_rate_tables(engine) -> list:
+    """Wrap ``engine.generate`` so that each call appends the acceptance table the
+    adaptive length rule uses during it (``engine.lengths.drafter_rate``); returns the
+    list it fills (tests of whose history a measurement reads and writes)."""
+    seen: list = []
+    orig = engine.generate
+
+    def spy(*a, **kw):
+        seen.append(engine.lengths.drafter_rate)
+        return orig(*a, **kw)
+
+    engine.generate = spy
+    return seen
+
+
+def rate_snapshot(table: dict) -> dict:
+    """``{drafter: (hits, trials)}`` of an acceptance table, for equality checks."""
+    return {k: (v.hits, v.trials) for k, v in table.items()}

@@ -187,26 +187,20 @@ def test_assign_measures_each_cluster_with_fresh_acceptance_history(setup):
     """The adaptive rule's per-drafter acceptance is learned anew for every cluster's
     measurement (no carry-over from clusters measured before) and restored after."""
     from specrt.align.pipeline import _measure
+    from tests.drafters import rate_snapshot, record_rate_tables
 
     tiny, _, _ = setup
     eng = specrt.Engine.from_pretrained(str(tiny), device="cpu")
     eng.generate("abcabc abc", SamplingParams(max_tokens=6), drafter="ngram")
     mine = eng.lengths.drafter_rate
-    before = {k: (v.hits, v.trials) for k, v in mine.items()}
-    seen = []
-    orig = eng.generate
-
-    def spy(*a, **kw):
-        seen.append(eng.lengths.drafter_rate)
-        return orig(*a, **kw)
-
-    eng.generate = spy
+    before = rate_snapshot(mine)
+    seen = record_rate_tables(eng)
     rows = [{"prompt": "abcabc abc"}, {"prompt": "hello hello"}]
     m1 = _measure(eng, rows, ["ngram", "recycling"], 6)
     m2 = _measure(eng, rows, ["ngram", "recycling"], 6)
     assert set(m1) == set(m2) == {"ngram", "recycling"} and m1["ngram"]["tokens"] > 0
     assert eng.lengths.drafter_rate is mine
-    assert {k: (v.hits, v.trials) for k, v in mine.items()} == before
+    assert rate_snapshot(mine) == before
     assert id(mine) not in {id(x) for x in seen}
     assert len({id(x) for x in seen[:4]}) == 1 and seen[0] is not seen[4]
 

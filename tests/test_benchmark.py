@@ -84,23 +84,17 @@ def test_run_e2e_keeps_each_modes_acceptance_history_apart(tiny_dir):
     own history is neither read nor changed by a benchmark."""
     import specrt
     from specrt.benchmark import run_e2e
+    from tests.drafters import rate_snapshot, record_rate_tables
 
     eng = specrt.Engine.from_pretrained(str(tiny_dir), device="cpu")
     eng.generate("abcabc abc", specrt.SamplingParams(max_tokens=6), drafter="ngram")
     mine = eng.lengths.drafter_rate
-    snapshot = {k: (v.hits, v.trials) for k, v in mine.items()}
+    snapshot = rate_snapshot(mine)
     assert snapshot  # the engine has a history of its own
-    seen = []
-    orig = eng.generate
-
-    def spy(*a, **kw):
-        seen.append(eng.lengths.drafter_rate)
-        return orig(*a, **kw)
-
-    eng.generate = spy
+    seen = record_rate_tables(eng)
     rows = [{"prompt": p, "task": "a"} for p in ("abcabc abc", "hello hello")]
     run_e2e(eng, rows, ["ar", "ngram", "pool"], max_tokens=6, progress=False)
     assert eng.lengths.drafter_rate is mine
-    assert {k: (v.hits, v.trials) for k, v in mine.items()} == snapshot
+    assert rate_snapshot(mine) == snapshot
     ids = [id(x) for x in seen]  # per prompt: ar, ngram, pool -> three distinct tables
     assert ids[0:3] == ids[3:6] and len(set(ids[0:3])) == 3 and id(mine) not in ids

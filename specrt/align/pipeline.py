@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from specrt.data import shorten_prompt
+
 STAGES = ("collect", "features", "partition", "align", "assign", "route", "write")
 
 
@@ -122,13 +124,6 @@ def _jsonable(x):
 
 def _hash_order(key: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
-
-
-def _shorten(prompt: str, max_chars: int) -> str:
-    if max_chars <= 0 or len(prompt) <= max_chars:
-        return prompt
-    h = max_chars * 2 // 3
-    return prompt[:h] + "\n...\n" + prompt[-(max_chars - h):]
 
 
 def _fit_context(ids: list[int], limit: int) -> list[int]:
@@ -360,7 +355,7 @@ def stage_collect(ctx: _Ctx, rows: list[dict], budget_s: float) -> dict:
         part = todo[c:c + cfg.gen_batch]
         texts, ok = [], []
         for r in part:
-            t = _shorten(r["prompt"], cfg.max_prompt_chars)
+            t = shorten_prompt(r["prompt"], cfg.max_prompt_chars)
             n = len(eng.tokenizer.encode_prompt(t))
             if n + 2 >= ctx_len:
                 _log(f"collect: prompt {r['id']} too long ({n} tokens), skipped")
@@ -531,9 +526,7 @@ def _measure(eng, rows: list[dict], names: list[str], max_tokens: int) -> dict[s
     from specrt.sampling import SamplingParams
 
     acc_ = {n: [0, 0, 0, 0, 0.0] for n in names}  # tokens, accepted, drafted, steps, seconds
-    saved = eng.lengths.drafter_rate
-    eng.lengths.drafter_rate = {}
-    try:
+    with eng.lengths.scoped_rates():
         for j, r in enumerate(rows):
             for q in range(len(names)):
                 n = names[(j + q) % len(names)]
@@ -547,8 +540,6 @@ def _measure(eng, rows: list[dict], names: list[str], max_tokens: int) -> dict[s
                 a[1] += s["accepted_tokens"]
                 a[2] += s["drafted_tokens"]
                 a[3] += s["steps"]
-    finally:
-        eng.lengths.drafter_rate = saved
     out = {}
     for n, (tok, acc, dr, steps, el) in acc_.items():
         out[n] = {"prompts": len(rows), "tokens": tok, "elapsed_s": round(el, 4),
@@ -610,7 +601,8 @@ def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
                 raise ValueError(f"no candidate drafters among {cfg.candidates}")
             eng.drafters = dict(cand)
             eng.default_drafter = next(iter(cand))
-            rows = [dict(r, prompt=_shorten(r["prompt"], cfg.max_prompt_chars)) for r in rows]
+            rows = [dict(r, prompt=shorten_prompt(r["prompt"], cfg.max_prompt_chars))
+                    for r in rows]
             m = _measure(eng, rows, list(cand), cfg.assign_tokens)
             key = "goodput_tok_s" if cfg.assign_metric == "goodput" else cfg.assign_metric
             best = pick_drafter(m, key, cfg.assign_margin)

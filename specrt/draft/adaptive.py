@@ -15,6 +15,7 @@ positions of this request, shrunk toward the drafter's running rate across reque
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -47,6 +48,19 @@ class LengthController:
         self._s = [0.0] * 5  # sum w, sum n, sum n^2, sum t, sum n*t
         self.decay = 0.98
         self._table: dict[int, tuple[float, int]] = {}  # n_tokens -> (EMA seconds, count)
+
+    @contextmanager
+    def scoped_rates(self, table: dict | None = None):
+        """Within the block the learned drafter acceptance is ``table`` (a fresh one by
+        default), apart from the controller's own, which is restored on exit; measured
+        costs stay shared. For measurements that must not read or steer each other's
+        history: pass the same ``table`` again to continue one history."""
+        saved = self.drafter_rate
+        self.drafter_rate = {} if table is None else table
+        try:
+            yield self.drafter_rate
+        finally:
+            self.drafter_rate = saved
 
     # -------------------------------------------------------------- costs
     def observe_forward(self, n_tokens: int, seconds: float) -> None:

@@ -351,7 +351,7 @@ def stage_eval(engine, drafter, rows: list[dict], max_tokens: int, max_draft: in
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (``python -m specrt.draft.train --help``)."""
     from specrt.data import (balanced_sample, default_prompts_path, interleave_tasks,
-                             load_prompts, split)
+                             load_prompts, shorten_prompt, split)
 
     ap = argparse.ArgumentParser(prog="python -m specrt.draft.train",
                                  description=__doc__.split("\n\n")[0])
@@ -405,11 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_prompts(a.prompts or default_prompts_path())
     train_rows, eval_rows = split(rows)
     train_rows = interleave_tasks(balanced_sample(train_rows, a.per_task, seed=a.seed))
-    if a.max_prompt_chars > 0:  # long documents: keep head and tail (batched prefill pads)
-        h = a.max_prompt_chars * 2 // 3
-        t = a.max_prompt_chars - h
-        train_rows = [dict(r, prompt=r["prompt"][:h] + "\n...\n" + r["prompt"][-t:])
-                      if len(r["prompt"]) > a.max_prompt_chars else r for r in train_rows]
+    # long documents: keep head and tail (batched prefill pads)
+    train_rows = [dict(r, prompt=shorten_prompt(r["prompt"], a.max_prompt_chars))
+                  for r in train_rows]
     _log(f"{len(train_rows)} train prompts ({a.per_task}/task max)")
 
     t = time.perf_counter()
