@@ -6,7 +6,7 @@ A pool directory holds ``pool.json`` plus safetensors files::
       "format": "specrt-pool", "version": 1, "created": "...",
       "target": {"name": str, "fingerprint": str, "config_sha": str, "weights_sha": str,
                  "vocab_size": int, "hidden_size": int},
-      "drafters": [{"name": str, "kind": "model" | "ngram" | "recycling",
+      "drafters": [{"name": str, "kind": "model" | "ngram" | "recycling" | "fused",
                     "files": [relative paths], "config": {constructor / runtime options}}],
       "default_drafter": str,
       "clusters": {"k": int, "metric": "cosine" | "euclidean",
@@ -26,6 +26,10 @@ A ``model`` drafter's files are its ``<stem>.json`` config and weights as writte
 shared, not stored); ``files[0]`` is the config. Its ``config`` holds the runtime
 options (mode, topk, max_depth, threshold) given to
 :class:`specrt.draft.model.ModelDrafter`.
+
+A ``fused`` drafter (:class:`specrt.draft.fused.FusedDrafter`) has no files; its
+``config`` is ``{"members": [names of other drafters of the pool], "split": "fill" |
+"share"}``. Its members are the pool's own drafter objects (shared, not copies).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import torch
 
 POOL_FORMAT = "specrt-pool"
 POOL_VERSION = 1
-KINDS = ("model", "ngram", "recycling")
+KINDS = ("model", "ngram", "recycling", "fused")
 
 
 class PoolError(ValueError):
@@ -69,8 +73,9 @@ def target_fingerprint(model) -> dict:
 
 # ---------------------------------------------------------------------------- write
 def drafter_entry(d, files: list[str] | None = None, config: dict | None = None) -> dict:
-    """The ``pool.json`` entry of a live drafter object (ngram / recycling / model).
-    For model drafters ``files`` (config json first, then weights) must be given."""
+    """The ``pool.json`` entry of a live drafter object (ngram / recycling / model /
+    fused). For model drafters ``files`` (config json first, then weights) must be
+    given; a fused drafter's members must get entries of their own."""
     kind = getattr(d, "kind", None)
     if kind == "ngram":
         cfg = {"max_ngram": d.max_ngram, "min_ngram": d.min_ngram, "branches": d.branches}
@@ -81,6 +86,8 @@ def drafter_entry(d, files: list[str] | None = None, config: dict | None = None)
             raise ValueError(f"model drafter {d.name!r} needs its files")
         cfg = {"mode": d.mode, "topk": d.topk, "max_depth": d.max_depth,
                "threshold": d.threshold}
+    elif kind == "fused":
+        cfg = {"members": [m.name for m in d.members], "split": d.split}
     else:
         raise ValueError(f"drafter {getattr(d, 'name', d)!r} of kind {kind!r} cannot go in a "
                          f"pool (kinds: {KINDS})")
@@ -148,6 +155,8 @@ def write_pool(out_dir: str | Path, *, model, drafters: list[dict], default_draf
         for f in d["files"]:
             if not (out / f).is_file():
                 raise FileNotFoundError(f"drafter {d['name']!r}: {out / f} not written")
+        if d["kind"] == "fused":
+            _check_members(d, {e["name"]: e["kind"] for e in drafters}, ValueError)
     missing = set(router.cluster_drafter) - set(names)
     if missing or router.default not in names:
         raise ValueError(f"router routes to drafters not in the pool: "
@@ -211,8 +220,19 @@ def check_target(meta: dict, model, pool_dir: str | Path = "") -> None:
                 f"{have['fingerprint']}). Rebuild the pool with `specrt align` for this target.")
 
 
-def build_drafter(entry: dict, pool_dir: Path, model):
-    """Instantiate one drafter from its ``pool.json`` entry for ``model``."""
+def _check_members(entry: dict, kinds: dict[str, str], err) -> list[str]:
+    """The member names of a fused entry, checked against the pool's ``{name: kind}``."""
+    members = list(entry.get("config", {}).get("members") or [])
+    bad = [m for m in members if kinds.get(m) in (None, "fused")]
+    if len(members) < 2 or bad:
+        raise err(f"fused drafter {entry.get('name')!r} needs two or more members that are "
+                  f"other non-fused drafters of the pool; bad: {bad or members}")
+    return members
+
+
+def build_drafter(entry: dict, pool_dir: Path, model, built: dict | None = None):
+    """Instantiate one drafter from its ``pool.json`` entry for ``model``; a fused
+    drafter takes its members from ``built`` (``{name: drafter}``, the pool's others)."""
     kind, name, cfg = entry.get("kind"), entry.get("name"), dict(entry.get("config", {}))
     for f in entry.get("files", []):
         if not (pool_dir / f).is_file():
@@ -232,6 +252,16 @@ def build_drafter(entry: dict, pool_dir: Path, model):
             raise PoolError(f"pool {pool_dir}: model drafter {name!r} lists no files")
         opts = {k: v for k, v in cfg.items() if k in ("mode", "topk", "max_depth", "threshold")}
         return ModelDrafter.load(pool_dir / entry["files"][0], model, name=name, **opts)
+    if kind == "fused":
+        from specrt.draft.fused import FusedDrafter
+
+        built = built or {}
+        members = _check_members(entry, {n: d.kind for n, d in built.items()}, PoolError)
+        try:
+            return FusedDrafter([built[m] for m in members], name=name,
+                                split=cfg.get("split", "fill"))
+        except ValueError as e:
+            raise PoolError(f"pool {pool_dir}: drafter {name!r}: {e}") from None
     raise PoolError(f"pool {pool_dir}: drafter {name!r} has unknown kind {kind!r} "
                     f"(kinds: {KINDS})")
 
@@ -255,7 +285,12 @@ def load_pool(pool_dir: str | Path, model, *, check: bool = True):
     entries = meta.get("drafters") or []
     if not entries:
         raise PoolError(f"pool {d}: no drafters")
-    drafters = [build_drafter(e, d, model) for e in entries]
+    built = {e.get("name"): build_drafter(e, d, model)
+             for e in entries if e.get("kind") != "fused"}
+    for e in entries:  # fused drafters last: their members are the pool's own drafters
+        if e.get("kind") == "fused":
+            built[e.get("name")] = build_drafter(e, d, model, built)
+    drafters = [built[e.get("name")] for e in entries]
     names = [x.name for x in drafters]
     default = meta.get("default_drafter")
     if default not in names:

@@ -216,3 +216,17 @@ def test_pick_drafter_breaks_goodput_ties_by_accepted_length():
     assert pick_drafter(m, "goodput_tok_s", 0.0) == "aligned_0"
     assert pick_drafter(m, "goodput_tok_s", 0.25) == "baseline"
     assert pick_drafter(m, "mean_accepted_length", 0.0) == "baseline"
+
+
+def test_candidate_tokens_name_fusions_and_skip_missing_drafters():
+    from specrt.align.pipeline import candidate_drafters
+    from specrt.draft import FusedDrafter, NgramDrafter, RecyclingDrafter
+
+    ng, rc, al = NgramDrafter(), RecyclingDrafter(96), NgramDrafter(name="aligned_3")
+    have = {"ngram": ng, "recycling": rc, "aligned": al}
+    got = candidate_drafters(["aligned", "baseline", "ngram", "ngram+aligned",
+                              "ngram+baseline", "recycling+ngram"], have)
+    assert list(got) == ["aligned_3", "ngram", "ngram+aligned_3", "recycling+ngram"]
+    f = got["ngram+aligned_3"]
+    assert isinstance(f, FusedDrafter) and f.members == [ng, al] and f.split == "fill"
+    assert candidate_drafters(["baseline"], have) == {}

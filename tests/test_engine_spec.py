@@ -6,7 +6,7 @@ import torch
 
 import specrt
 from specrt import SamplingParams
-from specrt.draft import NgramDrafter, RecyclingDrafter
+from specrt.draft import FusedDrafter, NgramDrafter, RecyclingDrafter
 from tests.drafters import ScriptedTreeDrafter
 from tests.tiny import make_tiny_model
 
@@ -41,13 +41,15 @@ def make_engine(tiny_dir, reference, **kw):
         ScriptedTreeDrafter("tree", ref, 96, seed=1),
         ScriptedTreeDrafter("chain", ref, 96, seed=2, chain=True),
         ScriptedTreeDrafter("tree_q", ref, 96, seed=3, sampled=True),
+        FusedDrafter([NgramDrafter(), ScriptedTreeDrafter("f_tree", ref, 96, seed=4)],
+                     name="fused", split="share"),
     ]
     return specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
                                          cache_tokens=4096, drafters=drafters,
                                          adaptive=False, **kw)
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "recycling", "tree", "chain", "tree_q"])
+@pytest.mark.parametrize("drafter", ["ngram", "recycling", "tree", "chain", "tree_q", "fused"])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_greedy_lossless(tiny_dir, reference, drafter, batch):
     eng = make_engine(tiny_dir, reference, max_draft=5)
@@ -67,7 +69,7 @@ def test_greedy_lossless(tiny_dir, reference, drafter, batch):
 
 def test_mixed_drafters_in_one_batch(tiny_dir, reference):
     eng = make_engine(tiny_dir, reference, max_draft=4, max_batch=5)
-    names = ["tree", "chain", "ngram", "tree_q", "recycling"]
+    names = ["tree", "chain", "fused", "tree_q", "recycling"]
     eng.stream = _routed_stream(eng, names)  # each request its own drafter kind
     outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))
     for o, w, n in zip(outs, reference[1], names):
@@ -112,9 +114,11 @@ def test_kv_cache_equals_ar_cache(tiny_dir, reference):
             assert torch.allclose(la[:, :n], lb[:, :n], atol=1e-5), f"prompt {i}"
 
 
-def test_sampled_first_tokens_follow_target(tiny_dir, reference):
+@pytest.mark.parametrize("drafter", ["tree_q", "fused"])
+def test_sampled_first_tokens_follow_target(tiny_dir, reference, drafter):
     """Chi-square: the 2nd emitted token (the first decided by verification) of
-    speculative sampling follows the target's distribution at that position."""
+    speculative sampling follows the target's distribution at that position (sampled
+    draft trees, and fused trees of deterministic proposals)."""
     from specrt.sampling import logits_to_probs
 
     eng = make_engine(tiny_dir, reference, max_draft=3, max_batch=64)
@@ -125,7 +129,7 @@ def test_sampled_first_tokens_follow_target(tiny_dir, reference):
     for s in range(0, n_draws, 250):
         outs += eng.generate([prompt] * 250, [SamplingParams(
             max_tokens=2, temperature=1.0, top_k=6, ignore_eos=True, seed=s + i)
-            for i in range(250)], drafter="tree_q")
+            for i in range(250)], drafter=drafter)
     firsts = torch.tensor([o.token_ids[0] for o in outs])
     t0 = int(firsts.mode().values)
     seconds = torch.tensor([o.token_ids[1] for o in outs if o.token_ids[0] == t0])

@@ -11,6 +11,7 @@ import torch
 
 import specrt
 from specrt import SamplingParams
+from specrt.draft import FusedDrafter, NgramDrafter
 from specrt.draft.model import DraftNet, ModelDrafter
 from tests.tiny import make_tiny_model
 
@@ -91,16 +92,21 @@ class _Spy(ModelDrafter):
                                        result.target_hidden[result.path]])
 
 
-@pytest.mark.parametrize("arch", ["lm", "eagle"])
-def test_drafter_kv_matches_recomputation(tiny_dir, target, reference, arch):
+@pytest.mark.parametrize("arch,fused", [("lm", False), ("eagle", False), ("eagle", True)])
+def test_drafter_kv_matches_recomputation(tiny_dir, target, reference, arch, fused):
     """After steps with rejections (an untrained drafter is mostly wrong), the drafter's
     cached K/V of the committed tokens and its first draft equal a dense recomputation
-    over prompt + emitted tokens."""
+    over prompt + emitted tokens. ``fused``: the drafter is the second member of a
+    fill-split fused drafter behind n-gram lookup, so it skips the steps where the
+    lookup fills the budget and sees merged trees: it must stay in step all the same."""
     net = DraftNet.from_target(target.model, kind=arch, num_layers=2, vocab_ids=_vocab())
     d = _Spy(net, name="m", mode="tree", topk=2, threshold=0.0, cache_tokens=1024,
              block_size=4)
-    eng = _engine(tiny_dir, target, d)
+    served = FusedDrafter([NgramDrafter(), d], name="f") if fused else d
+    eng = _engine(tiny_dir, target, served)
     outs = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=N, ignore_eos=True))
+    for o, w in zip(outs, reference):
+        assert o.token_ids == w
     assert sum(o.stats["drafted_tokens"] - o.stats["accepted_tokens"] for o in outs) > 0
     assert sum(o.stats["accepted_tokens"] for o in outs) > 0
     assert len(d.checks) > 4

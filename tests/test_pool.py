@@ -8,7 +8,7 @@ import torch
 import specrt
 from specrt import SamplingParams
 from specrt.align.features import engine_prompt_features
-from specrt.draft import NgramDrafter, RecyclingDrafter
+from specrt.draft import FusedDrafter, NgramDrafter, RecyclingDrafter
 from specrt.pool import PoolError, drafter_entry, load_pool, write_pool
 from specrt.route import MLPRouter, router_latency
 from tests.tiny import make_tiny_model
@@ -29,21 +29,24 @@ def engine(tiny_dir):
                                          cache_tokens=4096)
 
 
-def _make_pool(engine, d, labels, threshold=0.0):
+def _make_pool(engine, d, labels, threshold=0.0, fused=False):
     """A pool of ngram + recycling whose router sends PROMPTS[i] to cluster labels[i]
-    (cluster 0 -> ngram, 1 -> recycling)."""
+    (cluster 0 -> ngram, 1 -> recycling, or with ``fused`` to ngram+recycling fused)."""
     X = engine_prompt_features(engine, PROMPTS)
-    r = MLPRouter(X.shape[1], 2, ["ngram", "recycling"], "ngram", hidden=64,
-                  threshold=threshold)
+    names = ["ngram", "ngram+recycling" if fused else "recycling"]
+    r = MLPRouter(X.shape[1], 2, names, "ngram", hidden=64, threshold=threshold)
     r.fit(X, torch.tensor(labels), epochs=400)
     assert r.predict_clusters(X).tolist() == labels
     V = engine.model.args.vocab_size
-    write_pool(d, model=engine.model,
-               drafters=[drafter_entry(NgramDrafter()), drafter_entry(RecyclingDrafter(V, k=4))],
+    ng, rc = NgramDrafter(), RecyclingDrafter(V, k=4)
+    entries = [drafter_entry(ng), drafter_entry(rc)]
+    if fused:
+        entries.append(drafter_entry(FusedDrafter([ng, rc], name=names[1], split="share")))
+    write_pool(d, model=engine.model, drafters=entries,
                default_drafter="ngram", router=r, centroids=torch.randn(2, X.shape[1]),
                mean=X.mean(0), std=X.std(0), metric="cosine",
                clusters=[{"id": c, "size": labels.count(c), "tasks": {}, "drafter": n,
-                          "candidates": {}} for c, n in enumerate(["ngram", "recycling"])])
+                          "candidates": {}} for c, n in enumerate(names)])
     return X, r
 
 
@@ -87,6 +90,39 @@ def test_routed_mixed_batch_is_lossless(engine, tiny_dir, tmp_path):
     # a forced drafter overrides routing
     o = eng.generate(PROMPTS[0], SamplingParams(max_tokens=4), drafter="recycling")[0]
     assert o.stats["drafter"] == "recycling" and o.stats["cluster"] is None
+
+
+def test_fused_drafter_in_a_pool(engine, tiny_dir, tmp_path):
+    """A fused entry round-trips, its members are the pool's own drafter objects, and
+    requests routed to it stay lossless; a fused entry naming a missing member is a
+    clear error at write and at load."""
+    labels = [0, 1, 1, 0, 1, 0]
+    _make_pool(engine, tmp_path, labels, fused=True)
+    drafters, _, _, meta = load_pool(tmp_path, engine.model)
+    by = {d.name: d for d in drafters}
+    f = by["ngram+recycling"]
+    assert isinstance(f, FusedDrafter) and f.split == "share"
+    assert f.members[0] is by["ngram"] and f.members[1] is by["recycling"]
+    assert meta["drafters"][2]["config"] == {"members": ["ngram", "recycling"], "split": "share"}
+    ref = engine.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True),
+                          speculative=False)
+    eng = specrt.Engine.from_pretrained(str(tiny_dir), pool=str(tmp_path), device="cpu",
+                                        block_size=4, cache_tokens=4096, max_batch=6)
+    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))
+    for o, w, c in zip(outs, ref, labels):
+        assert o.token_ids == w.token_ids
+        assert o.stats["drafter"] == ["ngram", "ngram+recycling"][c]
+    meta["drafters"][2]["config"]["members"] = ["ngram", "nope"]
+    (tmp_path / "pool.json").write_text(json.dumps(meta))
+    with pytest.raises(PoolError, match="members"):
+        load_pool(tmp_path, engine.model)
+    r = MLPRouter(4, 1, ["ngram"], "ngram")
+    bad = {"name": "f", "kind": "fused", "files": [], "config": {"members": ["ngram"]}}
+    with pytest.raises(ValueError, match="members"):
+        write_pool(tmp_path / "w", model=engine.model,
+                   drafters=[drafter_entry(NgramDrafter()), bad], default_drafter="ngram",
+                   router=r, centroids=torch.randn(1, 4), mean=None, std=None,
+                   metric="cosine", clusters=[])
 
 
 def test_features_identical_to_engine_prefill(engine):

@@ -81,7 +81,8 @@ class AlignConfig:
     assign_tokens: int = 48
     assign_metric: str = "goodput"        # or "mean_accepted_length"
     assign_margin: float = 0.02           # relative: closer candidates tie (see pick_drafter)
-    candidates: tuple = ("aligned", "baseline", "ngram", "recycling")
+    candidates: tuple = ("aligned", "baseline", "ngram", "recycling", "ngram+aligned",
+                         "ngram+baseline")
     router_hidden: int = 128
     router_threshold: float = 0.5
     router_epochs: int = 300
@@ -560,6 +561,28 @@ def pick_drafter(m: dict[str, dict], key: str, margin: float) -> str:
     return max(sorted(tied), key=lambda n: (m[n]["mean_accepted_length"], m[n][key]))
 
 
+def candidate_drafters(tokens, have: dict) -> dict:
+    """The candidates named by ``tokens`` (``--candidates``) among the drafters ``have``
+    (``{token: drafter}``, e.g. ``aligned`` -> this cluster's aligned drafter): a token
+    ``a+b`` is a :class:`~specrt.draft.fused.FusedDrafter` (``fill`` split) of those
+    members, named after their names joined by ``+``. Tokens whose drafters are
+    missing are left out. Returns ``{name: drafter}`` in token order."""
+    from specrt.draft.fused import FusedDrafter
+
+    out = {}
+    for t in tokens:
+        parts = t.split("+")
+        if not all(p in have for p in parts):
+            continue
+        if len(parts) == 1:
+            d = have[t]
+        else:
+            ms = [have[p] for p in parts]
+            d = FusedDrafter(ms, name="+".join(m.name for m in ms))
+        out[d.name] = d
+    return out
+
+
 def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
     """Per cluster, measure every candidate drafter on the cluster's held-back TRAIN
     prompts (batch 1, greedy) and assign the best by ``assign_metric``; resumable per
@@ -592,11 +615,12 @@ def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
                 continue
             mem = [i for i, lab in zip(part["ids"], part["labels"]) if lab == c]
             rows = [by_id[i] for i in mem if i in held] or [by_id[i] for i in mem][:1]
-            cand = {n: d for n, d in shared.items() if n in cfg.candidates}
+            have = dict(shared)
             al = ctx.work / "align" / f"aligned_{c}.json"
-            if "aligned" in cfg.candidates and al.is_file():
-                cand[f"aligned_{c}"] = ModelDrafter.load(al, eng.model, name=f"aligned_{c}",
-                                                         **ctx.baseline_runtime)
+            if al.is_file() and any("aligned" in t.split("+") for t in cfg.candidates):
+                have["aligned"] = ModelDrafter.load(al, eng.model, name=f"aligned_{c}",
+                                                    **ctx.baseline_runtime)
+            cand = candidate_drafters(cfg.candidates, have)
             if not cand:
                 raise ValueError(f"no candidate drafters among {cfg.candidates}")
             eng.drafters = dict(cand)
@@ -620,7 +644,7 @@ def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
         tot: dict[str, list[float]] = {}
         for v in res["clusters"].values():
             for n, x in v["candidates"].items():
-                if not n.startswith("aligned_"):
+                if "aligned_" not in n:  # cluster-specific drafters cannot be the default
                     a = tot.setdefault(n, [0.0, 0.0])
                     a[0] += x["tokens"]
                     a[1] += x["elapsed_s"]
@@ -717,8 +741,9 @@ def stage_write(ctx: _Ctx) -> dict:
     model = ctx.model
     router = MLPRouter.load(ctx.work / "router.safetensors")
     used = list(dict.fromkeys(router.cluster_drafter + [router.default]))
+    members = [m for n in used if "+" in n for m in n.split("+")]
     entries = []
-    for n in used:
+    for n in dict.fromkeys([*members, *used]):  # a fused drafter's members come first
         if n == "ngram":
             entries.append(drafter_entry(NgramDrafter()))
         elif n == "recycling":
@@ -731,6 +756,9 @@ def stage_write(ctx: _Ctx) -> dict:
             files = copy_model_drafter_files(ctx.work / "align" / f"{n}.json", ctx.out, n)
             entries.append({"name": n, "kind": "model", "files": files,
                             "config": dict(ctx.baseline_runtime)})
+        elif "+" in n:
+            entries.append({"name": n, "kind": "fused", "files": [],
+                            "config": {"members": n.split("+"), "split": "fill"}})
         else:
             raise ValueError(f"unknown drafter {n!r} in the assignment")
     items = []
@@ -929,7 +957,10 @@ def add_cli(sub) -> None:
                    help="learning rate (default 3e-3 with LoRA, 3e-4 full tuning)")
     a.add_argument("--align-lora", type=int, default=16,
                    help="LoRA rank on the baseline drafter (0: tune all its weights)")
-    a.add_argument("--candidates", default="aligned,baseline,ngram,recycling")
+    a.add_argument("--candidates", default=",".join(AlignConfig.candidates),
+                   help="drafters measured per cluster: aligned (the cluster's own), "
+                        "baseline, ngram, recycling, and fusions of them joined by + "
+                        "(one merged draft tree per step, see specrt.draft.fused)")
     a.add_argument("--assign-prompts", type=int, default=4,
                    help="held-back train prompts per cluster for assign/route")
     a.add_argument("--assign-tokens", type=int, default=48)

@@ -1,11 +1,14 @@
-"""Drafters: the protocol, model-free drafters (n-gram, token recycling), model drafters."""
+"""Drafters: the protocol, model-free drafters (n-gram, token recycling), model drafters,
+and fused drafters (several members' trees merged into one)."""
 from __future__ import annotations
 
 from specrt.draft.base import Drafter, DraftTree, SeqState, Verified
+from specrt.draft.fused import FusedDrafter
 from specrt.draft.ngram import NgramDrafter
 from specrt.draft.recycling import RecyclingDrafter
 
 __all__ = ["Drafter", "DraftTree", "SeqState", "Verified", "NgramDrafter", "RecyclingDrafter",
+           "FusedDrafter",
            "default_drafters", "drafter_from_spec"]
 
 
@@ -34,9 +37,14 @@ def default_drafters(model, target=None) -> list:
 
 
 def drafter_from_spec(spec: str, model):
-    """A drafter from a short spec: ``ngram``, ``recycling``, or the path of a saved
+    """A drafter from a short spec: ``ngram``, ``recycling``, the path of a saved
     model drafter's ``.json`` (loaded with its recorded runtime settings, named after
-    the file stem). ``ValueError`` for anything else."""
+    the file stem), or two or more of those joined by ``+`` (a :class:`FusedDrafter`
+    with the ``fill`` split, named after its members joined by ``+``, e.g.
+    ``ngram+baseline``). ``ValueError`` for anything else."""
+    if "+" in spec:
+        members = [drafter_from_spec(p, model) for p in spec.split("+")]
+        return FusedDrafter(members, name="+".join(m.name for m in members))
     if spec == "ngram":
         return NgramDrafter()
     if spec == "recycling":

@@ -1,0 +1,170 @@
+"""Fused drafter: several drafters' proposals merged into one draft tree (after CoSine,
+arXiv 2503.10135, multi-drafter speculation), verified in one target forward.
+
+The members propose for the same request; their trees are merged as a trie (a token
+proposed by two members under the same parent is one node), and the merged tree is cut
+to the step's budget. The target then accepts the longest path through *any* member's
+proposal, so per step the fused tree accepts at least as much as each member's own
+tree within the same budget share. The typical pairing is n-gram lookup (free, long
+exact runs where the output copies its context) with a model drafter (pays where there
+is nothing to copy).
+
+Two ways to share the budget ``b`` of a step:
+
+* ``"fill"``: members propose in order, each from what the earlier ones left
+  (``b - used``); a member left nothing does not run. With n-gram first, the model
+  drafter runs only when the lookup finds less than ``b`` tokens to copy -- cheap
+  where drafting costs real time (CPU).
+* ``"share"``: every member proposes with the whole budget; the merged tree keeps the
+  members' nodes round-robin (first node of each member, then the second, ...), each
+  member's nodes in its own (parents-first) order, until ``b`` are kept. Every member
+  contributes a candidate at depth 1 every step.
+
+Trees are deterministic proposals (``probs`` None: top-k, lookup), which the lossless
+verifier accepts as such; members that sample their trees (``probs`` set) cannot be
+fused and raise. Each member keeps its per-request state apart
+(``seq.state["fused"][i]``). Every member sees every step's :class:`Verified` (the
+merged tree and its accepted path), so model drafters stay in step with the emitted
+tokens whether or not they drafted. Model drafters of the ``"lm"`` kind key their
+cache scratch by their own node indices and so cannot be fused (eagle ones can).
+"""
+from __future__ import annotations
+
+import torch
+
+from specrt.draft.base import DraftTree, SeqState, Verified
+
+SPLITS = ("fill", "share")
+
+
+class FusedDrafter:
+    """One drafter over several members' merged trees.
+
+    Args:
+        members: the drafters to fuse, highest priority first (at least two).
+        name: drafter name in the engine.
+        split: ``"fill"`` or ``"share"`` (see the module docstring).
+    """
+
+    kind = "fused"
+
+    def __init__(self, members: list, name: str = "fused", split: str = "fill"):
+        if len(members) < 2:
+            raise ValueError("a fused drafter needs at least two members")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        for m in members:
+            net = getattr(m, "net", None)
+            if getattr(m, "kind", None) == "fused":
+                raise ValueError("fused drafters do not nest; list the members instead")
+            if net is not None and getattr(net, "kind", None) == "lm":
+                raise ValueError(f"member {m.name!r} is an 'lm' model drafter, which keys "
+                                 "its cache scratch by its own tree's node indices; only "
+                                 "eagle model drafters can be fused")
+        self.members, self.name, self.split = list(members), name, split
+
+    # ------------------------------------------------------------ protocol
+    def begin(self, seq: SeqState, prompt_hidden: torch.Tensor | None) -> None:
+        """Start the request in every member, each with its own state."""
+        seq.state["fused"] = [{} for _ in self.members]
+        for m, v in zip(self.members, self._views(seq)):
+            m.begin(v, prompt_hidden)
+
+    def propose(self, seqs: list[SeqState], budgets: list[int]) -> list[DraftTree]:
+        """A merged tree of at most ``budgets[i] + 1`` nodes per request (batched per
+        member)."""
+        views = [self._views(s) for s in seqs]
+        merged = [_Trie(s.tokens[-1]) for s in seqs]
+        if self.split == "fill":
+            for mi, m in enumerate(self.members):
+                idx = [i for i, b in enumerate(budgets) if b - merged[i].drafted > 0]
+                if not idx:
+                    break
+                got = m.propose([views[i][mi] for i in idx],
+                                [budgets[i] - merged[i].drafted for i in idx])
+                for i, t in zip(idx, got):
+                    self._check(m, t, seqs[i])
+                    merged[i].add_all(t, budgets[i])
+        else:
+            idx = [i for i, b in enumerate(budgets) if b > 0]
+            per_member = []
+            for mi, m in enumerate(self.members):
+                got = m.propose([views[i][mi] for i in idx], [budgets[i] for i in idx])
+                for i, t in zip(idx, got):
+                    self._check(m, t, seqs[i])
+                per_member.append(got)
+            for j, i in enumerate(idx):
+                merged[i].add_round_robin([g[j] for g in per_member], budgets[i])
+        return [t.tree() for t in merged]
+
+    def update(self, seq: SeqState, result: Verified) -> None:
+        """Hand the step's outcome (merged tree, accepted path) to every member."""
+        for m, v in zip(self.members, self._views(seq)):
+            m.update(v, result)
+
+    def release(self, seq: SeqState) -> None:
+        """Release the request in every member."""
+        if "fused" not in seq.state:
+            return
+        for m, v in zip(self.members, self._views(seq)):
+            m.release(v)
+        seq.state.pop("fused", None)
+
+    # ------------------------------------------------------------ internals
+    def _views(self, seq: SeqState) -> list[SeqState]:
+        """Per-member views of one request: same tokens, the member's own state dict."""
+        return [SeqState(seq.seq_id, seq.tokens, seq.prompt_len, seq.temperature, st)
+                for st in seq.state["fused"]]
+
+    def _check(self, m, t: DraftTree, seq: SeqState) -> None:
+        if t.probs is not None:
+            raise ValueError(f"member {m.name!r} sampled its tree (probs set); only "
+                             "deterministic proposals can be fused")
+        if t.tokens[0] != seq.tokens[-1]:
+            raise RuntimeError(f"member {m.name!r} returned a tree with the wrong root")
+
+
+class _Trie:
+    """A draft tree under construction: merging dedupes (parent, token) pairs."""
+
+    def __init__(self, root: int):
+        self.tokens, self.parents = [root], [-1]
+        self.child: dict[tuple[int, int], int] = {}
+
+    @property
+    def drafted(self) -> int:
+        return len(self.tokens) - 1
+
+    def _add(self, parent: int, token: int, budget: int) -> int | None:
+        """Index of (parent, token), added if new and the budget allows; None if not."""
+        at = self.child.get((parent, token))
+        if at is not None:
+            return at
+        if self.drafted >= budget:
+            return None
+        self.child[(parent, token)] = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        return len(self.tokens) - 1
+
+    def add_all(self, t: DraftTree, budget: int) -> None:
+        """Merge a whole tree (parents first), as far as the budget goes."""
+        self.add_round_robin([t], budget)
+
+    def add_round_robin(self, trees: list[DraftTree], budget: int) -> None:
+        """Merge node 1 of each tree, then node 2 of each, ... until ``budget`` drafted
+        nodes; a node whose parent did not fit is dropped with its subtree."""
+        where = [{0: 0} for _ in trees]   # tree node -> merged node
+        for j in range(1, max(len(t) for t in trees)):
+            for ti, t in enumerate(trees):
+                if j >= len(t):
+                    continue
+                p = where[ti].get(t.parents[j])
+                if p is None:
+                    continue
+                at = self._add(p, t.tokens[j], budget)
+                if at is not None:
+                    where[ti][j] = at
+
+    def tree(self) -> DraftTree:
+        return DraftTree(list(self.tokens), list(self.parents))
