@@ -4,8 +4,9 @@ One run on a task-balanced sample of the EVAL split of ../shared/data/prompts.js
 (prompts `specrt align` never reads), greedy, batch 1, modes interleaved prompt by
 prompt: the target alone (ar), the baseline drafter alone (vanilla SD), the routed pool,
 and every other candidate the pool was built from (n-gram, token recycling, the
-per-cluster aligned drafters found in POOL/work/align), which feed the oracle row (per
-prompt, the drafter with the longest mean accepted length, in hindsight).
+per-cluster aligned drafters found in POOL/work/align, and n-gram fused with the baseline
+and with each aligned drafter), which feed the oracle row (per prompt, the drafter with
+the longest mean accepted length, in hindsight).
 
     python bench/bench_pool.py [--pool specrt/pools/default] [--per-task 3]
         [--max-tokens 48] [--draft-len K] [--json OUT]
@@ -41,6 +42,9 @@ def _extra_drafters(engine, pool: Path) -> list[str]:
     names = []
     aligned = sorted((pool / "work" / "align").glob("aligned_*.json"))
     specs = ["ngram", "recycling", *map(str, aligned)]
+    base = pool / "baseline.json"
+    fuse = [base, *aligned] if base.is_file() else aligned
+    specs += [f"ngram+{p}" for p in fuse]  # fused candidates (see specrt.draft.fused)
     for spec in specs:
         d = drafter_from_spec(spec, engine.model)
         if d.name not in engine.drafters:

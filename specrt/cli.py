@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fixed draft budget K every step (adaptive length off): vanilla "
                         "speculative decoding; default: the adaptive rule")
     e.add_argument("--extra-drafters", default=None, metavar="LIST",
-                   help="comma list of drafters to add to the engine (ngram, recycling, or "
-                        "a model drafter .json), e.g. a pool's unassigned candidates, so "
+                   help="comma list of drafters to add to the engine (ngram, recycling, "
+                        "a model drafter .json, or a fusion of those joined by +, e.g. "
+                        "ngram+POOL/baseline.json), e.g. a pool's unassigned candidates, so "
                         "that they can be modes and enter the oracle row")
     e.add_argument("--target", default=None)
     e.add_argument("--pool", default=None)

@@ -35,3 +35,12 @@ def triton_backend(monkeypatch):
 @pytest.fixture
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama in HF format (96-token vocabulary), shared by the engine,
+    pool and fused-drafter tests; read-only."""
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", seed=5)

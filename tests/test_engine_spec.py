@@ -8,15 +8,14 @@ import specrt
 from specrt import SamplingParams
 from specrt.draft import FusedDrafter, NgramDrafter, RecyclingDrafter
 from tests.drafters import ScriptedTreeDrafter
-from tests.tiny import make_tiny_model
 
 PROMPTS = ["hello world hello world", "abcabcabc", "The quick brown fox", "zz", "tiny tim"]
 N = 24
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("spec"), "llama", seed=5)
+def tiny_dir(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")

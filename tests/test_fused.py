@@ -10,7 +10,6 @@ from specrt import SamplingParams
 from specrt.draft import DraftTree, FusedDrafter, NgramDrafter, SeqState, Verified
 from specrt.draft.model import DraftNet, ModelDrafter
 from tests.drafters import ScriptedTreeDrafter
-from tests.tiny import make_tiny_model
 
 
 class Fixed:
@@ -109,9 +108,8 @@ N = 24
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = make_tiny_model(tmp_path_factory.mktemp("fused"), "llama", seed=5)
-    eng = specrt.Engine.from_pretrained(str(d), device="cpu", block_size=4, cache_tokens=2048,
+def setup(tiny_llama):
+    eng = specrt.Engine.from_pretrained(str(tiny_llama), device="cpu", block_size=4, cache_tokens=2048,
                                         drafters=[])
     outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True),
                         speculative=False)

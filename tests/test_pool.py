@@ -19,8 +19,8 @@ N = 16
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("pool_t"), "llama", seed=5)
+def tiny_dir(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")

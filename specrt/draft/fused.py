@@ -88,7 +88,7 @@ class FusedDrafter:
         else:
             idx = [i for i, b in enumerate(budgets) if b > 0]
             per_member = []
-            for mi, m in enumerate(self.members):
+            for mi, m in enumerate(self.members if idx else []):
                 got = m.propose([views[i][mi] for i in idx], [budgets[i] for i in idx])
                 for i, t in zip(idx, got):
                     self._check(m, t, seqs[i])
