@@ -79,3 +79,18 @@ def record_rate_tables(engine) -> list:
 def rate_snapshot(table: dict) -> dict:
     """``{drafter: (hits, trials)}`` of an acceptance table, for equality checks."""
     return {k: (v.hits, v.trials) for k, v in table.items()}
+
+
+def greedy_reference(engine, prompts: list[str], n: int) -> tuple[dict, list[list[int]]]:
+    """Plain AR greedy outputs of ``prompts`` (``n`` tokens, EOS ignored): ``({prompt ids
+    tuple: prompt + output ids}, [output ids per prompt])`` -- the ``reference`` that
+    :class:`ScriptedTreeDrafter` follows, and what lossless runs must reproduce."""
+    from specrt import SamplingParams
+
+    outs = engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True),
+                           speculative=False)
+    ref = {}
+    for p, o in zip(prompts, outs):
+        ids = engine.tokenizer.encode_prompt(p)
+        ref[tuple(ids)] = ids + o.token_ids
+    return ref, [o.token_ids for o in outs]

@@ -7,7 +7,7 @@ import torch
 import specrt
 from specrt import SamplingParams
 from specrt.draft import FusedDrafter, NgramDrafter, RecyclingDrafter
-from tests.drafters import ScriptedTreeDrafter
+from tests.drafters import ScriptedTreeDrafter, greedy_reference
 
 PROMPTS = ["hello world hello world", "abcabcabc", "The quick brown fox", "zz", "tiny tim"]
 N = 24
@@ -23,13 +23,7 @@ def reference(tiny_dir):
     """prompt ids -> prompt + greedy AR output, and the AR outputs themselves."""
     eng = specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
                                         cache_tokens=2048)
-    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True),
-                        speculative=False)
-    ref = {}
-    for p, o in zip(PROMPTS, outs):
-        ids = eng.tokenizer.encode_prompt(p)
-        ref[tuple(ids)] = ids + o.token_ids
-    return ref, [o.token_ids for o in outs]
+    return greedy_reference(eng, PROMPTS, N)
 
 
 def make_engine(tiny_dir, reference, **kw):

@@ -9,7 +9,7 @@ import specrt
 from specrt import SamplingParams
 from specrt.draft import DraftTree, FusedDrafter, NgramDrafter, SeqState, Verified
 from specrt.draft.model import DraftNet, ModelDrafter
-from tests.drafters import ScriptedTreeDrafter
+from tests.drafters import ScriptedTreeDrafter, greedy_reference
 
 
 class Fixed:
@@ -109,15 +109,9 @@ N = 24
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama):
-    eng = specrt.Engine.from_pretrained(str(tiny_llama), device="cpu", block_size=4, cache_tokens=2048,
-                                        drafters=[])
-    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True),
-                        speculative=False)
-    ref = {}
-    for p, o in zip(PROMPTS, outs):
-        ids = eng.tokenizer.encode_prompt(p)
-        ref[tuple(ids)] = ids + o.token_ids
-    return eng, ref, [o.token_ids for o in outs]
+    eng = specrt.Engine.from_pretrained(str(tiny_llama), device="cpu", block_size=4,
+                                        cache_tokens=2048, drafters=[])
+    return (eng, *greedy_reference(eng, PROMPTS, N))
 
 
 def _run(setup, drafter, max_draft, batch=5):
