@@ -1,5 +1,7 @@
-"""Fused drafter: several drafters' proposals merged into one draft tree (after CoSine,
-arXiv 2503.10135, multi-drafter speculation), verified in one target forward.
+"""Fused drafter: several drafters' proposals merged into one draft tree, verified in one
+target forward (multi-drafter fusion in the spirit of CoSine, arXiv 2503.10325, which
+fuses cooperating drafters' tokens by confidence; here every member's proposal stays in
+the tree and the target picks).
 
 The members propose for the same request; their trees are merged as a trie (a token
 proposed by two members under the same parent is one node), and the merged tree is cut
