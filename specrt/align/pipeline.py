@@ -574,11 +574,7 @@ def candidate_drafters(tokens, have: dict) -> dict:
         parts = t.split("+")
         if not all(p in have for p in parts):
             continue
-        if len(parts) == 1:
-            d = have[t]
-        else:
-            ms = [have[p] for p in parts]
-            d = FusedDrafter(ms, name="+".join(m.name for m in ms))
+        d = have[t] if len(parts) == 1 else FusedDrafter([have[p] for p in parts])
         out[d.name] = d
     return out
 

@@ -43,8 +43,7 @@ def drafter_from_spec(spec: str, model):
     with the ``fill`` split, named after its members joined by ``+``, e.g.
     ``ngram+baseline``). ``ValueError`` for anything else."""
     if "+" in spec:
-        members = [drafter_from_spec(p, model) for p in spec.split("+")]
-        return FusedDrafter(members, name="+".join(m.name for m in members))
+        return FusedDrafter([drafter_from_spec(p, model) for p in spec.split("+")])
     if spec == "ngram":
         return NgramDrafter()
     if spec == "recycling":

@@ -44,13 +44,14 @@ class FusedDrafter:
 
     Args:
         members: the drafters to fuse, highest priority first (at least two).
-        name: drafter name in the engine.
+        name: drafter name in the engine; by default the members' names joined by
+            ``+`` (e.g. ``ngram+baseline``), the name pools and benchmarks use.
         split: ``"fill"`` or ``"share"`` (see the module docstring).
     """
 
     kind = "fused"
 
-    def __init__(self, members: list, name: str = "fused", split: str = "fill"):
+    def __init__(self, members: list, name: str | None = None, split: str = "fill"):
         if len(members) < 2:
             raise ValueError("a fused drafter needs at least two members")
         if split not in SPLITS:
@@ -63,7 +64,8 @@ class FusedDrafter:
                 raise ValueError(f"member {m.name!r} is an 'lm' model drafter, which keys "
                                  "its cache scratch by its own tree's node indices; only "
                                  "eagle model drafters can be fused")
-        self.members, self.name, self.split = list(members), name, split
+        self.members, self.split = list(members), split
+        self.name = name or "+".join(m.name for m in members)
 
     # ------------------------------------------------------------ protocol
     def begin(self, seq: SeqState, prompt_hidden: torch.Tensor | None) -> None:
