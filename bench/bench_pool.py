@@ -4,12 +4,13 @@ One run on a task-balanced sample of the EVAL split of ../shared/data/prompts.js
 (prompts `specrt align` never reads), greedy, batch 1, modes interleaved prompt by
 prompt: the target alone (ar), the baseline drafter alone (vanilla SD), the routed pool,
 and every other candidate the pool was built from (n-gram, token recycling, the
-per-cluster aligned drafters found in POOL/work/align, and n-gram fused with the baseline
-and with each aligned drafter), which feed the oracle row (per prompt, the drafter with
-the longest mean accepted length, in hindsight).
+per-cluster aligned drafters found in POOL/work/align, and each of those model drafters
+and the baseline fused with n-gram, as ``ngram+X`` and ``ngram2+X+ngram``), which feed the
+oracle row (per prompt, the drafter with the longest mean accepted length, in hindsight).
+``--only`` keeps just the named candidates (the run's time grows with every mode).
 
     python bench/bench_pool.py [--pool specrt/pools/default] [--per-task 3]
-        [--max-tokens 48] [--draft-len K] [--json OUT]
+        [--max-tokens 48] [--draft-len K] [--only NAME,...] [--json OUT]
 
 Prints the per-task table (speedup over ar, acceptance rate, mean accepted length), the
 routing of every prompt, and the issue's targets as ratios: pool / baseline mean
@@ -44,7 +45,9 @@ def _extra_drafters(engine, pool: Path) -> list[str]:
     specs = ["ngram", "recycling", *map(str, aligned)]
     base = pool / "baseline.json"
     fuse = [base, *aligned] if base.is_file() else aligned
-    specs += [f"ngram+{p}" for p in fuse]  # fused candidates (see specrt.draft.fused)
+    # fused candidates (see specrt.draft.fused): n-gram-first fill and the tiered
+    # lookup-model-lookup fill, with the baseline and with each aligned drafter
+    specs += [f"ngram+{p}" for p in fuse] + [f"ngram2+{p}+ngram" for p in fuse]
     for spec in specs:
         d = drafter_from_spec(spec, engine.model)
         if d.name not in engine.drafters:
@@ -61,6 +64,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--draft-len", type=int, default=None,
                     help="fixed draft budget (adaptive rule off)")
+    ap.add_argument("--only", default=None, metavar="NAMES",
+                    help="comma list: of the pool's other candidates, measure just these")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -71,6 +76,12 @@ def main() -> int:
         raise SystemExit(f"{pool}: no routing head loaded")
     base = json.loads((pool / "pool.json").read_text())["default_drafter"]
     extra = [n for n in _extra_drafters(engine, pool) if n != base]
+    if a.only:
+        keep = [n.strip() for n in a.only.split(",") if n.strip()]
+        unknown = sorted(set(keep) - set(extra))
+        if unknown:
+            raise SystemExit(f"--only: {unknown} not among the candidates {extra}")
+        extra = [n for n in extra if n in keep]
     rows = balanced_sample(split(load_prompts(a.prompts))[1], a.per_task, seed=0)
     modes = ["ar", base, "pool", *extra]
     print(f"{machine()}; {len(rows)} eval prompts; modes {modes}; "

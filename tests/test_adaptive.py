@@ -1,4 +1,6 @@
 """The adaptive draft-length rule: drafts where it pays, stops where it does not."""
+import pytest
+
 from specrt.draft.adaptive import LengthController
 
 
@@ -43,3 +45,16 @@ def test_acceptance_estimate_updates():
     for _ in range(20):
         c.observe_accept("d", st, accepted=3, depth=3)
     assert c.rate("d", st) > 0.9
+
+
+def test_fixed_budget_pins_every_budget_and_restores_the_rule():
+    lc = LengthController(max_draft=6)
+    st = {"hits": 0.0, "trials": 40.0}            # a drafter that never hits: plain decode
+    assert lc.budget("d", st, batch=1, remaining=50) == 0
+    with lc.fixed_budget(3):
+        assert lc.budget("d", st, batch=1, remaining=50) == 3
+        assert lc.budget("d", st, batch=1, remaining=2) == 1   # never past the end
+    assert lc.adaptive and lc.max_draft == 6
+    with pytest.raises(ValueError, match="outside"):
+        with lc.fixed_budget(7):
+            pass

@@ -199,10 +199,38 @@ def test_assign_measures_each_cluster_with_fresh_acceptance_history(setup):
     m1 = _measure(eng, rows, ["ngram", "recycling"], 6)
     m2 = _measure(eng, rows, ["ngram", "recycling"], 6)
     assert set(m1) == set(m2) == {"ngram", "recycling"} and m1["ngram"]["tokens"] > 0
+    pp = m1["ngram"]["per_prompt"]  # the paired record pick_drafter tests goodput with
+    assert len(pp) == len(rows) and sum(t for t, _ in pp) == m1["ngram"]["tokens"]
     assert eng.lengths.drafter_rate is mine
     assert rate_snapshot(mine) == before
     assert id(mine) not in {id(x) for x in seen}
     assert len({id(x) for x in seen[:4]}) == 1 and seen[0] is not seen[4]
+
+
+def test_assign_measures_the_fixed_budget_apart(setup):
+    """``fixed_budget`` K: a second pass with K draft tokens every step; the engine's
+    length rule is restored afterwards."""
+    from specrt.align.pipeline import _measure
+
+    tiny, _, _ = setup
+    eng = specrt.Engine.from_pretrained(str(tiny), device="cpu")
+    asked = []  # (adaptive rule on?, budget) of every step
+    budget = eng.lengths.budget
+    eng.lengths.budget = lambda *a, **k: (asked.append((eng.lengths.adaptive, budget(*a, **k)))
+                                          or asked[-1][1])
+    resets = []
+    rec = eng.drafters["recycling"]
+    rec.reset = lambda: (resets.append(rec.matrix.max().item()), type(rec).reset(rec))
+    rows = [{"prompt": "abcabc abc"}, {"prompt": "hello hello"}]
+    m = _measure(eng, rows, ["ngram", "recycling"], 8, fixed_budget=2)
+    # recycling's matrix starts empty in each pass: the second does not replay the first
+    assert len(resets) == 2 and resets[1] >= 0
+    f = m["ngram"]["fixed"]
+    assert f["budget"] == 2 and 1.0 <= f["mean_accepted_length"] <= 3.0
+    assert eng.lengths.adaptive and eng.lengths.max_draft == 6
+    fixed = [b for on, b in asked if not on]
+    assert fixed and max(fixed) == 2 and fixed.count(2) >= len(fixed) - 2  # the last: less
+    assert any(on for on, _ in asked)
 
 
 def test_pick_drafter_breaks_goodput_ties_by_accepted_length():
@@ -216,6 +244,48 @@ def test_pick_drafter_breaks_goodput_ties_by_accepted_length():
     assert pick_drafter(m, "goodput_tok_s", 0.0) == "aligned_0"
     assert pick_drafter(m, "goodput_tok_s", 0.25) == "baseline"
     assert pick_drafter(m, "mean_accepted_length", 0.0) == "baseline"
+
+
+def _measured(per_prompt, mal):
+    tok = sum(t for t, _ in per_prompt)
+    sec = sum(s for _, s in per_prompt)
+    return {"goodput_tok_s": tok / sec, "mean_accepted_length": mal, "per_prompt": per_prompt}
+
+
+def test_pick_drafter_ties_goodput_unless_a_paired_t_test_says_slower():
+    from specrt.align.pipeline import pick_drafter, slower_significantly
+
+    fast = [[48, 1.0], [48, 2.0], [48, 1.5], [48, 1.2]]
+    # 8% slower overall, but faster on two of four prompts: not measurably slower
+    noisy = [[48, 1.25], [48, 1.9], [48, 1.95], [48, 1.05]]
+    # 8% slower on every prompt (to a few %): measurably slower
+    steady = [[48, s * f] for (_, s), f in zip(fast, (1.07, 1.09, 1.08, 1.08))]
+    assert not slower_significantly(noisy, fast) and slower_significantly(steady, fast)
+    assert not slower_significantly(fast, steady) and not slower_significantly(fast, fast)
+    assert not slower_significantly(steady[:3], fast)  # unequal prompts: cannot tell
+    m = {"ngram": _measured(fast, 1.57), "fused": _measured(noisy, 1.93)}
+    assert m["fused"]["goodput_tok_s"] < 0.95 * m["ngram"]["goodput_tok_s"]
+    assert pick_drafter(m, "goodput_tok_s", 0.02) == "fused"
+    m["fused"] = _measured(steady, 1.93)
+    assert pick_drafter(m, "goodput_tok_s", 0.02) == "ngram"
+    assert pick_drafter(m, "goodput_tok_s", 0.10) == "fused"  # the margin still ties
+    # no per-prompt record: the margin alone decides
+    m["fused"] = {**_measured(noisy, 1.93), "per_prompt": None}
+    assert pick_drafter(m, "goodput_tok_s", 0.02) == "ngram"
+
+
+def test_pick_drafter_breaks_ties_by_accepted_length_at_the_fixed_budget():
+    from specrt.align.pipeline import pick_drafter
+
+    fast = [[48, 1.0], [48, 2.0], [48, 1.5], [48, 1.2]]
+    noisy = [[48, 1.25], [48, 1.9], [48, 1.95], [48, 1.05]]
+    # as measured (adaptive lengths) n-gram accepts more; at a fixed budget the fused
+    # drafter does: the fixed-budget figure decides once every tied candidate has it
+    m = {"ngram": {**_measured(fast, 1.27), "fixed": {"mean_accepted_length": 1.30}},
+         "fused": {**_measured(noisy, 1.19), "fixed": {"mean_accepted_length": 1.55}}}
+    assert pick_drafter(m, "goodput_tok_s", 0.02) == "fused"
+    del m["fused"]["fixed"]
+    assert pick_drafter(m, "goodput_tok_s", 0.02) == "ngram"
 
 
 def test_candidate_tokens_name_fusions_and_skip_missing_drafters():

@@ -7,7 +7,8 @@ import torch
 
 import specrt
 from specrt import SamplingParams
-from specrt.draft import DraftTree, FusedDrafter, NgramDrafter, SeqState, Verified
+from specrt.draft import (DraftTree, FusedDrafter, NgramDrafter, SeqState, Verified,
+                          lookup_drafter)
 from specrt.draft.model import DraftNet, ModelDrafter
 from tests.drafters import ScriptedTreeDrafter, greedy_reference
 
@@ -54,6 +55,41 @@ def test_fill_split_gives_later_members_what_is_left_and_dedupes():
     assert b.budgets == [[2]] and t.tokens == [9, 1, 2, 3]
     t = f.propose([s], [0])[0]
     assert t.tokens == [9] and len(a.budgets) == 2  # nothing to draft: nobody runs
+
+
+def test_tiered_lookup_fill_sure_copies_then_model_then_any_copy():
+    """``ngram2+model+ngram``: a 2+-token suffix match fills the budget alone; without
+    one the model drafts, and 1-token matches fill what it left."""
+    model = Fixed("m", [3], [0])                        # the model drafts one token
+    f = FusedDrafter([lookup_drafter("ngram2", 100), model, lookup_drafter("ngram", 100)])
+    assert f.name == "ngram2+m+ngram"
+    s = SeqState(seq_id=0, tokens=[5, 6, 1, 7, 8, 1], prompt_len=6)  # [8, 1] never seen
+    f.begin(s, None)
+    t = f.propose([s], [3])[0]
+    assert model.budgets == [[3]]
+    assert t.tokens == [1, 3, 7, 8] and t.parents == [-1, 0, 0, 2]  # model's 3; then 7-8
+    s = SeqState(seq_id=1, tokens=[5, 1, 7, 8, 5, 1], prompt_len=6)  # [5, 1] seen: copy
+    f.begin(s, None)
+    t = f.propose([s], [3])[0]
+    assert model.budgets == [[3]] and t.tokens == [1, 7, 8, 5]      # the model not run
+
+
+def test_reset_reaches_members_that_learn_across_requests():
+    rec = lookup_drafter("recycling", 50)
+    rec.matrix[3, 0] = 7
+    f = FusedDrafter([lookup_drafter("ngram", 50), rec])
+    f.reset()                                    # n-gram has no reset; recycling forgets
+    assert (rec.matrix == -1).all()
+
+
+def test_lookup_drafter_names():
+    d = lookup_drafter("ngram2", 100)
+    assert isinstance(d, NgramDrafter) and d.name == "ngram2" and d.min_ngram == 2
+    assert lookup_drafter("ngram", 100).min_ngram == 1
+    assert lookup_drafter("recycling", 100).name == "recycling"
+    assert lookup_drafter("baseline", 100) is None
+    with pytest.raises(ValueError, match="1..8"):
+        lookup_drafter("ngram0", 100)
 
 
 def test_share_split_round_robin_within_budget():

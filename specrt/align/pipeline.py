@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +82,9 @@ class AlignConfig:
     assign_tokens: int = 48
     assign_metric: str = "goodput"        # or "mean_accepted_length"
     assign_margin: float = 0.02           # relative: closer candidates tie (see pick_drafter)
+    assign_budget: int | None = 3         # fixed draft length of the quality tie-break
     candidates: tuple = ("aligned", "baseline", "ngram", "recycling", "ngram+aligned",
-                         "ngram+baseline")
+                         "ngram+baseline", "ngram2+aligned+ngram", "ngram2+baseline+ngram")
     router_hidden: int = 128
     router_threshold: float = 0.5
     router_epochs: int = 300
@@ -515,7 +517,8 @@ def stage_align(ctx: _Ctx, budget_s: float) -> dict:
     return {"clusters": k}
 
 
-def _measure(eng, rows: list[dict], names: list[str], max_tokens: int) -> dict[str, dict]:
+def _measure(eng, rows: list[dict], names: list[str], max_tokens: int,
+             fixed_budget: int | None = None) -> dict[str, dict]:
     """Greedy batch-1 generation of ``rows`` with each drafter in ``names``: goodput etc.
 
     Candidates are interleaved prompt by prompt (the order rotating), so a drift in the
@@ -523,42 +526,118 @@ def _measure(eng, rows: list[dict], names: list[str], max_tokens: int) -> dict[s
     rule's learned acceptance per drafter starts empty (restored afterwards): a
     candidate is measured as if deployed on this cluster alone, not with the history of
     clusters measured before (which made a drafter that fails on one task barely
-    draft on the next)."""
+    draft on the next); likewise what a drafter learns across requests (token
+    recycling's matrix, via ``reset()``) starts empty in each pass, so the fixed-budget
+    pass below does not replay outputs the first pass taught it. Each candidate's
+    ``per_prompt`` ``[[tokens, seconds], ...]`` feeds :func:`pick_drafter`'s paired
+    test.
+
+    With ``fixed_budget`` K, every candidate also runs the rows once more with K draft
+    tokens every step (adaptive rule off): its ``"fixed"`` entry ``{budget,
+    mean_accepted_length, acceptance_rate}`` measures the drafter alone, apart from the
+    draft lengths the adaptive rule picks on this machine (greedy: deterministic)."""
     from specrt.sampling import SamplingParams
 
-    acc_ = {n: [0, 0, 0, 0, 0.0] for n in names}  # tokens, accepted, drafted, steps, seconds
-    with eng.lengths.scoped_rates():
+    def run(budget):
+        for n in names:  # what persists across requests (recycling) starts empty
+            getattr(eng.drafters[n], "reset", lambda: None)()
+        acc_ = {n: [0, 0, 0, 0, 0.0] for n in names}  # tokens, accepted, drafted, steps, s
+        per: dict[str, list] = {n: [] for n in names}  # per prompt: [tokens, seconds]
         for j, r in enumerate(rows):
             for q in range(len(names)):
                 n = names[(j + q) % len(names)]
                 t0 = time.perf_counter()
                 o = eng.generate(r["prompt"], SamplingParams(max_tokens=max_tokens),
                                  drafter=n)[0]
+                dt = time.perf_counter() - t0
                 a = acc_[n]
-                a[4] += time.perf_counter() - t0
+                a[4] += dt
                 s = o.stats
                 a[0] += s["completion_tokens"]
                 a[1] += s["accepted_tokens"]
                 a[2] += s["drafted_tokens"]
                 a[3] += s["steps"]
-    out = {}
-    for n, (tok, acc, dr, steps, el) in acc_.items():
-        out[n] = {"prompts": len(rows), "tokens": tok, "elapsed_s": round(el, 4),
-                  "goodput_tok_s": tok / el if el > 0 else 0.0,
-                  "accepted_per_s": acc / el if el > 0 else 0.0,
-                  "acceptance_rate": acc / dr if dr else 0.0,
-                  "mean_accepted_length": tok / steps if steps else 0.0}
+                per[n].append([s["completion_tokens"], round(dt, 5)])
+        out = {}
+        for n, (tok, acc, dr, steps, el) in acc_.items():
+            out[n] = {"prompts": len(rows), "tokens": tok, "elapsed_s": round(el, 4),
+                      "goodput_tok_s": tok / el if el > 0 else 0.0,
+                      "accepted_per_s": acc / el if el > 0 else 0.0,
+                      "acceptance_rate": acc / dr if dr else 0.0,
+                      "mean_accepted_length": tok / steps if steps else 0.0,
+                      "per_prompt": per[n]}
+        return out
+
+    with eng.lengths.scoped_rates():
+        out = run(None)
+    if fixed_budget is not None:
+        with eng.lengths.scoped_rates(), eng.lengths.fixed_budget(fixed_budget):
+            fx = run(fixed_budget)
+        for n in names:
+            out[n]["fixed"] = {"budget": fixed_budget,
+                               "mean_accepted_length": fx[n]["mean_accepted_length"],
+                               "acceptance_rate": fx[n]["acceptance_rate"]}
     return out
 
 
+# one-sided 95% quantiles of Student's t by degrees of freedom (df beyond the table: the
+# largest tabulated df at or below it; the normal's 1.645 from 120 on)
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860,
+        9: 1.833, 10: 1.812, 12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697, 60: 1.671,
+        120: 1.645}
+
+
+def _t95(df: int) -> float:
+    return _T95[max(k for k in _T95 if k <= df)]
+
+
+def slower_significantly(a: list, b: list) -> bool:
+    """Whether ``a`` is slower than ``b`` by a one-sided paired t-test at the 5% level,
+    over the same prompts' ``[[tokens, seconds], ...]`` (the per-prompt log goodput
+    ratios are the pairs). Fewer than two pairs, or unequal counts: cannot tell, False."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return False
+    if any(x[0] <= 0 or x[1] <= 0 for x in a + b):
+        return False
+    r = [math.log((ta / sa) / (tb / sb)) for (ta, sa), (tb, sb) in zip(a, b)]
+    mean, sd = statistics.fmean(r), statistics.stdev(r)
+    if sd == 0.0:
+        return mean < 0.0
+    return mean / (sd / math.sqrt(len(r))) < -_t95(len(r) - 1)
+
+
 def pick_drafter(m: dict[str, dict], key: str, margin: float) -> str:
-    """The candidate to assign from measurements ``{name: {key, mean_accepted_length}}``:
-    candidates within ``margin`` (relative) of the best ``key`` count as tied -- wall-clock
-    goodput over a few prompts is noisy -- and among them the longest mean accepted
-    length wins (then the better ``key``, then the name)."""
-    top = max(v[key] for v in m.values())
-    tied = [n for n in m if m[n][key] >= top * (1.0 - margin)]
-    return max(sorted(tied), key=lambda n: (m[n]["mean_accepted_length"], m[n][key]))
+    """The candidate to assign from measurements ``{name: {key, mean_accepted_length,
+    per_prompt?, fixed?}}``: the best by ``key`` and every candidate not measurably
+    worse tie, and among them the best drafter wins: the longest mean accepted length
+    at the fixed budget (``fixed``, when every candidate has it), else the longest mean
+    accepted length as measured; then the better ``key``, then the name.
+
+    Not measurably worse: within ``margin`` (relative) of the best ``key``, or -- for
+    goodput, given ``per_prompt`` records of the same prompts -- not slower than the
+    best by a one-sided paired t-test at 5% (:func:`slower_significantly`). Wall-clock
+    goodput over a few held-back prompts on a loaded host is noisy, and where it cannot
+    tell candidates apart, accepted length at a fixed budget -- deterministic under
+    greedy decoding, and the drafter's own quality apart from the draft lengths the
+    adaptive rule picks on this machine -- decides."""
+    top_name = max(sorted(m), key=lambda n: m[n][key])
+    top = m[top_name][key]
+
+    def not_worse(n: str) -> bool:
+        if m[n][key] >= top * (1.0 - margin):
+            return True
+        if key != "goodput_tok_s":
+            return False
+        a, b = m[n].get("per_prompt"), m[top_name].get("per_prompt")
+        return bool(a and b and len(a) == len(b) >= 2) and not slower_significantly(a, b)
+
+    tied = [n for n in m if not_worse(n)]
+    fixed = all("fixed" in m[n] for n in tied)
+
+    def quality(n: str) -> float:
+        return m[n]["fixed"]["mean_accepted_length"] if fixed else m[n]["mean_accepted_length"]
+
+    return max(sorted(tied), key=lambda n: (quality(n), m[n][key]))
 
 
 def candidate_drafters(tokens, have: dict) -> dict:
@@ -583,9 +662,8 @@ def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
     """Per cluster, measure every candidate drafter on the cluster's held-back TRAIN
     prompts (batch 1, greedy) and assign the best by ``assign_metric``; resumable per
     cluster. Writes ``assign.json`` ``{clusters: {c: {candidates, drafter}}, default}``."""
+    from specrt.draft import lookup_drafter
     from specrt.draft.model import ModelDrafter
-    from specrt.draft.ngram import NgramDrafter
-    from specrt.draft.recycling import RecyclingDrafter
 
     cfg = ctx.cfg
     part = json.loads((ctx.work / "partition.json").read_text())
@@ -593,7 +671,11 @@ def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
     eng = ctx.engine
     path = ctx.work / "assign.json"
     res = json.loads(path.read_text()) if path.is_file() else {"clusters": {}}
-    shared = {"ngram": NgramDrafter(), "recycling": RecyclingDrafter(eng.model.args.vocab_size)}
+    shared = {}  # the model-free drafters the candidates name (ngram, ngram2, recycling)
+    for piece in dict.fromkeys(x for t in cfg.candidates for x in t.split("+")):
+        d = lookup_drafter(piece, eng.model.args.vocab_size)
+        if d is not None:
+            shared[piece] = d
     base = ctx.baseline_drafter() if "baseline" in cfg.candidates else None
     if base is not None:
         shared["baseline"] = base
@@ -623,7 +705,8 @@ def stage_assign(ctx: _Ctx, by_id: dict[str, dict]) -> dict:
             eng.default_drafter = next(iter(cand))
             rows = [dict(r, prompt=shorten_prompt(r["prompt"], cfg.max_prompt_chars))
                     for r in rows]
-            m = _measure(eng, rows, list(cand), cfg.assign_tokens)
+            m = _measure(eng, rows, list(cand), cfg.assign_tokens,
+                         fixed_budget=cfg.assign_budget)
             key = "goodput_tok_s" if cfg.assign_metric == "goodput" else cfg.assign_metric
             best = pick_drafter(m, key, cfg.assign_margin)
             res["clusters"][str(c)] = {"candidates": m, "drafter": best,
@@ -725,8 +808,7 @@ def stage_write(ctx: _Ctx) -> dict:
     """Write the pool directory from the stage outputs (see :mod:`specrt.pool`)."""
     from safetensors.torch import load_file
 
-    from specrt.draft.ngram import NgramDrafter
-    from specrt.draft.recycling import RecyclingDrafter
+    from specrt.draft import lookup_drafter
     from specrt.pool import copy_model_drafter_files, drafter_entry, write_pool
     from specrt.route import MLPRouter
 
@@ -740,10 +822,9 @@ def stage_write(ctx: _Ctx) -> dict:
     members = [m for n in used if "+" in n for m in n.split("+")]
     entries = []
     for n in dict.fromkeys([*members, *used]):  # a fused drafter's members come first
-        if n == "ngram":
-            entries.append(drafter_entry(NgramDrafter()))
-        elif n == "recycling":
-            entries.append(drafter_entry(RecyclingDrafter(model.args.vocab_size)))
+        lookup = lookup_drafter(n, model.args.vocab_size)
+        if lookup is not None:
+            entries.append(drafter_entry(lookup))
         elif n == "baseline":
             files = copy_model_drafter_files(ctx.baseline_cfg, ctx.out, "baseline")
             entries.append({"name": n, "kind": "model", "files": files,
@@ -800,6 +881,9 @@ def run_align(cfg: AlignConfig) -> dict:
     t_all = time.perf_counter()
     if cfg.assign_metric not in ("goodput", "mean_accepted_length", "acceptance_rate"):
         raise ValueError(f"unknown assign metric {cfg.assign_metric!r}")
+    if cfg.assign_budget is not None and not 1 <= cfg.assign_budget <= 6:
+        raise ValueError(f"--assign-budget {cfg.assign_budget}: need 1..6 draft tokens "
+                         "(the engine's largest budget), or 0 for none")
     if str(cfg.clusters) != "auto":
         try:
             int(cfg.clusters)
@@ -837,7 +921,8 @@ def run_align(cfg: AlignConfig) -> dict:
                        "epochs": cfg.align_epochs, "lr": cfg.align_lr, "lora": cfg.align_lora}
     params["assign"] = {"candidates": list(cfg.candidates), "tokens": cfg.assign_tokens,
                         "metric": cfg.assign_metric, "rates": "per-cluster",
-                        "margin": cfg.assign_margin}
+                        "margin": cfg.assign_margin, "tie": "paired-t-5%", "cold": True,
+                        "budget": cfg.assign_budget}
     params["route"] = {"hidden": cfg.router_hidden, "threshold": cfg.router_threshold,
                        "epochs": cfg.router_epochs}
     params["write"] = {"out": str(Path(cfg.out).resolve())}
@@ -910,6 +995,7 @@ def config_from_args(args) -> AlignConfig:
         align_lr=args.align_lr, align_lora=args.align_lora,
         assign_prompts=args.assign_prompts, assign_tokens=args.assign_tokens,
         assign_metric=args.assign_metric, assign_margin=args.assign_margin, candidates=cands,
+        assign_budget=args.assign_budget or None,
         router_hidden=args.router_hidden, router_threshold=args.router_threshold,
         progress=not args.no_progress)
 
@@ -955,7 +1041,8 @@ def add_cli(sub) -> None:
                    help="LoRA rank on the baseline drafter (0: tune all its weights)")
     a.add_argument("--candidates", default=",".join(AlignConfig.candidates),
                    help="drafters measured per cluster: aligned (the cluster's own), "
-                        "baseline, ngram, recycling, and fusions of them joined by + "
+                        "baseline, ngram, ngramN (suffix matches of N+ tokens only), "
+                        "recycling, and fusions of them joined by + "
                         "(one merged draft tree per step, see specrt.draft.fused)")
     a.add_argument("--assign-prompts", type=int, default=4,
                    help="held-back train prompts per cluster for assign/route")
@@ -965,6 +1052,10 @@ def add_cli(sub) -> None:
     a.add_argument("--assign-margin", type=float, default=0.02,
                    help="candidates within this relative margin of the best metric tie; "
                         "the longest mean accepted length among them wins")
+    a.add_argument("--assign-budget", type=int, default=3,
+                   help="draft length at which candidates that tie on goodput (within "
+                        "--assign-margin, or not slower by a paired t-test at 5%%) are "
+                        "compared by mean accepted length; 0: compare them as measured")
     a.add_argument("--router-hidden", type=int, default=128)
     a.add_argument("--router-threshold", type=float, default=0.5)
     a.add_argument("--device", default=None)

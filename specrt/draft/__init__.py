@@ -9,7 +9,24 @@ from specrt.draft.recycling import RecyclingDrafter
 
 __all__ = ["Drafter", "DraftTree", "SeqState", "Verified", "NgramDrafter", "RecyclingDrafter",
            "FusedDrafter",
-           "default_drafters", "drafter_from_spec"]
+           "default_drafters", "drafter_from_spec", "lookup_drafter"]
+
+
+def lookup_drafter(spec: str, vocab_size: int):
+    """The model-free drafter a short name stands for, or None: ``ngram`` (prompt
+    lookup on any suffix match), ``ngramN`` (only suffix matches of N or more tokens,
+    e.g. ``ngram2``: fewer but surer copies, the first tier of a fused
+    ``ngram2+baseline+ngram``), ``recycling`` (token recycling over ``vocab_size``)."""
+    if spec == "ngram":
+        return NgramDrafter()
+    if spec.startswith("ngram") and spec[5:].isdigit():
+        n = int(spec[5:])
+        if not 1 <= n <= 8:
+            raise ValueError(f"{spec!r}: the shortest match N of ngramN must be 1..8")
+        return NgramDrafter(name=spec, min_ngram=n, max_ngram=max(4, n))
+    if spec == "recycling":
+        return RecyclingDrafter(vocab_size)
+    return None
 
 
 def default_drafters(model, target=None) -> list:
@@ -37,19 +54,19 @@ def default_drafters(model, target=None) -> list:
 
 
 def drafter_from_spec(spec: str, model):
-    """A drafter from a short spec: ``ngram``, ``recycling``, the path of a saved
+    """A drafter from a short spec: ``ngram``, ``ngramN``, ``recycling`` (see
+    :func:`lookup_drafter`), the path of a saved
     model drafter's ``.json`` (loaded with its recorded runtime settings, named after
     the file stem), or two or more of those joined by ``+`` (a :class:`FusedDrafter`
     with the ``fill`` split, named after its members joined by ``+``, e.g.
     ``ngram+baseline``). ``ValueError`` for anything else."""
     if "+" in spec:
         return FusedDrafter([drafter_from_spec(p, model) for p in spec.split("+")])
-    if spec == "ngram":
-        return NgramDrafter()
-    if spec == "recycling":
-        return RecyclingDrafter(model.args.vocab_size)
+    d = lookup_drafter(spec, model.args.vocab_size)
+    if d is not None:
+        return d
     if spec.endswith(".json"):
         from specrt.draft.model import ModelDrafter
 
         return ModelDrafter.from_config(spec, model)
-    raise ValueError(f"{spec!r} is not ngram, recycling or a model drafter .json")
+    raise ValueError(f"{spec!r} is not ngram, ngramN, recycling or a model drafter .json")

@@ -62,6 +62,19 @@ class LengthController:
         finally:
             self.drafter_rate = saved
 
+    @contextmanager
+    def fixed_budget(self, k: int):
+        """Within the block every budget is ``k`` (at most ``max_draft``; the adaptive
+        rule off), e.g. to measure drafters' accepted length at one draft length."""
+        if not 0 <= k <= self.max_draft:
+            raise ValueError(f"fixed budget {k} outside 0..{self.max_draft}")
+        saved = self.adaptive, self.max_draft
+        self.adaptive, self.max_draft = False, k
+        try:
+            yield
+        finally:
+            self.adaptive, self.max_draft = saved
+
     # -------------------------------------------------------------- costs
     def observe_forward(self, n_tokens: int, seconds: float) -> None:
         s, d = self._s, self.decay

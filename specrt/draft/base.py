@@ -99,3 +99,6 @@ class Drafter(Protocol):
 
     def release(self, seq: SeqState) -> None:
         """The request is done; drop its state."""
+
+    # Optional: ``reset()`` forgets what a drafter learned across requests (token
+    # recycling's matrix); measurements call it so that replayed prompts start cold.

@@ -58,6 +58,11 @@ class RecyclingDrafter:
         self.matrix = torch.full((vocab_size, k), -1, dtype=torch.int32)
         self.template = static_template(max_nodes, k)
 
+    def reset(self) -> None:
+        """Forget the recycled matrix (what persists across requests), e.g. between
+        measurements that must not learn from each other's outputs."""
+        self.matrix.fill_(-1)
+
     def begin(self, seq: SeqState, prompt_hidden: torch.Tensor | None) -> None:
         toks = seq.tokens
         if len(toks) < 2:
