@@ -229,7 +229,9 @@ def test_assign_measures_the_fixed_budget_apart(setup):
     assert f["budget"] == 2 and 1.0 <= f["mean_accepted_length"] <= 3.0
     assert eng.lengths.adaptive and eng.lengths.max_draft == 6
     fixed = [b for on, b in asked if not on]
-    assert fixed and max(fixed) == 2 and fixed.count(2) >= len(fixed) - 2  # the last: less
+    # every step drafts 2 but the last one or two of each of the 4 generations (2 rows x
+    # 2 drafters), which are cut to the tokens left
+    assert fixed and set(fixed) <= {0, 1, 2} and fixed.count(2) >= len(fixed) - 2 * 4
     assert any(on for on, _ in asked)
 
 
