@@ -22,8 +22,11 @@ d. ``align``    -- per cluster, a model drafter distilled on that cluster's targ
    cluster's held-back prompts before/after: ``align/aligned_<c>.*``, ``summary.json``.
    Pluggable (:data:`ALIGNERS`); ``--align none`` skips it.
 e. ``assign``   -- per cluster, goodput (emitted tokens per wall second at batch 1) of
-   each candidate drafter (aligned, baseline, n-gram, token recycling) on the cluster's
-   held-back prompts; the best is assigned: ``assign.json``.
+   each candidate drafter (aligned, baseline, n-gram, token recycling, and fusions of
+   n-gram with the aligned drafter or the baseline) on the cluster's held-back prompts,
+   and its mean accepted length at a fixed draft budget; the best goodput and the
+   candidates not measurably slower tie, and the longest accepted length among them is
+   assigned (:func:`pick_drafter`): ``assign.json``.
 f. ``route``    -- the MLP routing head trained on (features, cluster) of the non-held
    prompts; accuracy on the held-back prompts and latency relative to a prefill:
    ``route.json`` + ``router.safetensors``.
