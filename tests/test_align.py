@@ -262,9 +262,11 @@ def test_pick_drafter_ties_goodput_unless_a_paired_t_test_says_slower():
     noisy = [[48, 1.25], [48, 1.9], [48, 1.95], [48, 1.05]]
     # 8% slower on every prompt (to a few %): measurably slower
     steady = [[48, s * f] for (_, s), f in zip(fast, (1.07, 1.09, 1.08, 1.08))]
-    assert not slower_significantly(noisy, fast) and slower_significantly(steady, fast)
-    assert not slower_significantly(fast, steady) and not slower_significantly(fast, fast)
-    assert not slower_significantly(steady[:3], fast)  # unequal prompts: cannot tell
+    assert slower_significantly(noisy, fast) is False and slower_significantly(steady, fast)
+    assert slower_significantly(fast, steady) is False
+    assert slower_significantly(fast, fast) is False
+    assert slower_significantly(steady[:3], fast) is None  # unequal prompts: cannot tell
+    assert slower_significantly(None, fast) is None
     m = {"ngram": _measured(fast, 1.57), "fused": _measured(noisy, 1.93)}
     assert m["fused"]["goodput_tok_s"] < 0.95 * m["ngram"]["goodput_tok_s"]
     assert pick_drafter(m, "goodput_tok_s", 0.02) == "fused"

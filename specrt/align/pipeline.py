@@ -541,7 +541,7 @@ def _measure(eng, rows: list[dict], names: list[str], max_tokens: int,
     draft lengths the adaptive rule picks on this machine (greedy: deterministic)."""
     from specrt.sampling import SamplingParams
 
-    def run(budget):
+    def run():
         for n in names:  # what persists across requests (recycling) starts empty
             getattr(eng.drafters[n], "reset", lambda: None)()
         acc_ = {n: [0, 0, 0, 0, 0.0] for n in names}  # tokens, accepted, drafted, steps, s
@@ -572,10 +572,10 @@ def _measure(eng, rows: list[dict], names: list[str], max_tokens: int,
         return out
 
     with eng.lengths.scoped_rates():
-        out = run(None)
+        out = run()
     if fixed_budget is not None:
         with eng.lengths.scoped_rates(), eng.lengths.fixed_budget(fixed_budget):
-            fx = run(fixed_budget)
+            fx = run()
         for n in names:
             out[n]["fixed"] = {"budget": fixed_budget,
                                "mean_accepted_length": fx[n]["mean_accepted_length"],
@@ -594,14 +594,15 @@ def _t95(df: int) -> float:
     return _T95[max(k for k in _T95 if k <= df)]
 
 
-def slower_significantly(a: list, b: list) -> bool:
+def slower_significantly(a: list | None, b: list | None) -> bool | None:
     """Whether ``a`` is slower than ``b`` by a one-sided paired t-test at the 5% level,
     over the same prompts' ``[[tokens, seconds], ...]`` (the per-prompt log goodput
-    ratios are the pairs). Fewer than two pairs, or unequal counts: cannot tell, False."""
+    ratios are the pairs). None when it cannot tell: a record missing, fewer than two
+    pairs, unequal counts, or an empty measurement."""
     if not a or not b or len(a) != len(b) or len(a) < 2:
-        return False
+        return None
     if any(x[0] <= 0 or x[1] <= 0 for x in a + b):
-        return False
+        return None
     r = [math.log((ta / sa) / (tb / sb)) for (ta, sa), (tb, sb) in zip(a, b)]
     mean, sd = statistics.fmean(r), statistics.stdev(r)
     if sd == 0.0:
@@ -631,8 +632,8 @@ def pick_drafter(m: dict[str, dict], key: str, margin: float) -> str:
             return True
         if key != "goodput_tok_s":
             return False
-        a, b = m[n].get("per_prompt"), m[top_name].get("per_prompt")
-        return bool(a and b and len(a) == len(b) >= 2) and not slower_significantly(a, b)
+        return slower_significantly(m[n].get("per_prompt"),
+                                    m[top_name].get("per_prompt")) is False
 
     tied = [n for n in m if not_worse(n)]
     fixed = all("fixed" in m[n] for n in tied)
