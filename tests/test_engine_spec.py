@@ -6,7 +6,7 @@ import torch
 
 import specrt
 from specrt import SamplingParams
-from specrt.draft import FusedDrafter, NgramDrafter, RecyclingDrafter
+from specrt.draft import FusedDrafter, NgramDrafter, RecyclingDrafter, lookup_drafter
 from tests.drafters import ScriptedTreeDrafter, greedy_reference
 
 PROMPTS = ["hello world hello world", "abcabcabc", "The quick brown fox", "zz", "tiny tim"]
@@ -36,13 +36,17 @@ def make_engine(tiny_dir, reference, **kw):
         ScriptedTreeDrafter("tree_q", ref, 96, seed=3, sampled=True),
         FusedDrafter([NgramDrafter(), ScriptedTreeDrafter("f_tree", ref, 96, seed=4)],
                      name="fused", split="share"),
+        FusedDrafter([lookup_drafter("ngram2", 96),  # the tiered fill of the shipped pool
+                      ScriptedTreeDrafter("t_chain", ref, 96, seed=5, chain=True),
+                      NgramDrafter()], name="tiered"),
     ]
     return specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
                                          cache_tokens=4096, drafters=drafters,
                                          adaptive=False, **kw)
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "recycling", "tree", "chain", "tree_q", "fused"])
+@pytest.mark.parametrize("drafter", ["ngram", "recycling", "tree", "chain", "tree_q", "fused",
+                                     "tiered"])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_greedy_lossless(tiny_dir, reference, drafter, batch):
     eng = make_engine(tiny_dir, reference, max_draft=5)
