@@ -30,6 +30,9 @@ options (mode, topk, max_depth, threshold) given to
 A ``fused`` drafter (:class:`specrt.draft.fused.FusedDrafter`) has no files; its
 ``config`` is ``{"members": [names of other drafters of the pool], "split": "fill" |
 "share"}``. Its members are the pool's own drafter objects (shared, not copies).
+
+Entries are made from live drafters or spec strings, and drafters from entries, by the
+drafter registry (:mod:`specrt.draft.registry`; ``drafter_entry`` is re-exported here).
 """
 from __future__ import annotations
 
@@ -42,9 +45,11 @@ from pathlib import Path
 
 import torch
 
+from specrt.draft.registry import (KINDS, drafter_entry, drafter_from_entry,  # noqa: F401
+                                   fused_members)
+
 POOL_FORMAT = "specrt-pool"
 POOL_VERSION = 1
-KINDS = ("model", "ngram", "recycling", "fused")
 
 
 class PoolError(ValueError):
@@ -72,29 +77,6 @@ def target_fingerprint(model) -> dict:
 
 
 # ---------------------------------------------------------------------------- write
-def drafter_entry(d, files: list[str] | None = None, config: dict | None = None) -> dict:
-    """The ``pool.json`` entry of a live drafter object (ngram / recycling / model /
-    fused). For model drafters ``files`` (config json first, then weights) must be
-    given; a fused drafter's members must get entries of their own."""
-    kind = getattr(d, "kind", None)
-    if kind == "ngram":
-        cfg = {"max_ngram": d.max_ngram, "min_ngram": d.min_ngram, "branches": d.branches}
-    elif kind == "recycling":
-        cfg = {"k": d.k, "max_nodes": len(d.template)}
-    elif kind == "model":
-        if not files:
-            raise ValueError(f"model drafter {d.name!r} needs its files")
-        cfg = {"mode": d.mode, "topk": d.topk, "max_depth": d.max_depth,
-               "threshold": d.threshold}
-    elif kind == "fused":
-        cfg = {"members": [m.name for m in d.members], "split": d.split}
-    else:
-        raise ValueError(f"drafter {getattr(d, 'name', d)!r} of kind {kind!r} cannot go in a "
-                         f"pool (kinds: {KINDS})")
-    cfg.update(config or {})
-    return {"name": d.name, "kind": kind, "files": list(files or []), "config": cfg}
-
-
 def copy_model_drafter_files(config_json: str | Path, out_dir: str | Path, stem: str
                              ) -> list[str]:
     """Copy a saved model drafter (``<x>.json`` + the weights file it names) into
@@ -156,7 +138,7 @@ def write_pool(out_dir: str | Path, *, model, drafters: list[dict], default_draf
             if not (out / f).is_file():
                 raise FileNotFoundError(f"drafter {d['name']!r}: {out / f} not written")
         if d["kind"] == "fused":
-            _check_members(d, {e["name"]: e["kind"] for e in drafters}, ValueError)
+            fused_members(d, {e["name"]: e["kind"] for e in drafters}, ValueError)
     missing = set(router.cluster_drafter) - set(names)
     if missing or router.default not in names:
         raise ValueError(f"router routes to drafters not in the pool: "
@@ -220,52 +202,6 @@ def check_target(meta: dict, model, pool_dir: str | Path = "") -> None:
                 f"{have['fingerprint']}). Rebuild the pool with `specrt align` for this target.")
 
 
-def _check_members(entry: dict, kinds: dict[str, str], err) -> list[str]:
-    """The member names of a fused entry, checked against the pool's ``{name: kind}``."""
-    members = list(entry.get("config", {}).get("members") or [])
-    bad = [m for m in members if kinds.get(m) in (None, "fused")]
-    if len(members) < 2 or bad:
-        raise err(f"fused drafter {entry.get('name')!r} needs two or more members that are "
-                  f"other non-fused drafters of the pool; bad: {bad or members}")
-    return members
-
-
-def build_drafter(entry: dict, pool_dir: Path, model, built: dict | None = None):
-    """Instantiate one drafter from its ``pool.json`` entry for ``model``; a fused
-    drafter takes its members from ``built`` (``{name: drafter}``, the pool's others)."""
-    kind, name, cfg = entry.get("kind"), entry.get("name"), dict(entry.get("config", {}))
-    for f in entry.get("files", []):
-        if not (pool_dir / f).is_file():
-            raise PoolError(f"pool {pool_dir}: drafter {name!r} misses file {f}")
-    if kind == "ngram":
-        from specrt.draft.ngram import NgramDrafter
-
-        return NgramDrafter(name=name, **cfg)
-    if kind == "recycling":
-        from specrt.draft.recycling import RecyclingDrafter
-
-        return RecyclingDrafter(model.args.vocab_size, name=name, **cfg)
-    if kind == "model":
-        from specrt.draft.model import ModelDrafter
-
-        if not entry.get("files"):
-            raise PoolError(f"pool {pool_dir}: model drafter {name!r} lists no files")
-        opts = {k: v for k, v in cfg.items() if k in ("mode", "topk", "max_depth", "threshold")}
-        return ModelDrafter.load(pool_dir / entry["files"][0], model, name=name, **opts)
-    if kind == "fused":
-        from specrt.draft.fused import FusedDrafter
-
-        built = built or {}
-        members = _check_members(entry, {n: d.kind for n, d in built.items()}, PoolError)
-        try:
-            return FusedDrafter([built[m] for m in members], name=name,
-                                split=cfg.get("split", "fill"))
-        except ValueError as e:
-            raise PoolError(f"pool {pool_dir}: drafter {name!r}: {e}") from None
-    raise PoolError(f"pool {pool_dir}: drafter {name!r} has unknown kind {kind!r} "
-                    f"(kinds: {KINDS})")
-
-
 def load_pool(pool_dir: str | Path, model, *, check: bool = True):
     """Load a pool for ``model`` (the target).
 
@@ -285,11 +221,11 @@ def load_pool(pool_dir: str | Path, model, *, check: bool = True):
     entries = meta.get("drafters") or []
     if not entries:
         raise PoolError(f"pool {d}: no drafters")
-    built = {e.get("name"): build_drafter(e, d, model)
+    built = {e.get("name"): drafter_from_entry(e, d, model)
              for e in entries if e.get("kind") != "fused"}
     for e in entries:  # fused drafters last: their members are the pool's own drafters
         if e.get("kind") == "fused":
-            built[e.get("name")] = build_drafter(e, d, model, built)
+            built[e.get("name")] = drafter_from_entry(e, d, model, built)
     drafters = [built[e.get("name")] for e in entries]
     names = [x.name for x in drafters]
     default = meta.get("default_drafter")
