@@ -1,17 +1,29 @@
-"""The generation engine: request admission, batched prefill, the decode loop, metrics.
+"""The generation engine: a step API over continuous batching with speculative decoding.
 
-``Engine.generate`` runs a continuous batch: requests are admitted while the batch
-and the KV cache have room, prefilled together, then decoded together one target
-forward per step; a finished request leaves and the next waiting one is admitted.
+The seam servers and tools drive (after vLLM's ``LLMEngine``)::
+
+    rid = engine.add_request(prompt, params)   # waits; joins the batch at a later step
+    events = engine.step()                     # admit, prefill, route, draft, verify,
+                                               # commit, emit: one round for every request
+    engine.abort(rid)                          # frees its KV blocks and drafter state now
+
+:meth:`Engine.generate` and :meth:`Engine.stream` are loops over :meth:`Engine.step`;
+a stream closed or dropped at any event aborts its requests, so no KV block outlives
+its request. Tools that need other drafters or lengths for a while use the scoped
+:meth:`Engine.using`, never attribute swaps.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Iterator
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Iterator, Mapping
 
 import torch
 
@@ -20,61 +32,49 @@ from specrt.cache import PagedKVCache
 from specrt.draft.adaptive import LengthController
 from specrt.draft.base import Drafter, DraftTree, SeqState, Verified
 from specrt.model import Detokenizer, Llama, Tokenizer, load_model
+from specrt.model.prefill import mean_prompt_state, ragged_prefill
+from specrt.request import Request, RequestOutput, StreamEvent
 from specrt.sampling import SamplingParams, logits_to_probs
 
+__all__ = ["Engine", "EngineConfig", "RequestOutput", "StreamEvent"]
 
-@dataclass
-class RequestOutput:
-    """Result of one prompt: text, token ids (EOS excluded), why it ended, metrics.
 
-    ``stats`` keys: drafter, steps (target forwards, prefill included), drafted_tokens,
-    accepted_tokens, acceptance_rate, mean_accepted_length (tokens per target
-    forward), prompt_tokens, completion_tokens, elapsed_s, tokens_per_s.
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every engine knob, once.
+
+    Attributes:
+        max_batch: requests decoded together at most.
+        cache_tokens: KV cache capacity in tokens over all sequences.
+        block_size: tokens per KV block.
+        max_draft: most drafted tokens per request per step (the adaptive rule picks
+            0..max_draft each step; see :mod:`specrt.draft.adaptive`).
+        adaptive: False pins every draft budget to ``max_draft``.
+        record: path of a JSONL file to which every finished request is appended
+            (``id``, ``task`` = "served", ``prompt``, ``output``, ``prompt_ids``,
+            ``output_ids``, ``finish_reason``, ``drafter``, ``cluster``, ``time``):
+            served traffic kept so that ``specrt align --prompts FILE`` can be rerun on
+            it (the file is a valid prompt file). A failing write warns once and never
+            stops serving.
     """
 
-    prompt: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    stats: dict
+    max_batch: int = 16
+    cache_tokens: int = 16384
+    block_size: int = 16
+    max_draft: int = 6
+    adaptive: bool = True
+    record: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_batch", "cache_tokens", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.max_draft, int) or self.max_draft < 0:
+            raise ValueError(f"max_draft must be an integer >= 0, got {self.max_draft!r}")
 
 
-@dataclass
-class StreamEvent:
-    """One step's news for one request (``index`` = position in the prompt list)."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finished: bool
-    output: RequestOutput | None = None
-
-
-@dataclass
-class _Request:
-    index: int
-    prompt: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_new: int
-    generator: torch.Generator | None
-    detok: Detokenizer
-    seq_id: int = -1
-    out_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    text_sent: int = 0
-    finish_reason: str | None = None
-    t_start: float = 0.0
-    t_end: float = 0.0
-    steps: int = 0
-    emitted: int = 0  # tokens produced, a final EOS included
-    drafted: int = 0
-    accepted: int = 0
-    drafter: str | None = None
-    auto_route: bool = False
-    cluster: int | None = None
-    route_confidence: float | None = None
-    seq: SeqState | None = None
+_UNSET = object()
 
 
 class Engine:
@@ -82,50 +82,39 @@ class Engine:
 
     Args:
         model, tokenizer: the target (see :func:`specrt.model.load_model`).
-        max_batch: requests decoded together at most.
-        cache_tokens: KV cache capacity in tokens over all sequences.
-        block_size: tokens per KV block.
-        record: path of a JSONL file to which every finished request is appended
-            (``id``, ``task`` = "served", ``prompt``, ``output``, ``prompt_ids``,
-            ``output_ids``, ``finish_reason``, ``drafter``, ``cluster``, ``time``): served
-            traffic kept so that ``specrt align --prompts FILE`` can be rerun on it (the
-            file is a valid prompt file). A failing write warns once and never stops
-            serving.
+        drafters: the drafters requests may use (names unique); the first is the
+            default unless ``default_drafter`` names another.
+        router: the routing head (:class:`specrt.route.MLPRouter`) that picks each
+            request's drafter after prefill, or None.
+        config: an :class:`EngineConfig`; its fields may also be given as keywords
+            (``max_batch=4``), which override ``config``'s.
+
+    Read-only views: ``config``, ``drafters`` (name -> drafter), ``default_drafter``,
+    ``router``, ``lengths`` (the draft-length rule), ``eos_ids``, ``cache``.
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, *,
                  drafters: list[Drafter] | None = None, default_drafter: str | None = None,
-                 max_batch: int = 16, cache_tokens: int = 16384, block_size: int = 16,
-                 max_draft: int = 6, adaptive: bool = True, router=None,
-                 record: str | None = None):
-        if max_batch <= 0:
-            raise ValueError(f"max_batch must be positive, got {max_batch}")
-        if max_draft < 0:
-            raise ValueError(f"max_draft must be >= 0, got {max_draft}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_batch = max_batch
+                 router=None, config: EngineConfig | None = None, **config_fields):
+        cfg = dataclasses.replace(config or EngineConfig(), **config_fields)
+        self.model, self.tokenizer = model, tokenizer
+        self._config = cfg
         self.device = next(model.parameters()).device
         a = model.args
-        self.cache = PagedKVCache(a.num_hidden_layers, -(-cache_tokens // block_size), block_size,
-                                  a.num_key_value_heads, a.head_dim, dtype=model.embed.weight.dtype,
-                                  device=self.device)
-        self.eos_ids = set(tokenizer.eos_ids)
-        self.drafters: dict[str, Drafter] = {}
-        for d in drafters or []:
-            if d.name in self.drafters:
-                raise ValueError(f"two drafters named {d.name!r}")
-            self.drafters[d.name] = d
-        if default_drafter is not None and default_drafter not in self.drafters:
-            raise ValueError(f"default drafter {default_drafter!r} is not among "
-                             f"{sorted(self.drafters)}")
-        self.default_drafter = default_drafter or next(iter(self.drafters), None)
-        self.router = router
-        self.max_draft = max_draft
-        self.lengths = LengthController(max_draft=max_draft, adaptive=adaptive)
-        self._next_seq = 0
-        self.record = record
+        self.cache = PagedKVCache(a.num_hidden_layers, -(-cfg.cache_tokens // cfg.block_size),
+                                  cfg.block_size, a.num_key_value_heads, a.head_dim,
+                                  dtype=model.embed.weight.dtype, device=self.device)
+        self._eos_ids = frozenset(tokenizer.eos_ids)
+        self._drafters, self._default = _drafter_set(drafters or [], default_drafter)
+        self._router = router
+        self._max_batch = cfg.max_batch
+        self._lengths = LengthController(max_draft=cfg.max_draft, adaptive=cfg.adaptive)
         self._record_warned = False
+        self._next_id = 0
+        self._waiting: deque[Request] = deque()
+        self._active: list[Request] = []       # admitted: blocks reserved, prefilled
+        self._requests: dict[int, Request] = {}
+        self._owned: dict[int, list[StreamEvent]] = {}  # stream-owned ids -> their outbox
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, pool: str | None = None, *,
@@ -141,7 +130,8 @@ class Engine:
         Without a pool the drafters are the model-free ones (n-gram prompt lookup and
         token recycling) plus the shipped baseline drafter when ``target`` is the
         default model. kwargs go to :class:`Engine` (explicit ``drafters`` /
-        ``default_drafter`` / ``router`` override the pool's).
+        ``default_drafter`` / ``router`` override the pool's; the rest are
+        :class:`EngineConfig` fields).
         """
         model, tok = load_model(target, dtype=dtype, device=device)
         if pool is None and target is None and "drafters" not in kwargs:
@@ -157,8 +147,7 @@ class Engine:
             if "drafters" not in kwargs:  # explicit drafters: the pool's router only if
                 kwargs["drafters"] = drafters  # every name it routes to is among them
                 kwargs.setdefault("default_drafter", default)
-            have = {d.name for d in kwargs["drafters"]}
-            if set(router.cluster_drafter) | {router.default} <= have:
+            if _routes_within(router, {d.name for d in kwargs["drafters"]}):
                 kwargs.setdefault("router", router)
         if "drafters" not in kwargs:
             from specrt.draft import default_drafters
@@ -166,8 +155,148 @@ class Engine:
             kwargs["drafters"] = default_drafters(model, target)
         return cls(model, tok, **kwargs)
 
-    # ------------------------------------------------------------------ API
+    # ------------------------------------------------------------ read-only views
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
 
+    @property
+    def drafters(self) -> Mapping[str, Drafter]:
+        return MappingProxyType(self._drafters)
+
+    @property
+    def default_drafter(self) -> str | None:
+        return self._default
+
+    @property
+    def router(self):
+        return self._router
+
+    @property
+    def lengths(self) -> LengthController:
+        return self._lengths
+
+    @property
+    def eos_ids(self) -> frozenset:
+        return self._eos_ids
+
+    @property
+    def max_batch(self) -> int:
+        """The batch size in force (``config.max_batch`` unless :meth:`using` set one)."""
+        return self._max_batch
+
+    def add_drafter(self, drafter: Drafter) -> None:
+        """Make ``drafter`` available for good (``ValueError`` if its name is taken)."""
+        if drafter.name in self._drafters:
+            raise ValueError(f"the engine already has a drafter {drafter.name!r}")
+        self._drafters[drafter.name] = drafter
+        if self._default is None:
+            self._default = drafter.name
+
+    @contextmanager
+    def using(self, *, drafters: list[Drafter] | Mapping[str, Drafter] | None = None,
+              default_drafter: str | None = None, lengths: LengthController | None = None,
+              max_batch: int | None = None, max_draft: int | None = None,
+              adaptive: bool | None = None, router=_UNSET):
+        """Within the block the engine uses these settings; on exit (error or not) the
+        previous ones come back. For tools that measure other drafters or lengths.
+
+        ``drafters``: exactly these (a list, or name -> drafter); ``default_drafter``
+        defaults to their first. With new drafters the router stays on only if every
+        drafter it routes to is among them (pass ``router=`` to choose). ``lengths``:
+        another draft-length rule; ``max_draft`` / ``adaptive`` change the rule in
+        force for the block. ``RuntimeError`` while requests are unfinished.
+        """
+        if self.has_unfinished():
+            raise RuntimeError("Engine.using: requests are in flight; finish or abort them")
+        saved = (self._drafters, self._default, self._router, self._lengths, self._max_batch)
+        rule = None
+        try:
+            if drafters is not None:
+                lst = list(drafters.values()) if isinstance(drafters, Mapping) else drafters
+                self._drafters, self._default = _drafter_set(lst, default_drafter)
+                if router is _UNSET:
+                    router = self._router if _routes_within(self._router, self._drafters) \
+                        else None
+            elif default_drafter is not None:
+                self._default = _drafter_set(list(self._drafters.values()),
+                                             default_drafter)[1]
+            if router is not _UNSET:
+                self._router = router
+            if lengths is not None:
+                self._lengths = lengths
+            if max_batch is not None:
+                self._max_batch = EngineConfig(max_batch=max_batch).max_batch
+            if max_draft is not None or adaptive is not None:
+                lc = self._lengths
+                rule = lc, lc.max_draft, lc.adaptive
+                lc.max_draft = lc.max_draft if max_draft is None else \
+                    EngineConfig(max_draft=max_draft).max_draft
+                lc.adaptive = lc.adaptive if adaptive is None else bool(adaptive)
+            yield self
+        finally:
+            if rule is not None:
+                rule[0].max_draft, rule[0].adaptive = rule[1], rule[2]
+            (self._drafters, self._default, self._router, self._lengths,
+             self._max_batch) = saved
+
+    # ------------------------------------------------------------------ step API
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    drafter: str | None = None, speculative: bool = True,
+                    chat: bool = True) -> int:
+        """Queue one request; it joins the running batch at a later :meth:`step`.
+
+        ``prompt``: text (wrapped in the chat template when ``chat`` and the model has
+        one) or token ids. ``drafter`` forces a drafter by name; without it the router
+        (or the default drafter) picks one; ``speculative=False`` decodes plainly.
+        Returns the request id. ``ValueError`` (nothing queued) for an empty or too
+        long prompt, an unknown drafter or bad sampling parameters.
+        """
+        r = self._new_request(prompt, params, drafter, speculative, chat, where="prompt")
+        self._queue(r)
+        return r.rid
+
+    def step(self) -> list[StreamEvent]:
+        """One round: admit waiting requests, prefill and route them, draft, verify
+        every admitted request's tree in one target forward, commit the accepted K/V,
+        emit. Returns the news of requests added with :meth:`add_request` (new text and
+        tokens; ``finished`` with the :class:`RequestOutput` at the end). A finished
+        request's blocks are free when this returns."""
+        events: list[StreamEvent] = []
+        new = self._admit()
+        if new:
+            first = self._prefill(new)
+            events += self._emit(new, [[t] for t in first])
+        batch = [r for r in self._active if r.finish_reason is None]
+        if batch:
+            trees = self._draft(batch)
+            paths, emitted, logits, h = self._verify(batch, trees)
+            self.cache.commit([r.rid for r in batch], paths)
+            self._tell_drafters(batch, trees, paths, emitted, logits, h)
+            events += self._emit(batch, emitted)
+        self._reap()
+        return self._deliver(events)
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request now: its KV blocks, drafter state and length history are
+        freed before this returns. Unknown or finished ids are ignored."""
+        r = self._requests.pop(request_id, None)
+        if r is None:
+            return
+        if r.finish_reason is None:
+            r.finish_reason = "abort"
+        if r in self._waiting:
+            self._waiting.remove(r)
+        if r in self._active:
+            self._active.remove(r)
+            self._release(r)
+        self._owned.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running."""
+        return bool(self._requests)
+
+    # ------------------------------------------------------------ loops over step
     def generate(self, prompts: str | list[str], params: SamplingParams | list[SamplingParams]
                  | None = None, *, speculative: bool = True, drafter: str | None = None,
                  chat: bool = True, progress: bool = False) -> list[RequestOutput]:
@@ -188,14 +317,14 @@ class Engine:
         Raises ``ValueError`` (before any work, nothing changed) for an empty prompt, a
         prompt longer than the context, or bad sampling parameters.
         """
-        outs: list[RequestOutput | None] = [None] * (1 if isinstance(prompts, str) else len(prompts))
+        it = self.stream(prompts, params, speculative=speculative, drafter=drafter, chat=chat)
+        outs: list[RequestOutput | None] = [None] * it.n
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(outs), desc="generate", unit="req")
-        for ev in self.stream(prompts, params, speculative=speculative, drafter=drafter,
-                              chat=chat):
+        for ev in it:
             if ev.finished:
                 outs[ev.index] = ev.output
                 if bar is not None:
@@ -206,140 +335,132 @@ class Engine:
 
     def stream(self, prompts: str | list[str], params: SamplingParams | list[SamplingParams]
                | None = None, *, speculative: bool = True, drafter: str | None = None,
-               chat: bool = True) -> Iterator[StreamEvent]:
-        """Like :meth:`generate`, but yields a :class:`StreamEvent` whenever a request
-        gets new text (incremental detokenization) and once when it finishes."""
-        if drafter is not None and drafter not in self.drafters:
-            raise ValueError(f"unknown drafter {drafter!r}; have {sorted(self.drafters)}")
-        reqs = self._make_requests(prompts, params, chat)
-        for r in reqs:
-            r.drafter = (drafter or self.default_drafter) if speculative else None
-            r.auto_route = speculative and drafter is None and self.router is not None
-        yield from self._run(reqs)
-
-    # ------------------------------------------------------------ internals
-
-    def _make_requests(self, prompts, params, chat) -> list[_Request]:
+               chat: bool = True) -> "_Stream":
+        """Like :meth:`generate`, but returns an iterator of :class:`StreamEvent` (one
+        whenever a request gets new text, and one when it finishes; ``index`` = position
+        in ``prompts``). Bad input raises here, before iteration. Closing or dropping
+        the iterator at any point aborts its unfinished requests."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        if not prompts:
-            raise ValueError("no prompts given")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("no prompts given" if isinstance(prompts, (list, tuple))
+                             else f"prompts must be a string or a list, got "
+                                  f"{type(prompts).__name__}")
         if params is None:
             params = SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        ctx = self.model.args.max_position_embeddings
-        cap = self.cache.allocator.num_blocks * self.cache.block_size
-        reqs = []
-        for i, (prompt, p) in enumerate(zip(prompts, plist)):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"prompt {i} is empty")
-            p.validate()
-            ids = self.tokenizer.encode_prompt(prompt, chat=chat)
-            limit = min(ctx, cap)
-            if len(ids) >= limit:
-                raise ValueError(f"prompt {i} has {len(ids)} tokens; the limit is {limit - 1} "
-                                 f"(context {ctx}, cache {cap} tokens)")
-            max_new = min(p.max_tokens, limit - len(ids))
-            gen = None
-            if not p.greedy:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(p.seed if p.seed is not None else
-                                int(torch.randint(0, 2**62, (1,)).item()))
-            reqs.append(_Request(i, prompt, ids, p, max_new, gen, Detokenizer(self.tokenizer)))
-        return reqs
+        reqs = [self._new_request(p, sp, drafter, speculative, chat, where=f"prompt {i}")
+                for i, (p, sp) in enumerate(zip(prompts, plist))]
+        return _Stream(self, reqs)
 
-    def _admit(self, waiting: list[_Request], active: list[_Request]) -> list[_Request]:
+    # ------------------------------------------------------------ the loop's parts
+    def _new_request(self, prompt, params, drafter, speculative, chat, where) -> Request:
+        if drafter is not None and drafter not in self._drafters:
+            raise ValueError(f"unknown drafter {drafter!r}; have {sorted(self._drafters)}")
+        p = SamplingParams() if params is None else params
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(p).__name__}")
+        p.validate()
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError(f"{where} is empty")
+            ids = self.tokenizer.encode_prompt(prompt, chat=chat)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            V = self.model.args.vocab_size
+            if not prompt or any(not 0 <= t < V for t in prompt):
+                raise ValueError(f"{where}: token ids must be a non-empty list in 0..{V - 1}")
+            ids, prompt = list(prompt), self.tokenizer.decode(list(prompt))
+        else:
+            raise ValueError(f"{where} must be a string or a list of token ids, got "
+                             f"{type(prompt).__name__}")
+        ctx = self.model.args.max_position_embeddings
+        limit = min(ctx, self.cache.allocator.num_blocks * self.cache.block_size)
+        if len(ids) >= limit:
+            raise ValueError(f"{where} has {len(ids)} tokens; the limit is {limit - 1} "
+                             f"(context {ctx}, cache {limit} tokens)")
+        gen = None
+        if not p.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(p.seed if p.seed is not None else
+                            int(torch.randint(0, 2**62, (1,)).item()))
+        spec = speculative and bool(self._drafters)
+        r = Request(-1, prompt, ids, p, min(p.max_tokens, limit - len(ids)), gen,
+                    Detokenizer(self.tokenizer), self._eos_ids,
+                    drafter=(drafter or self._default) if spec else None,
+                    auto_route=spec and drafter is None and self._router is not None)
+        return r
+
+    def _queue(self, r: Request) -> None:
+        r.rid = self._next_id
+        self._next_id += 1
+        self._requests[r.rid] = r
+        self._waiting.append(r)
+
+    def _admit(self) -> list[Request]:
         """Move waiting requests into the batch while batch slots and blocks allow."""
         new = []
-        while waiting and len(active) + len(new) < self.max_batch:
-            r = waiting[0]
-            span = len(r.prompt_ids) + r.max_new + self.max_draft + 1
-            need = -(-span // self.cache.block_size)
-            if need > self.cache.allocator.num_free:
-                if not active and not new:
-                    raise RuntimeError("KV cache too small for one request; raise cache_tokens")
+        while self._waiting and len(self._active) < self._max_batch:
+            r = self._waiting[0]
+            span = len(r.prompt_ids) + r.max_new + self._lengths.max_draft + 1
+            if -(-span // self.cache.block_size) > self.cache.allocator.num_free:
+                if not self._active:
+                    self.abort(r.rid)
+                    raise RuntimeError(
+                        f"KV cache too small for one request of {span} tokens "
+                        f"({self.cache.allocator.num_free} of {self.cache.allocator.num_blocks}"
+                        f" blocks of {self.cache.block_size} free); raise cache_tokens")
                 break
-            waiting.pop(0)
-            r.seq_id = self._next_seq
-            self._next_seq += 1
-            self.cache.add(r.seq_id)
-            self.cache.reserve(r.seq_id, span)
+            self._waiting.popleft()
+            self.cache.add(r.rid)
+            self.cache.reserve(r.rid, span)
             r.t_start = time.perf_counter()
+            self._active.append(r)
             new.append(r)
         return new
 
-    def _run(self, reqs: list[_Request]) -> Iterator[StreamEvent]:
-        waiting, active = list(reqs), []
-        try:
-            while waiting or active:
-                new = self._admit(waiting, active)
-                if new:
-                    logits = self._prefill(new)
-                    yield from self._emit(new, [[t] for t in self._sample(new, logits)])
-                    active = self._reap(active + new)
-                if active:
-                    news = self._step(active)
-                    yield from self._emit(active, news)
-                    active = self._reap(active)
-        finally:  # an exception (or a closed stream) must not leak cache blocks
-            for r in active:
-                self._release(r)
-
-    def _reap(self, active: list[_Request]) -> list[_Request]:
-        """Release finished requests; return the rest."""
-        keep = []
-        for r in active:
-            if r.finish_reason is None:
-                keep.append(r)
-            else:
-                self._release(r)
-        return keep
-
-    def _release(self, r: _Request) -> None:
-        self.cache.release(r.seq_id)
-        if r.drafter is not None and r.seq is not None:
-            self.drafters[r.drafter].release(r.seq)
-
     @torch.inference_mode()
-    def _prefill(self, reqs: list[_Request]) -> torch.Tensor:
-        """Batched ragged prefill; returns the last prompt position's logits ``[B, V]``.
-
-        Drafters of speculative requests are told the request began, with the target's
-        pre-norm last-layer states over the prompt.
-        """
+    def _prefill(self, reqs: list[Request]) -> list[int]:
+        """Batched ragged prefill, routing, drafters told the request began; returns
+        each request's first token."""
         lens = [len(r.prompt_ids) for r in reqs]
-        T = max(lens)
-        toks = torch.zeros(len(reqs), T, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            toks[i, :lens[i]] = torch.tensor(r.prompt_ids)
-        dev = self.device
-        ln = torch.tensor(lens, device=dev)
-        bt = self.cache.block_table([r.seq_id for r in reqs])
+        bt = self.cache.block_table([r.rid for r in reqs])
         t0 = time.perf_counter()
-        h = self.model(toks.to(dev), torch.arange(T, device=dev).expand(len(reqs), T),
-                       self.cache.kv, bt, torch.zeros(len(reqs), dtype=torch.long, device=dev),
-                       tree_lens=ln, norm=False)
-        last = self.model.final_norm(h[torch.arange(len(reqs), device=dev), ln - 1])
+        h = ragged_prefill(self.model, [r.prompt_ids for r in reqs], self.cache.kv, bt)
+        ln = torch.tensor(lens, device=self.device)
+        last = self.model.final_norm(h[torch.arange(len(reqs), device=self.device), ln - 1])
         logits = self.model.logits(last)
-        self.lengths.observe_forward(sum(lens), time.perf_counter() - t0)
-        auto = [i for i, r in enumerate(reqs) if r.auto_route]
-        if auto:
-            # routing features: mean of the target's final (normed) states over the prompt
-            feats = torch.stack([self.model.final_norm(h[i, :lens[i]]).mean(0) for i in auto])
-            for i, (name, cluster, conf) in zip(auto, self.router.route(feats)):
-                reqs[i].drafter = name
-                reqs[i].cluster, reqs[i].route_confidence = cluster, conf
+        self._lengths.observe_forward(sum(lens), time.perf_counter() - t0)
+        self._route(reqs, h, lens)
         for i, (r, n) in enumerate(zip(reqs, lens)):
-            self.cache.set_length(r.seq_id, n)
+            self.cache.set_length(r.rid, n)
             r.steps += 1
             if r.drafter is not None:
-                r.seq = SeqState(r.seq_id, list(r.prompt_ids), n, r.params.temperature)
-                self.drafters[r.drafter].begin(r.seq, h[i, :n])
-        return logits
+                r.seq = SeqState(r.rid, list(r.prompt_ids), n, r.params.temperature)
+                self._drafters[r.drafter].begin(r.seq, h[i, :n])
+        return [self._sample_first(r, row) for r, row in zip(reqs, logits)]
 
-    def _propose(self, reqs: list[_Request]) -> list[DraftTree]:
+    def _route(self, reqs: list[Request], h: torch.Tensor, lens: list[int]) -> None:
+        """The router picks the drafter of each auto-routed request from its prompt's
+        mean final state (``h`` ``[B, T, hidden]`` pre-norm, from prefill)."""
+        auto = [i for i, r in enumerate(reqs) if r.auto_route]
+        if not auto:
+            return
+        feats = torch.stack([mean_prompt_state(self.model, h[i, :lens[i]]) for i in auto])
+        for i, (name, cluster, conf) in zip(auto, self._router.route(feats)):
+            reqs[i].drafter = name
+            reqs[i].cluster, reqs[i].route_confidence = cluster, conf
+
+    def _sample_first(self, r: Request, logits: torch.Tensor) -> int:
+        """The first token after prefill, from ``logits`` ``[V]``."""
+        p = r.params
+        if p.greedy:
+            return int(logits.argmax())
+        probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
+        return int(torch.multinomial(probs, 1, generator=r.generator))
+
+    def _draft(self, reqs: list[Request]) -> list[DraftTree]:
         """Draft trees, batched per drafter; a root-only tree for plain decoding."""
         trees: list[DraftTree | None] = [None] * len(reqs)
         groups: dict[str, list[int]] = {}
@@ -350,10 +471,10 @@ class Engine:
                 r.seq.tokens = r.prompt_ids + r.out_ids
                 groups.setdefault(r.drafter, []).append(i)
         for name, idx in groups.items():
-            budgets = [self.lengths.budget(name, reqs[i].seq.state, len(reqs),
-                                           reqs[i].max_new - len(reqs[i].out_ids)) for i in idx]
+            budgets = [self._lengths.budget(name, reqs[i].rid, len(reqs), reqs[i].remaining)
+                       for i in idx]
             t0 = time.perf_counter()
-            got = self.drafters[name].propose([reqs[i].seq for i in idx], budgets)
+            got = self._drafters[name].propose([reqs[i].seq for i in idx], budgets)
             n = 0
             for i, b, t in zip(idx, budgets, got):
                 if len(t) > b + 1 or t.tokens[0] != reqs[i].out_ids[-1]:
@@ -361,15 +482,16 @@ class Engine:
                                        f"for budget {b}, or with the wrong root")
                 trees[i] = t
                 n += len(t) - 1
-            self.lengths.observe_draft(name, n, time.perf_counter() - t0)
+            self._lengths.observe_draft(name, n, time.perf_counter() - t0)
         return trees  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _step(self, reqs: list[_Request]) -> list[list[int]]:
-        """One target forward over every request's draft tree (plain decode = root only),
-        lossless verification, KV compaction; returns the tokens each request emits."""
+    def _verify(self, reqs: list[Request], trees: list[DraftTree]):
+        """One target forward over every request's tree (plain decode = root only) and
+        lossless verification. Returns per request the accepted path (node indices,
+        root first) and the tokens it emits, plus the trees' logits ``[B, T, V]`` and
+        pre-norm states ``[B, T, hidden]``."""
         dev, B = self.device, len(reqs)
-        trees = self._propose(reqs)
         T = max(len(t) for t in trees)
         tokens = torch.zeros(B, T, dtype=torch.long)
         parents = torch.zeros(B, T, dtype=torch.long)
@@ -380,11 +502,11 @@ class Engine:
             parents[i, :n] = torch.tensor(t.parents)
             depth[i, :n] = torch.tensor(t.depths())
         tl = torch.tensor([len(t) for t in trees])
-        prefix = torch.tensor([self.cache.length(r.seq_id) for r in reqs])
+        prefix = torch.tensor([self.cache.length(r.rid) for r in reqs])
         tree_mask = None
         if T > 1 and any(t.parents != list(range(-1, len(t) - 1)) for t in trees):
             tree_mask = ops.build_tree_mask(parents, tl).to(dev)
-        bt = self.cache.block_table([r.seq_id for r in reqs])
+        bt = self.cache.block_table([r.rid for r in reqs])
         t0 = time.perf_counter()
         h = self.model(tokens.to(dev), (prefix[:, None] + depth).to(dev), self.cache.kv, bt,
                        prefix.to(dev), tree_mask, tl.to(dev) if T > 1 else None, norm=False)
@@ -395,43 +517,16 @@ class Engine:
         else:
             logits = torch.zeros(B, T, self.model.args.vocab_size, device=dev)
             logits[valid] = self.model.logits(self.model.final_norm(h[valid]))
-        path, plen, nxt = self._verify(reqs, trees, logits, tokens, parents, tl)
-        self.lengths.observe_forward(int(B * T), time.perf_counter() - t0)
-        # move accepted K/V into place (every layer in one call: layers stacked as blocks)
-        moved = [i for i in range(B) if path[i][:plen[i]] != list(range(plen[i]))]
-        if moved:
-            L, NB = self.cache.kv.shape[:2]
-            kv = self.cache.kv.view(L * NB, *self.cache.kv.shape[2:])
-            sel = torch.tensor(moved)
-            bts = torch.cat([bt[sel.to(dev)] + l * NB for l in range(L)])
-            P = max(plen[i] for i in moved)
-            pth = torch.tensor([path[i][:P] for i in moved])  # rows are T wide, -1 padded
-            ops.commit_kv(kv, bts, prefix[sel].repeat(L).to(dev), pth.repeat(L, 1).to(dev),
-                          torch.tensor([plen[i] for i in moved]).repeat(L).to(dev))
-        news = []
-        for i, r in enumerate(reqs):
-            pth = path[i][:plen[i]]
-            self.cache.set_length(r.seq_id, int(prefix[i]) + plen[i])
-            new = [trees[i].tokens[j] for j in pth[1:]] + [nxt[i]]
-            r.steps += 1
-            if r.drafter is not None:
-                dmax = int(depth[i].max())
-                r.drafted += len(trees[i]) - 1
-                r.accepted += plen[i] - 1
-                self.lengths.observe_accept(r.drafter, r.seq.state, plen[i] - 1, dmax)
-                r.seq.tokens = r.prompt_ids + r.out_ids + new
-                n = len(trees[i])
-                self.drafters[r.drafter].update(r.seq, Verified(
-                    trees[i], pth, new, logits[i, :n], h[i, :n]))
-            news.append(new)
-        return news
+        path, plen, nxt = self._accept(reqs, trees, logits, tokens, parents, tl)
+        self._lengths.observe_forward(int(B * T), time.perf_counter() - t0)
+        paths = [p[:n] for p, n in zip(path, plen)]
+        emitted = [[t.tokens[j] for j in p[1:]] + [x] for t, p, x in zip(trees, paths, nxt)]
+        return paths, emitted, logits, h
 
-    def _verify(self, reqs, trees, logits, tokens, parents, tl):
-        """verify_tree per group of rows sharing a mode; python lists out."""
+    def _accept(self, reqs, trees, logits, tokens, parents, tl):
+        """``ops.verify_tree`` per group of rows sharing a mode; python lists out."""
         B, T, _ = logits.shape
-        path = [[0]] * B
-        plen = [1] * B
-        nxt = [0] * B
+        path, plen, nxt = [[0]] * B, [1] * B, [0] * B
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             key = ("greedy",) if r.params.greedy else ("sample", trees[i].probs is not None)
@@ -460,95 +555,139 @@ class Engine:
                 path[i], plen[i], nxt[i] = p[j], n[j], x[j]
         return path, plen, nxt
 
-    def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[int]:
-        """First token after prefill, from ``logits`` ``[B, V]``."""
+    def _tell_drafters(self, reqs, trees, paths, emitted, logits, h) -> None:
+        """Counters, the length rule and each request's drafter learn the outcome."""
+        for i, r in enumerate(reqs):
+            r.steps += 1
+            if r.drafter is None:
+                continue
+            n = len(trees[i])
+            r.drafted += n - 1
+            r.accepted += len(paths[i]) - 1
+            self._lengths.observe_accept(r.drafter, r.rid, len(paths[i]) - 1,
+                                         max(trees[i].depths()))
+            r.seq.tokens = r.prompt_ids + r.out_ids + emitted[i]
+            self._drafters[r.drafter].update(r.seq, Verified(
+                trees[i], paths[i], emitted[i], logits[i, :n], h[i, :n]))
+
+    def _emit(self, reqs: list[Request], new_tokens: list[list[int]]) -> list[StreamEvent]:
+        """Append each request's new tokens (EOS, stops, max_tokens applied); events."""
+        events = []
+        for r, toks in zip(reqs, new_tokens):
+            ev = r.emit(toks)
+            if ev is None:
+                continue
+            if ev.finished and self._config.record:
+                self._record(r, ev.output)
+            events.append(ev)
+        return events
+
+    def _reap(self) -> None:
+        """Release finished requests."""
+        for r in [r for r in self._active if r.finish_reason is not None]:
+            self._active.remove(r)
+            self._release(r)
+            self._requests.pop(r.rid, None)
+
+    def _release(self, r: Request) -> None:
+        """Free a request's drafter state, length history and KV blocks."""
+        try:
+            if r.drafter is not None and r.seq is not None:
+                self._drafters[r.drafter].release(r.seq)
+        finally:
+            self._lengths.forget(r.rid)
+            self.cache.release(r.rid)
+
+    def _deliver(self, events: list[StreamEvent]) -> list[StreamEvent]:
+        """Stream-owned requests' events go to their stream's outbox; the rest out."""
         out = []
-        for r, row in zip(reqs, logits):
-            p = r.params
-            if p.greedy:
-                out.append(int(row.argmax()))
+        for ev in events:
+            box = self._owned.get(ev.request_id)
+            if box is None:
+                out.append(ev)
             else:
-                probs = logits_to_probs(row, p.temperature, p.top_k, p.top_p)
-                out.append(int(torch.multinomial(probs, 1, generator=r.generator)))
+                box.append(ev)
         return out
 
-    def _emit(self, reqs: list[_Request], new_tokens: list[list[int]]) -> Iterator[StreamEvent]:
-        """Append accepted tokens, apply EOS / stop strings / max_tokens, yield events."""
-        for r, toks in zip(reqs, new_tokens):
-            kept = []
-            for t in toks:
-                if t in self.eos_ids and not r.params.ignore_eos:
-                    r.finish_reason = "stop"
-                    r.emitted += 1
-                    break
-                kept.append(t)
-                if len(r.out_ids) + len(kept) >= r.max_new:
-                    r.finish_reason = "length"
-                    break
-            r.out_ids.extend(kept)
-            r.emitted += len(kept)
-            if kept:
-                r.detok.push(kept)
-            full = r.detok.text
-            hold = 0
-            if r.params.stop:
-                cut = _find_stop(full, r.params.stop, r.text_sent)
-                if cut is not None:
-                    full = full[:cut]
-                    r.finish_reason = "stop"
-                else:  # a stop string may still be completing: hold its length back
-                    hold = max(len(x) for x in r.params.stop) - 1
-            if r.finish_reason is not None:
-                r.text = full
-                delta = full[r.text_sent:]
-                r.t_end = time.perf_counter()
-                out = self._output(r)
-                if self.record:
-                    self._record(r, out)
-                yield StreamEvent(r.index, delta, kept, True, out)
-            else:
-                end = max(r.text_sent, len(full) - hold)
-                delta = full[r.text_sent:end]
-                r.text_sent = end
-                if kept:
-                    yield StreamEvent(r.index, delta, kept, False)
-
-    def _record(self, r: _Request, out: RequestOutput) -> None:
-        """Append one served request to ``self.record`` (see the class docstring)."""
+    def _record(self, r: Request, out: RequestOutput) -> None:
+        """Append one served request to ``config.record`` (see :class:`EngineConfig`)."""
         key = hashlib.sha256(f"{r.prompt}\x00{out.text}".encode()).hexdigest()[:16]
         row = {"id": f"served:{key}", "task": "served", "prompt": r.prompt,
                "output": out.text, "prompt_ids": list(r.prompt_ids),
                "output_ids": out.token_ids, "finish_reason": out.finish_reason,
                "drafter": r.drafter, "cluster": r.cluster, "time": time.time()}
         try:
-            with open(self.record, "a", encoding="utf-8") as f:
+            with open(self._config.record, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         except OSError as e:
             if not self._record_warned:
-                warnings.warn(f"specrt: cannot record served requests to {self.record}: {e}")
+                warnings.warn(f"specrt: cannot record served requests to "
+                              f"{self._config.record}: {e}")
                 self._record_warned = True
 
-    def _output(self, r: _Request) -> RequestOutput:
-        el = max(r.t_end - r.t_start, 1e-9)
-        n = len(r.out_ids)
-        stats = {
-            "drafter": r.drafter, "cluster": r.cluster,
-            "route_confidence": r.route_confidence, "steps": r.steps, "drafted_tokens": r.drafted,
-            "accepted_tokens": r.accepted,
-            "acceptance_rate": r.accepted / r.drafted if r.drafted else 0.0,
-            "mean_accepted_length": r.emitted / r.steps if r.steps else 0.0,
-            "prompt_tokens": len(r.prompt_ids), "completion_tokens": n,
-            "elapsed_s": el, "tokens_per_s": n / el,
-        }
-        return RequestOutput(r.prompt, r.text, list(r.out_ids), r.finish_reason, stats)
+
+class _Stream:
+    """The iterator :meth:`Engine.stream` returns: its requests join the engine at the
+    first ``next()``; closing it, dropping it or an error aborts the unfinished ones."""
+
+    def __init__(self, engine: Engine, reqs: list[Request]):
+        self.engine, self.n = engine, len(reqs)
+        self._reqs = reqs
+        self._gen: Iterator[StreamEvent] | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> StreamEvent:
+        if self._gen is None:
+            self._gen = self._run()
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Abort this stream's unfinished requests (their blocks are free at once)."""
+        if self._gen is not None:
+            self._gen.close()
+
+    def __del__(self):
+        self.close()
+
+    def _run(self) -> Iterator[StreamEvent]:
+        eng = self.engine
+        index = {}
+        for i, r in enumerate(self._reqs):
+            eng._queue(r)
+            index[r.rid] = i
+            eng._owned[r.rid] = []
+        left = set(index)
+        try:
+            while left:
+                eng.step()
+                for rid in sorted(left):
+                    box = eng._owned.get(rid, [])
+                    while box:
+                        ev = box.pop(0)
+                        ev.index = index[rid]
+                        if ev.finished:
+                            left.discard(rid)
+                            eng._owned.pop(rid, None)
+                        yield ev
+        finally:
+            for rid in index:
+                eng.abort(rid)
 
 
-def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
-    """Earliest index where a stop string starts, at or after ``sent`` (text before
-    it was streamed already, so it holds no stop string)."""
-    best = None
-    for s in stops:
-        i = text.find(s, sent)
-        if i != -1 and (best is None or i < best):
-            best = i
-    return best
+def _drafter_set(drafters: list[Drafter], default: str | None):
+    """(name -> drafter, default name) with unique names and a known default."""
+    out: dict[str, Drafter] = {}
+    for d in drafters:
+        if d.name in out:
+            raise ValueError(f"two drafters named {d.name!r}")
+        out[d.name] = d
+    if default is not None and default not in out:
+        raise ValueError(f"default drafter {default!r} is not among {sorted(out)}")
+    return out, default or next(iter(out), None)
+
+
+def _routes_within(router, names) -> bool:
+    """Whether every drafter ``router`` can pick is among ``names``."""
+    return router is not None and set(router.cluster_drafter) | {router.default} <= set(names)

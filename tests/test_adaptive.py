@@ -15,14 +15,14 @@ def cpu_like(c, flat_until=5, base=0.06):
 def test_budget_follows_acceptance_and_measured_cost():
     c = LengthController(max_draft=8)
     cpu_like(c)
-    good = {"hits": 80, "trials": 100}
-    bad = {"hits": 1, "trials": 100}
+    good = c.track("good", hits=80, trials=100)
+    bad = c.track("bad", hits=1, trials=100)
     kg = c.budget("d", good, batch=1, remaining=64)
     assert 3 <= kg <= 5, kg          # cheap up to 5 tokens, steep after: stop near there
     assert c.budget("d", bad, batch=1, remaining=64) <= 1
     # a drafter that costs as much as a forward per token never pays
     c.observe_draft("slow", 4, 4 * 0.06)
-    assert c.budget("slow", {"hits": 30, "trials": 100}, batch=1, remaining=64) == 0
+    assert c.budget("slow", c.track("s", hits=30, trials=100), batch=1, remaining=64) == 0
 
 
 def test_plain_decode_probes_again_and_respects_limits():
@@ -30,17 +30,17 @@ def test_plain_decode_probes_again_and_respects_limits():
     for n in range(1, 10):
         c.observe_forward(n, 0.05 * n)
         c.observe_forward(n, 0.05 * n)   # linear cost: drafting never pays at a=0
-    st = {"hits": 0, "trials": 50}
+    st = c.track("r", hits=0, trials=50)
     ks = [c.budget("d", st, 1, 64) for _ in range(8)]
     assert ks.count(0) == 6 and ks[3] > 0 and ks[7] > 0
-    assert c.budget("d", {"hits": 90, "trials": 100}, 1, remaining=3) <= 2
+    assert c.budget("d", c.track("g", hits=90, trials=100), 1, remaining=3) <= 2
     pinned = LengthController(max_draft=5, adaptive=False)
     assert pinned.budget("d", st, 1, 64) == 5
 
 
 def test_acceptance_estimate_updates():
     c = LengthController(prior=0.5, prior_weight=4)
-    st = {}
+    st = "request 1"
     assert c.rate("d", st) == 0.5
     for _ in range(20):
         c.observe_accept("d", st, accepted=3, depth=3)
@@ -49,7 +49,7 @@ def test_acceptance_estimate_updates():
 
 def test_fixed_budget_pins_every_budget_and_restores_the_rule():
     lc = LengthController(max_draft=6)
-    st = {"hits": 0.0, "trials": 40.0}            # a drafter that never hits: plain decode
+    st = lc.track(0, hits=0.0, trials=40.0)       # a drafter that never hits: plain decode
     assert lc.budget("d", st, batch=1, remaining=50) == 0
     with lc.fixed_budget(3):
         assert lc.budget("d", st, batch=1, remaining=50) == 3

@@ -58,12 +58,13 @@ def test_speculative_greedy_equals_target_on_real_prompts(engine):
         got = engine.generate(picks[:1], p, drafter=name)[0]
         assert got.token_ids == want[0].token_ids, name
     # one batch, each request its own drafter
-    reqs = engine._make_requests(picks, p, True)
-    for r, name in zip(reqs, names * 3):
-        r.drafter = name
-    outs = {ev.index: ev.output for ev in engine._run(reqs) if ev.finished}
-    for i, w in enumerate(want):
-        assert outs[i].token_ids == w.token_ids and outs[i].stats["drafter"] == names[i % len(names)]
+    rids = [engine.add_request(q, p, drafter=name) for q, name in zip(picks, names * 3)]
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({ev.request_id: ev.output for ev in engine.step() if ev.finished})
+    for i, (rid, w) in enumerate(zip(rids, want)):
+        assert outs[rid].token_ids == w.token_ids
+        assert outs[rid].stats["drafter"] == names[i % len(names)]
 
 
 SHIPPED_POOL = Path(__file__).resolve().parents[1] / "specrt" / "pools" / "default"

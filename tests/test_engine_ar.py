@@ -57,7 +57,7 @@ def test_greedy_equals_hf_and_batching(engine, tiny_dir):
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
 
 
-def test_sampling_seeded_and_follows_params(engine):
+def test_sampling_seeded_and_follows_params(engine, tiny_dir):
     p = SamplingParams(max_tokens=8, temperature=0.9, top_k=5, seed=7, ignore_eos=True)
     a = engine.generate(["hello", "world"], p)
     b = engine.generate(["hello", "world"], p)
@@ -65,6 +65,15 @@ def test_sampling_seeded_and_follows_params(engine):
     c = engine.generate(["hello"], SamplingParams(max_tokens=8, temperature=0.9, top_k=5, seed=8,
                                                    ignore_eos=True))
     assert len(c[0].token_ids) == 8
+    assert c[0].token_ids != a[0].token_ids          # another seed, another sample
+    # every sampled token is among the target's top 5 at its position (top_k honoured)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    for prompt, out in (("hello", a[0]), ("world", a[1]), ("hello", c[0])):
+        ids = engine.tokenizer.encode_prompt(prompt)
+        with torch.no_grad():
+            logits = ref(torch.tensor([ids + out.token_ids])).logits[0]
+        for j, t in enumerate(out.token_ids):
+            assert t in logits[len(ids) + j - 1].topk(5).indices.tolist(), (out.token_ids, j)
     # top_k=1 sampling is greedy
     g = engine.generate("hello", SamplingParams(max_tokens=8, ignore_eos=True))[0]
     k1 = engine.generate("hello", SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=1,
@@ -86,13 +95,18 @@ def test_stop_string_and_stream(engine):
     assert streamed == o.text
 
 
-def test_eos_stops(engine):
+def test_eos_stops(engine, tiny_dir):
+    from specrt.model import Tokenizer
+
     p = SamplingParams(max_tokens=12, ignore_eos=True)
     o = engine.generate("hello", p)[0]
-    engine.eos_ids = {o.token_ids[4]}
-    e = engine.generate("hello", SamplingParams(max_tokens=12))[0]
+    # the same model with a tokenizer that declares the 5th output token an EOS
+    eos = specrt.Engine(engine.model, Tokenizer(tiny_dir, eos_ids=[o.token_ids[4]]),
+                        block_size=4, cache_tokens=1024)
+    e = eos.generate("hello", SamplingParams(max_tokens=12), speculative=False)[0]
     first = o.token_ids.index(o.token_ids[4])
     assert e.finish_reason == "stop" and e.token_ids == o.token_ids[:first]
+    assert e.stats["steps"] == first + 1    # the EOS was produced, then nothing more
 
 
 @pytest.mark.parametrize("bad, match", [

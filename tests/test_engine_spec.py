@@ -67,47 +67,74 @@ def test_greedy_lossless(tiny_dir, reference, drafter, batch):
 def test_mixed_drafters_in_one_batch(tiny_dir, reference):
     eng = make_engine(tiny_dir, reference, max_draft=4, max_batch=5)
     names = ["tree", "chain", "fused", "tree_q", "recycling"]
-    eng.stream = _routed_stream(eng, names)  # each request its own drafter kind
-    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))
-    for o, w, n in zip(outs, reference[1], names):
-        assert o.token_ids == w
-        assert o.stats["drafter"] == n
+    p = SamplingParams(max_tokens=N, ignore_eos=True)
+    rids = [eng.add_request(q, p, drafter=n) for q, n in zip(PROMPTS, names)]  # each its own
+    outs = run_to_end(eng)
+    for rid, w, n in zip(rids, reference[1], names):
+        assert outs[rid].token_ids == w
+        assert outs[rid].stats["drafter"] == n
 
 
-def _routed_stream(eng, names):
-    def stream(prompts, params=None, **kw):
-        reqs = eng._make_requests(prompts, params, kw.get("chat", True))
-        for r in reqs:
-            r.drafter = names[r.index]
-        return eng._run(reqs)
+def run_to_end(eng) -> dict:
+    """Step ``eng`` until nothing is left; request id -> RequestOutput."""
+    outs = {}
+    while eng.has_unfinished():
+        for ev in eng.step():
+            if ev.finished:
+                outs[ev.request_id] = ev.output
+    return outs
 
-    return stream
+
+class CacheSpy:
+    """A drafter (``inner``, or none: root-only trees, i.e. plain decoding) that keeps
+    each sequence's KV cache as it stands when the engine releases the request."""
+
+    def __init__(self, inner=None):
+        self.inner, self.name = inner, inner.name if inner else "plain"
+        self.engine, self.got = None, {}
+
+    def begin(self, seq, h):
+        if self.inner:
+            self.inner.begin(seq, h)
+
+    def propose(self, seqs, budgets):
+        if self.inner:
+            return self.inner.propose(seqs, budgets)
+        from specrt.draft.base import DraftTree
+        return [DraftTree([s.tokens[-1]], [-1]) for s in seqs]
+
+    def update(self, seq, result):
+        if self.inner:
+            self.inner.update(seq, result)
+
+    def release(self, seq):  # the engine frees the request's blocks right after
+        c = self.engine.cache
+        self.got[tuple(seq.tokens[:seq.prompt_len])] = (
+            c.length(seq.seq_id), [torch.stack(c.gather(seq.seq_id, l))
+                                   for l in range(c.num_layers)])
+        if self.inner:
+            self.inner.release(seq)
 
 
 def test_kv_cache_equals_ar_cache(tiny_dir, reference):
     """After many steps with rejections, each sequence's cache equals plain AR's."""
-    def snapshots(eng, **kw):
-        got = {}
-        orig = eng._release
+    def snapshots(inner, **kw):
+        spy = CacheSpy(inner)
+        eng = specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
+                                            cache_tokens=4096, drafters=[spy],
+                                            adaptive=False, **kw)
+        spy.engine = eng
+        eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))
+        assert len(spy.got) == len(PROMPTS)
+        return [spy.got[tuple(eng.tokenizer.encode_prompt(q))] for q in PROMPTS]
 
-        def release(r):
-            n = eng.cache.length(r.seq_id)
-            got[r.index] = [torch.stack(eng.cache.gather(r.seq_id, l)) for l in
-                            range(eng.cache.num_layers)]
-            got[r.index + 100] = n
-            orig(r)
-
-        eng._release = release
-        eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True), **kw)
-        return got
-
-    ar = snapshots(make_engine(tiny_dir, reference), speculative=False)
-    sp = snapshots(make_engine(tiny_dir, reference, max_draft=6), drafter="tree")
+    ar = snapshots(None)
+    sp = snapshots(ScriptedTreeDrafter("tree", reference[0], 96, seed=1), max_draft=6)
     for i in range(len(PROMPTS)):
         # spec may end one step later than AR: compare the common committed prefix
-        n = min(ar[i + 100], sp[i + 100])
+        n = min(ar[i][0], sp[i][0])
         assert n >= len(reference[1][i]) - 1
-        for la, lb in zip(ar[i], sp[i]):
+        for la, lb in zip(ar[i][1], sp[i][1]):
             assert torch.allclose(la[:, :n], lb[:, :n], atol=1e-5), f"prompt {i}"
 
 

@@ -86,34 +86,42 @@ class PagedKVCache:
         if need > 0:
             s.blocks.extend(self.allocator.allocate(need))
 
-    def reserve_many(self, lens: dict[int, int]) -> None:
-        """:meth:`reserve` for several sequences, all or nothing."""
-        need = sum(max(0, -(-n // self.block_size) - len(self.seqs[i].blocks))
-                   for i, n in lens.items())
-        if need > self.allocator.num_free:
-            raise OutOfBlocks(f"KV cache out of blocks: need {need}, {self.allocator.num_free}"
-                              f" free of {self.allocator.num_blocks}; raise num_blocks or lower"
-                              " the batch size")
-        for i, n in lens.items():
-            self.reserve(i, n)
-
     def set_length(self, seq_id: int, length: int) -> None:
         """Set the committed length (shrinking drops rejected speculative tokens).
 
-        Blocks stay reserved; :meth:`trim` returns the ones past the length.
+        Blocks stay reserved until :meth:`release`.
         """
         s = self.seqs[seq_id]
         if not 0 <= length <= len(s.blocks) * self.block_size:
             raise ValueError(f"length {length} outside the reserved blocks of sequence {seq_id}")
         s.length = length
 
-    def trim(self, seq_id: int) -> None:
-        """Return the blocks past the sequence's length to the pool."""
-        s = self.seqs[seq_id]
-        keep = -(-s.length // self.block_size)
-        if keep < len(s.blocks):
-            self.allocator.free(s.blocks[keep:])
-            del s.blocks[keep:]
+    def commit(self, seq_ids: list[int], paths: list[list[int]]) -> None:
+        """Keep one verified tree per sequence, in every layer at once.
+
+        Sequence ``seq_ids[i]`` had a tree written at positions ``length .. length+T-1``
+        (node ``j`` at ``length + j``); ``paths[i]`` are the accepted node indices,
+        increasing, root (0) first. Node ``paths[i][k]``'s K/V moves to ``length + k``
+        in every layer and the length grows by ``len(paths[i])``; the other nodes are
+        dropped. A path ``0, 1, .., n-1`` (a chain's accepted prefix) moves nothing.
+        """
+        from specrt import ops
+
+        moved = [i for i, p in enumerate(paths) if p != list(range(len(p)))]
+        if moved:
+            # layers stacked as blocks: layer l's block b is row l * NB + b of one pool
+            L, NB = self.kv.shape[:2]
+            kv = self.kv.view(L * NB, *self.kv.shape[2:])
+            bt = self.block_table([seq_ids[i] for i in moved])
+            dev = self.kv.device
+            bts = torch.cat([bt + layer * NB for layer in range(L)])
+            P = max(len(paths[i]) for i in moved)
+            pth = torch.tensor([paths[i] + [-1] * (P - len(paths[i])) for i in moved])
+            prefix = torch.tensor([self.seqs[seq_ids[i]].length for i in moved])
+            ops.commit_kv(kv, bts, prefix.repeat(L).to(dev), pth.repeat(L, 1).to(dev),
+                          torch.tensor([len(paths[i]) for i in moved]).repeat(L).to(dev))
+        for sid, p in zip(seq_ids, paths):
+            self.set_length(sid, self.seqs[sid].length + len(p))
 
     def release(self, seq_id: int) -> None:
         s = self.seqs.pop(seq_id, None)

@@ -12,17 +12,25 @@ is noticed again.
 
 ``a`` per request is a Beta-style running estimate: accepted positions over tested
 positions of this request, shrunk toward the drafter's running rate across requests.
+The controller keeps that per-request history itself, keyed by the caller's request
+key (the engine's request id); :meth:`LengthController.forget` drops it.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Hashable
 
 
 @dataclass
 class _Rate:
     hits: float = 0.0
     trials: float = 0.0
+
+
+@dataclass
+class _RequestRate(_Rate):
+    off: int = 0  # plain-decode steps in a row (for probing)
 
 
 class LengthController:
@@ -48,6 +56,30 @@ class LengthController:
         self._s = [0.0] * 5  # sum w, sum n, sum n^2, sum t, sum n*t
         self.decay = 0.98
         self._table: dict[int, tuple[float, int]] = {}  # n_tokens -> (EMA seconds, count)
+        self._requests: dict[Hashable, _RequestRate] = {}
+
+    # ------------------------------------------------------ per-request history
+    def track(self, request: Hashable, hits: float = 0.0, trials: float = 0.0) -> Hashable:
+        """Start (or restart) ``request``'s acceptance history at ``hits`` accepted of
+        ``trials`` tested positions; returns ``request``. Unknown keys start empty on
+        first use, so calling this is optional."""
+        self._requests[request] = _RequestRate(float(hits), float(trials))
+        return request
+
+    def forget(self, request: Hashable) -> None:
+        """Drop ``request``'s history (it finished or was aborted)."""
+        self._requests.pop(request, None)
+
+    @property
+    def tracked(self) -> int:
+        """How many requests have a history now (0 once every request is forgotten)."""
+        return len(self._requests)
+
+    def _request(self, request: Hashable) -> _RequestRate:
+        r = self._requests.get(request)
+        if r is None:
+            r = self._requests[request] = _RequestRate()
+        return r
 
     @contextmanager
     def scoped_rates(self, table: dict | None = None):
@@ -114,31 +146,35 @@ class LengthController:
         self.draft_cost[drafter] = per if old is None else 0.8 * old + 0.2 * per
 
     # ---------------------------------------------------------- acceptance
-    def rate(self, drafter: str, state: dict) -> float:
+    def rate(self, drafter: str, request: Hashable) -> float:
+        """Estimated per-position acceptance of ``request`` under ``drafter``."""
         g = self.drafter_rate.get(drafter)
         prior = g.hits / g.trials if g and g.trials >= 1 else self.prior
-        h, t = state.get("hits", 0.0), state.get("trials", 0.0)
-        a = (h + self.prior_weight * prior) / (t + self.prior_weight)
+        r = self._requests.get(request) or _RequestRate()
+        a = (r.hits + self.prior_weight * prior) / (r.trials + self.prior_weight)
         return min(max(a, 0.0), 0.98)
 
-    def observe_accept(self, drafter: str, state: dict, accepted: int, depth: int) -> None:
+    def observe_accept(self, drafter: str, request: Hashable, accepted: int,
+                       depth: int) -> None:
         """``accepted`` positions passed out of a tree of ``depth`` (longest path)."""
         if depth <= 0:
             return
         trials = accepted + (1 if accepted < depth else 0)
-        state["hits"] = state.get("hits", 0.0) + accepted
-        state["trials"] = state.get("trials", 0.0) + trials
+        r = self._request(request)
+        r.hits += accepted
+        r.trials += trials
         g = self.drafter_rate.setdefault(drafter, _Rate())
         g.hits = g.hits * 0.995 + accepted
         g.trials = g.trials * 0.995 + trials
 
     # -------------------------------------------------------------- choice
-    def budget(self, drafter: str, state: dict, batch: int, remaining: int) -> int:
-        """Draft tokens for this request's next tree (0 = plain decode)."""
+    def budget(self, drafter: str, request: Hashable, batch: int, remaining: int) -> int:
+        """Draft tokens for ``request``'s next tree (0 = plain decode) in a batch of
+        ``batch`` requests, with ``remaining`` tokens left to generate."""
         cap = min(self.max_draft, max(remaining - 1, 0))
         if not self.adaptive or cap == 0:
             return cap
-        a = self.rate(drafter, state)
+        a = self.rate(drafter, request)
         d = self.draft_cost.get(drafter, 0.0)
         best_k, best = 0, 0.0
         for k in range(cap + 1):
@@ -147,11 +183,11 @@ class LengthController:
             # a larger tree must beat the best so far by 2%: costs are noisy measurements
             if exp_tokens / cost > best * 1.02:
                 best_k, best = k, exp_tokens / cost
+        r = self._request(request)
         if best_k == 0:
-            off = state.get("off", 0) + 1
-            state["off"] = off
-            if off % self.probe_every == 0:
+            r.off += 1
+            if r.off % self.probe_every == 0:
                 return min(2, cap)
         else:
-            state["off"] = 0
+            r.off = 0
         return best_k
