@@ -166,7 +166,22 @@ def test_fingerprint_mismatch_and_missing_files(engine, tmp_path, tmp_path_facto
         load_pool(tmp_path / "nowhere", engine.model)
 
 
-def test_router_latency_is_small(engine):
+def test_router_latency_is_small(engine, monkeypatch):
+    """Routing costs one pass of the small MLP head per request, counted in FLOPs (not
+    timed: a wall-clock bound fails on a loaded machine and passes a slow router on a
+    fast one); router_latency times ``reps`` route calls after one warm-up."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     X = engine_prompt_features(engine, PROMPTS)
-    r = MLPRouter(X.shape[1], 3, ["a", "b", "a"], "a", hidden=128)
-    assert router_latency(r, X.shape[1], reps=10) < 0.01
+    D, H, K = X.shape[1], 128, 3
+    r = MLPRouter(D, K, ["a", "b", "a"], "a", hidden=H)
+    one_pass = 2 * (D * H + H * K + K * len(r.drafter_names))  # fc1, fc2, cluster->drafter
+    for B in (1, len(PROMPTS)):
+        with FlopCounterMode(display=False) as fc:
+            assert len(r.route(X[:B])) == B
+        assert fc.get_total_flops() == B * one_pass
+    calls = []
+    route = r.route
+    monkeypatch.setattr(r, "route", lambda x: calls.append(tuple(x.shape)) or route(x))
+    assert router_latency(r, D, reps=10) > 0
+    assert calls == [(1, D)] * 11
