@@ -15,13 +15,11 @@ its request. Tools that need other drafters or lengths for a while use the scope
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 import warnings
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Iterator, Mapping
 
@@ -33,45 +31,13 @@ from specrt.draft.adaptive import LengthController
 from specrt.draft.base import Drafter, DraftTree, SeqState, Verified
 from specrt.model import Detokenizer, Llama, Tokenizer, load_model
 from specrt.model.prefill import mean_prompt_state, ragged_prefill
+from specrt.acceptance import accept
 from specrt.request import Request, RequestOutput, StreamEvent
+from specrt.engine_config import EngineConfig
+from specrt.engine_stream import Stream
 from specrt.sampling import SamplingParams, logits_to_probs
 
 __all__ = ["Engine", "EngineConfig", "RequestOutput", "StreamEvent"]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Every engine knob, once.
-
-    Attributes:
-        max_batch: requests decoded together at most.
-        cache_tokens: KV cache capacity in tokens over all sequences.
-        block_size: tokens per KV block.
-        max_draft: most drafted tokens per request per step (the adaptive rule picks
-            0..max_draft each step; see :mod:`specrt.draft.adaptive`).
-        adaptive: False pins every draft budget to ``max_draft``.
-        record: path of a JSONL file to which every finished request is appended
-            (``id``, ``task`` = "served", ``prompt``, ``output``, ``prompt_ids``,
-            ``output_ids``, ``finish_reason``, ``drafter``, ``cluster``, ``time``):
-            served traffic kept so that ``specrt align --prompts FILE`` can be rerun on
-            it (the file is a valid prompt file). A failing write warns once and never
-            stops serving.
-    """
-
-    max_batch: int = 16
-    cache_tokens: int = 16384
-    block_size: int = 16
-    max_draft: int = 6
-    adaptive: bool = True
-    record: str | None = None
-
-    def __post_init__(self):
-        for name in ("max_batch", "cache_tokens", "block_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.max_draft, int) or self.max_draft < 0:
-            raise ValueError(f"max_draft must be an integer >= 0, got {self.max_draft!r}")
 
 
 _UNSET = object()
@@ -335,7 +301,7 @@ class Engine:
 
     def stream(self, prompts: str | list[str], params: SamplingParams | list[SamplingParams]
                | None = None, *, speculative: bool = True, drafter: str | None = None,
-               chat: bool = True) -> "_Stream":
+               chat: bool = True) -> Stream:
         """Like :meth:`generate`, but returns an iterator of :class:`StreamEvent` (one
         whenever a request gets new text, and one when it finishes; ``index`` = position
         in ``prompts``). Bad input raises here, before iteration. Closing or dropping
@@ -353,7 +319,7 @@ class Engine:
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         reqs = [self._new_request(p, sp, drafter, speculative, chat, where=f"prompt {i}")
                 for i, (p, sp) in enumerate(zip(prompts, plist))]
-        return _Stream(self, reqs)
+        return Stream(self, reqs)
 
     # ------------------------------------------------------------ the loop's parts
     def _new_request(self, prompt, params, drafter, speculative, chat, where) -> Request:
@@ -517,43 +483,11 @@ class Engine:
         else:
             logits = torch.zeros(B, T, self.model.args.vocab_size, device=dev)
             logits[valid] = self.model.logits(self.model.final_norm(h[valid]))
-        path, plen, nxt = self._accept(reqs, trees, logits, tokens, parents, tl)
+        path, plen, nxt = accept(reqs, trees, logits, tokens, parents, tl)
         self._lengths.observe_forward(int(B * T), time.perf_counter() - t0)
         paths = [p[:n] for p, n in zip(path, plen)]
         emitted = [[t.tokens[j] for j in p[1:]] + [x] for t, p, x in zip(trees, paths, nxt)]
         return paths, emitted, logits, h
-
-    def _accept(self, reqs, trees, logits, tokens, parents, tl):
-        """``ops.verify_tree`` per group of rows sharing a mode; python lists out."""
-        B, T, _ = logits.shape
-        path, plen, nxt = [[0]] * B, [1] * B, [0] * B
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(reqs):
-            key = ("greedy",) if r.params.greedy else ("sample", trees[i].probs is not None)
-            groups.setdefault(key, []).append(i)
-        for key, idx in groups.items():
-            sel = torch.tensor(idx)
-            dev = logits.device
-            if key[0] == "greedy":
-                p, n, x = ops.verify_tree(logits[sel.to(dev)], tokens[sel].to(dev),
-                                          parents[sel].to(dev), tl[sel].to(dev), greedy=True)
-            else:
-                probs = torch.stack([logits_to_probs(logits[i], reqs[i].params.temperature,
-                                                     reqs[i].params.top_k, reqs[i].params.top_p)
-                                     for i in idx])
-                dprobs = None
-                if key[1]:
-                    dprobs = torch.zeros_like(probs)
-                    for j, i in enumerate(idx):
-                        dprobs[j, :len(trees[i])] = trees[i].probs.to(probs)
-                u = torch.stack([torch.rand(T, generator=reqs[i].generator, device=dev)
-                                 for i in idx])
-                p, n, x = ops.verify_tree(probs, tokens[sel].to(dev), parents[sel].to(dev),
-                                          tl[sel].to(dev), dprobs, uniforms=u)
-            p, n, x = p.tolist(), n.tolist(), x.tolist()
-            for j, i in enumerate(idx):
-                path[i], plen[i], nxt[i] = p[j], n[j], x[j]
-        return path, plen, nxt
 
     def _tell_drafters(self, reqs, trees, paths, emitted, logits, h) -> None:
         """Counters, the length rule and each request's drafter learn the outcome."""
@@ -611,11 +545,7 @@ class Engine:
 
     def _record(self, r: Request, out: RequestOutput) -> None:
         """Append one served request to ``config.record`` (see :class:`EngineConfig`)."""
-        key = hashlib.sha256(f"{r.prompt}\x00{out.text}".encode()).hexdigest()[:16]
-        row = {"id": f"served:{key}", "task": "served", "prompt": r.prompt,
-               "output": out.text, "prompt_ids": list(r.prompt_ids),
-               "output_ids": out.token_ids, "finish_reason": out.finish_reason,
-               "drafter": r.drafter, "cluster": r.cluster, "time": time.time()}
+        row = r.record_row(out)
         try:
             with open(self._config.record, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -624,56 +554,6 @@ class Engine:
                 warnings.warn(f"specrt: cannot record served requests to "
                               f"{self._config.record}: {e}")
                 self._record_warned = True
-
-
-class _Stream:
-    """The iterator :meth:`Engine.stream` returns: its requests join the engine at the
-    first ``next()``; closing it, dropping it or an error aborts the unfinished ones."""
-
-    def __init__(self, engine: Engine, reqs: list[Request]):
-        self.engine, self.n = engine, len(reqs)
-        self._reqs = reqs
-        self._gen: Iterator[StreamEvent] | None = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> StreamEvent:
-        if self._gen is None:
-            self._gen = self._run()
-        return next(self._gen)
-
-    def close(self) -> None:
-        """Abort this stream's unfinished requests (their blocks are free at once)."""
-        if self._gen is not None:
-            self._gen.close()
-
-    def __del__(self):
-        self.close()
-
-    def _run(self) -> Iterator[StreamEvent]:
-        eng = self.engine
-        index = {}
-        for i, r in enumerate(self._reqs):
-            eng._queue(r)
-            index[r.rid] = i
-            eng._owned[r.rid] = []
-        left = set(index)
-        try:
-            while left:
-                eng.step()
-                for rid in sorted(left):
-                    box = eng._owned.get(rid, [])
-                    while box:
-                        ev = box.pop(0)
-                        ev.index = index[rid]
-                        if ev.finished:
-                            left.discard(rid)
-                            eng._owned.pop(rid, None)
-                        yield ev
-        finally:
-            for rid in index:
-                eng.abort(rid)
 
 
 def _drafter_set(drafters: list[Drafter], default: str | None):

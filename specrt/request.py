@@ -7,6 +7,7 @@ here so that the engine loop only moves tokens.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -124,6 +125,15 @@ class Request:
         delta = full[self.text_sent:end]
         self.text_sent = end
         return StreamEvent(self.rid, delta, kept, False) if kept else None
+
+    def record_row(self, out: RequestOutput) -> dict:
+        """The row :class:`specrt.engine.EngineConfig`'s ``record`` file gets for this
+        finished request (a valid prompt-file row: id, task, prompt, ...)."""
+        key = hashlib.sha256(f"{self.prompt}\x00{out.text}".encode()).hexdigest()[:16]
+        return {"id": f"served:{key}", "task": "served", "prompt": self.prompt,
+                "output": out.text, "prompt_ids": list(self.prompt_ids),
+                "output_ids": out.token_ids, "finish_reason": out.finish_reason,
+                "drafter": self.drafter, "cluster": self.cluster, "time": time.time()}
 
     def output(self) -> RequestOutput:
         el = max(self.t_end - self.t_start, 1e-9)
