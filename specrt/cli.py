@@ -68,7 +68,7 @@ def _bench_e2e(args) -> int:
             raise ValueError(f"--extra-drafters: {e}") from None
         if d.name in engine.drafters:
             raise ValueError(f"--extra-drafters: the engine already has a drafter {d.name!r}")
-        engine.drafters[d.name] = d
+        engine.add_drafter(d)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in ("ar", "auto", "pool") and m not in engine.drafters]
     if unknown:

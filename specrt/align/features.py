@@ -7,8 +7,14 @@ runs the same model call (ragged batched forward over a paged cache, ``norm=Fals
 and the same reduction, so routing features of a prompt are the same offline and
 online (bit-identical for the same batch composition; otherwise equal within fp
 rounding of the batched matmuls).
+
+Stage b of ``specrt align``, ``features``: :func:`stage_features` writes the router
+features of every collected prompt to ``features.safetensors``.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -109,3 +115,32 @@ def engine_prompt_features(engine, prompts: list[str], chat: bool = True, **kw) 
     Returns ``[N, hidden]`` fp32 CPU."""
     ids = [engine.tokenizer.encode_prompt(p, chat=chat) for p in prompts]
     return prompt_features(engine.model, ids, block_size=engine.cache.block_size, **kw)
+
+
+# ------------------------------------------------------------ stage b: features
+def stage_features(ctx, recs: list[dict], by_id: dict[str, dict]) -> dict:
+    """Router features of the collected prompts (full prompt text, as served) ->
+    ``features.safetensors`` (``feats`` ``[N, hidden]`` fp32; ids in the metadata)."""
+    from safetensors.torch import save_file
+
+    from specrt.align.context import fit_context
+
+    eng = ctx.engine
+    lim = eng.model.args.max_position_embeddings - 1
+    ids = [r["id"] for r in recs]
+    toks = [fit_context(eng.tokenizer.encode_prompt(by_id[i]["prompt"]), lim) for i in ids]
+    feats = prompt_features(eng.model, toks, block_size=eng.cache.block_size,
+                            progress=ctx.cfg.progress)
+    save_file({"feats": feats.contiguous()}, str(ctx.work / "features.safetensors"),
+              metadata={"ids": json.dumps(ids), "tasks": json.dumps([r["task"] for r in recs])})
+    return {"n": len(ids), "dim": int(feats.shape[1])}
+
+
+def load_features(work: Path) -> tuple[torch.Tensor, list[str], list[str]]:
+    """``(feats [N, H], ids, tasks)`` from ``work/features.safetensors``."""
+    from safetensors import safe_open
+
+    with safe_open(str(work / "features.safetensors"), "pt") as f:
+        meta = f.metadata()
+        feats = f.get_tensor("feats")
+    return feats, json.loads(meta["ids"]), json.loads(meta["tasks"])
