@@ -5,6 +5,7 @@ namespace py = pybind11;
 
 void bind_kv(py::module_& m);      // kv_cpu.cpp
 void bind_verify(py::module_& m);  // verify_cpu.cpp
+void bind_gemm(py::module_& m);    // gemm_cpu.cpp
 #ifdef SPECRT_WITH_CUDA
 void bind_kv_cuda(py::module_& m);      // kv_cuda.cu
 void bind_verify_cuda(py::module_& m);  // verify_cuda.cu
@@ -14,6 +15,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "specrt native ops (CPU always; CUDA when built with nvcc)";
   bind_kv(m);
   bind_verify(m);
+  bind_gemm(m);
 #ifdef SPECRT_WITH_CUDA
   m.attr("with_cuda") = true;
   bind_kv_cuda(m);

@@ -1,0 +1,211 @@
+// CPU skinny GEMM: y[M, N] = x[M, K] @ W[N, K]^T for few rows M (decode, draft trees,
+// small batches), fp32.
+//
+// W is packed once at load into column panels of NR = 32 outputs:
+//   wp[p, k, j] = W[p * 32 + j, k]      (rows past N are zero)
+// so that one panel is one contiguous stream. Each thread takes whole panels (OpenMP
+// over output columns) and, for every tile of MR rows of x, keeps MR x 32 accumulators
+// in registers: per k it loads the panel's 32 weights once and broadcasts one x value
+// per row (outer-product form, no horizontal sums). The weights are streamed from
+// memory once per call (later row tiles of the same panel read it from cache), which
+// is the floor for M up to a few dozen rows.
+//
+// Paths: AVX-512F (MR = 8: 16 zmm accumulators), AVX2+FMA (MR = 3: 12 ymm
+// accumulators), scalar; chosen at run time from what the CPU supports.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int NR = 32;
+
+struct Args {
+  const float* x;  // [M, ldx]
+  int64_t ldx;
+  const float* wp;  // [P, K, NR]
+  float* y;         // [M, ldy]
+  int64_t ldy;
+  int64_t M, K, N;
+};
+
+// Store a tile's panel row: 32 values, or fewer for the last panel.
+inline void store_row(float* dst, const float* src, int64_t ncols) {
+  std::memcpy(dst, src, sizeof(float) * ncols);
+}
+
+template <int MR>
+__attribute__((target("avx512f"))) void tile_avx512(const Args& a, int64_t p, int64_t m0) {
+  const float* w = a.wp + p * a.K * NR;
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  const float* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.ldx;
+  for (int64_t k = 0; k < a.K; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(w + k * NR);
+    const __m512 w1 = _mm512_loadu_ps(w + k * NR + 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_set1_ps(xr[i][k]);
+      acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
+    }
+  }
+  const int64_t n0 = p * NR, ncols = std::min<int64_t>(NR, a.N - n0);
+  for (int i = 0; i < MR; ++i) {
+    float* dst = a.y + (m0 + i) * a.ldy + n0;
+    if (ncols == NR) {
+      _mm512_storeu_ps(dst, acc[i][0]);
+      _mm512_storeu_ps(dst + 16, acc[i][1]);
+    } else {
+      alignas(64) float buf[NR];
+      _mm512_store_ps(buf, acc[i][0]);
+      _mm512_store_ps(buf + 16, acc[i][1]);
+      store_row(dst, buf, ncols);
+    }
+  }
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void tile_avx2(const Args& a, int64_t p, int64_t m0) {
+  const float* w = a.wp + p * a.K * NR;
+  __m256 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  const float* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.ldx;
+  for (int64_t k = 0; k < a.K; ++k) {
+    __m256 wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + k * NR + 8 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_broadcast_ss(xr[i] + k);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  const int64_t n0 = p * NR, ncols = std::min<int64_t>(NR, a.N - n0);
+  for (int i = 0; i < MR; ++i) {
+    alignas(32) float buf[NR];
+    for (int j = 0; j < 4; ++j) _mm256_store_ps(buf + 8 * j, acc[i][j]);
+    store_row(a.y + (m0 + i) * a.ldy + n0, buf, ncols);
+  }
+}
+
+void tile_scalar(const Args& a, int64_t p, int64_t m0, int mr) {
+  const float* w = a.wp + p * a.K * NR;
+  const int64_t n0 = p * NR, ncols = std::min<int64_t>(NR, a.N - n0);
+  for (int i = 0; i < mr; ++i) {
+    float acc[NR] = {0};
+    const float* xr = a.x + (m0 + i) * a.ldx;
+    for (int64_t k = 0; k < a.K; ++k)
+      for (int j = 0; j < NR; ++j) acc[j] += xr[k] * w[k * NR + j];
+    store_row(a.y + (m0 + i) * a.ldy + n0, acc, ncols);
+  }
+}
+
+void run_avx512(const Args& a, int64_t p) {
+  int64_t m = 0;
+  for (; m + 8 <= a.M; m += 8) tile_avx512<8>(a, p, m);
+  switch (a.M - m) {
+    case 7: tile_avx512<7>(a, p, m); break;
+    case 6: tile_avx512<6>(a, p, m); break;
+    case 5: tile_avx512<5>(a, p, m); break;
+    case 4: tile_avx512<4>(a, p, m); break;
+    case 3: tile_avx512<3>(a, p, m); break;
+    case 2: tile_avx512<2>(a, p, m); break;
+    case 1: tile_avx512<1>(a, p, m); break;
+    default: break;
+  }
+}
+
+void run_avx2(const Args& a, int64_t p) {
+  int64_t m = 0;
+  for (; m + 3 <= a.M; m += 3) tile_avx2<3>(a, p, m);
+  switch (a.M - m) {
+    case 2: tile_avx2<2>(a, p, m); break;
+    case 1: tile_avx2<1>(a, p, m); break;
+    default: break;
+  }
+}
+
+void run_scalar(const Args& a, int64_t p) {
+  for (int64_t m = 0; m < a.M; m += 4) tile_scalar(a, p, m, static_cast<int>(std::min<int64_t>(4, a.M - m)));
+}
+
+enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
+
+Isa best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+  return Isa::scalar;
+}
+
+const char* isa_name(Isa i) {
+  return i == Isa::avx512 ? "avx512" : i == Isa::avx2 ? "avx2" : "scalar";
+}
+
+Isa parse_isa(const std::string& s) {
+  Isa have = best_isa();
+  if (s.empty() || s == "auto") return have;
+  Isa want = s == "avx512" ? Isa::avx512 : s == "avx2" ? Isa::avx2 : s == "scalar" ? Isa::scalar
+                                                                                      : Isa(-1);
+  if (static_cast<int>(want) < 0)
+    throw std::invalid_argument("isa must be auto, avx512, avx2 or scalar, got '" + s + "'");
+  if (static_cast<int>(want) > static_cast<int>(have))
+    throw std::invalid_argument(std::string("this CPU lacks ") + s + " (best: " + isa_name(have) + ")");
+  return want;
+}
+
+using f32arr = py::array_t<float, py::array::c_style>;
+
+// x [M, K] (row stride ldx given by the array), wp [P, K, 32], y [M, N] written in full.
+void skinny_mm(py::array x, f32arr wp, py::array y, int64_t n, int threads,
+               const std::string& isa) {
+  if (x.ndim() != 2 || y.ndim() != 2 || wp.ndim() != 3 || wp.shape(2) != NR)
+    throw std::invalid_argument("skinny_mm: need x [M, K], wp [P, K, 32], y [M, N]");
+  if (!py::isinstance<py::array_t<float>>(x) || !py::isinstance<py::array_t<float>>(y))
+    throw std::invalid_argument("skinny_mm: x and y must be float32");
+  if (x.strides(1) != 4 || y.strides(1) != 4 || x.strides(0) % 4 || y.strides(0) % 4)
+    throw std::invalid_argument("skinny_mm: x and y rows must be contiguous");
+  if (!y.writeable()) throw std::invalid_argument("skinny_mm: y is read-only");
+  Args a{static_cast<const float*>(x.data()), x.strides(0) / 4, wp.data(),
+         static_cast<float*>(y.mutable_data()), y.strides(0) / 4, x.shape(0), x.shape(1), n};
+  const int64_t P = wp.shape(0);
+  if (wp.shape(1) != a.K) throw std::invalid_argument("skinny_mm: wp's K differs from x's");
+  if (y.shape(0) != a.M || y.shape(1) != n || P * NR < n || (P - 1) * NR >= n)
+    throw std::invalid_argument("skinny_mm: y must be [M, N] with N in (32 (P-1), 32 P]");
+  const Isa which = parse_isa(isa);
+  void (*run)(const Args&, int64_t) =
+      which == Isa::avx512 ? run_avx512 : which == Isa::avx2 ? run_avx2 : run_scalar;
+  if (a.M == 0) return;
+  py::gil_scoped_release nogil;
+  // threads only pay when each gets a few hundred KB of weights to stream
+  const bool par = threads > 1 && P * a.K * NR >= (int64_t(1) << 16);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(std::max(1, threads)) if (par)
+#endif
+  for (int64_t p = 0; p < P; ++p) run(a, p);
+}
+
+}  // namespace
+
+void bind_gemm(py::module_& m) {
+  m.def("skinny_mm", &skinny_mm,
+        "y[M, N] = x[M, K] @ W^T from W packed as [ceil(N/32), K, 32] (fp32, CPU)",
+        py::arg("x"), py::arg("wp"), py::arg("y"), py::arg("n"), py::arg("threads"),
+        py::arg("isa") = "auto");
+  m.def("gemm_isa", []() { return std::string(isa_name(best_isa())); },
+        "the best SIMD path of this CPU for skinny_mm: avx512, avx2 or scalar");
+}

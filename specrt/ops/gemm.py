@@ -1,0 +1,135 @@
+"""Few-row matrix products on CPU: ``y = x @ W.T`` for decode steps, draft trees and
+small batches.
+
+Verifying a tree of T nodes, or decoding a batch of B requests, multiplies a matrix of
+a few dozen rows by every weight matrix of the model. On CPU the floor of such a
+product is reading the weights once; BLAS sgemm is far from it for 2-64 rows. The
+kernel in ``csrc/gemm_cpu.cpp`` streams the weights once per call from a layout packed
+once at load (:func:`pack_weight`): 32-column panels, so each panel is one contiguous
+stream, with all rows of ``x`` kept in registers (AVX-512 or AVX2, chosen at run time;
+OpenMP over panels).
+
+* :func:`pack_weight` ``[N, K]`` -> ``[ceil(N / 32), K, 32]`` (host work, once).
+* :func:`skinny_mm` ``x [M, K]`` with a packed weight -> ``[M, N]``; also
+  ``torch.ops.specrt.skinny_mm`` (CPU kernel and a fake implementation).
+* :class:`PackedLinear` picks, per call, the kernel or ``F.linear`` by the row count
+  (the measured crossover :data:`MAX_ROWS`): the model's linear layers use it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from specrt.ops._backend import LIB, native
+
+__all__ = ["pack_weight", "skinny_mm", "PackedLinear", "MAX_ROWS", "gemm_isa"]
+
+#: Panel width of the packed layout (outputs per panel).
+PANEL = 32
+#: Rows up to which the kernel beats ``F.linear`` on the CPUs measured (see
+#: bench/bench_gemm.py); above it ``F.linear`` (BLAS) runs.
+MAX_ROWS = 64
+
+
+def gemm_isa() -> str:
+    """The SIMD path :func:`skinny_mm` runs on this CPU: ``avx512``, ``avx2`` or
+    ``scalar``."""
+    return native().gemm_isa()
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """Pack a weight ``[N, K]`` (fp32, CPU) for :func:`skinny_mm`.
+
+    Returns ``wp`` ``[P, K, 32]`` fp32 contiguous, ``P = ceil(N / 32)``, with
+    ``wp[p, k, j] = w[32 p + j, k]`` and zeros past row N.
+    """
+    if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu":
+        raise ValueError(f"pack_weight needs a [N, K] float32 CPU tensor, got "
+                         f"{tuple(w.shape)} {w.dtype} on {w.device}")
+    N, K = w.shape
+    P = -(-N // PANEL)
+    w = w.detach()
+    return F.pad(w, (0, 0, 0, P * PANEL - N)).view(P, PANEL, K).transpose(1, 2).contiguous()
+
+
+def _check(x: torch.Tensor, wp: torch.Tensor, n: int) -> None:
+    if x.dim() != 2 or wp.dim() != 3 or wp.shape[2] != PANEL:
+        raise ValueError(f"skinny_mm needs x [M, K] and wp [P, K, {PANEL}], got "
+                         f"{tuple(x.shape)} and {tuple(wp.shape)}")
+    if x.shape[1] != wp.shape[1]:
+        raise ValueError(f"x has K={x.shape[1]}, the packed weight K={wp.shape[1]}")
+    if not (wp.shape[0] - 1) * PANEL < n <= wp.shape[0] * PANEL:
+        raise ValueError(f"n={n} does not fit a packed weight of {wp.shape[0]} panels")
+    if x.dtype != torch.float32 or wp.dtype != torch.float32:
+        raise ValueError(f"skinny_mm is fp32: got x {x.dtype}, wp {wp.dtype}")
+
+
+def _skinny_mm_impl(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
+    _check(x, wp, n)
+    if x.device.type != "cpu" or wp.device.type != "cpu":
+        raise ValueError("skinny_mm runs on CPU tensors only")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    native().skinny_mm(x.numpy(), wp.numpy(), y.numpy(), n, torch.get_num_threads())
+    return y
+
+
+LIB.define("skinny_mm(Tensor x, Tensor wp, int n) -> Tensor")
+LIB.impl("skinny_mm", _skinny_mm_impl, "CPU")
+
+
+@torch.library.register_fake("specrt::skinny_mm", lib=LIB)
+def _(x, wp, n):
+    _check(x, wp, n)
+    return x.new_empty(x.shape[0], n)
+
+
+_skinny_mm_op = torch.ops.specrt.skinny_mm.default
+
+
+def skinny_mm(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
+    """``x @ W.T`` from W packed by :func:`pack_weight`.
+
+    Args:
+        x: ``[M, K]`` float32 CPU (rows may be strided; each row contiguous).
+        wp: ``[P, K, 32]`` float32 CPU, ``pack_weight(W)`` of ``W`` ``[n, K]``.
+        n: output columns (W's rows), ``32 (P - 1) < n <= 32 P``.
+
+    Returns:
+        ``[M, n]`` float32, new memory. Each output is one fp32 dot product summed in
+        order over K (results match a float64 reference within fp32 rounding).
+
+    Raises:
+        ValueError: shapes, dtypes or devices that do not fit.
+    """
+    return _skinny_mm_op(x, wp, n)
+
+
+class PackedLinear:
+    """``F.linear(x, weight, bias)`` that runs :func:`skinny_mm` on CPU fp32 for up to
+    :data:`MAX_ROWS` rows, from a copy of ``weight`` packed on first use (and packed
+    again if the weight is changed in place). ``F.linear`` everywhere else (more rows,
+    other devices or dtypes)."""
+
+    def __init__(self):
+        self._packed: torch.Tensor | None = None
+        self._key = None
+
+    def packed(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        if self._key != key:
+            self._packed, self._key = pack_weight(weight), key
+        return self._packed
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if (x.device.type != "cpu" or weight.dtype != torch.float32
+                or x.dtype != torch.float32 or not 0 < rows <= MAX_ROWS
+                or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return F.linear(x, weight, bias)
+        y = skinny_mm(x.reshape(rows, x.shape[-1]), self.packed(weight), weight.shape[0])
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], weight.shape[0])
