@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
-from pathlib import Path
+import statistics
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, median  # noqa: E402
-
-import specrt  # noqa: E402
+import specrt
+from specrt.measure import machine, measure
 
 
 def main():
@@ -25,15 +21,14 @@ def main():
     args = ap.parse_args()
     eng = specrt.Engine.from_pretrained(args.target)
     p = specrt.SamplingParams(max_tokens=args.tokens, ignore_eos=True)
-    eng.generate(args.prompt, p, speculative=False)  # warm-up
-    rates, decode = [], []
-    for _ in range(args.runs):
-        o = eng.generate(args.prompt, p, speculative=False)[0]
-        rates.append(o.stats["tokens_per_s"])
+    row = {"prompt": args.prompt, "task": "ar"}
+    measure(eng, [row], ["ar"], p)  # warm-up
+    recs = measure(eng, [row] * args.runs, ["ar"], p)["ar"]
+    rates = [r.stats["tokens_per_s"] for r in recs]
     print(f"device: {machine()}  date: {datetime.date.today()}")
     print(f"target: {args.target or 'SmolLM2-135M-Instruct (default)'}  "
-          f"prompt tokens: {o.stats['prompt_tokens']}  new tokens: {args.tokens}")
-    print(f"AR tokens/s (batch 1, greedy, incl. prefill): median {median(rates):.1f} "
+          f"prompt tokens: {recs[-1].stats['prompt_tokens']}  new tokens: {args.tokens}")
+    print(f"AR tokens/s (batch 1, greedy, incl. prefill): median {statistics.median(rates):.1f} "
           f"over {args.runs} runs  [min {min(rates):.1f}, max {max(rates):.1f}]")
 
 

@@ -18,19 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-DEFAULT = Path(__file__).resolve().parents[1] / "specrt/pools/default/baseline.json"
+from specrt.draft.registry import SHIPPED_BASELINE
+from specrt.measure import Mode, measure, summarize
+
+DEFAULT = SHIPPED_BASELINE
 
 
 class _Config:
-    """One configuration: its drafter (or None), budget and accumulated statistics."""
+    """One configuration: its drafter (or None), budget, length rule and draft time."""
 
     def __init__(self, spec: str, engine, default_drafter: str, topk: int):
-        from specrt.draft import NgramDrafter
-        from specrt.draft.model import ModelDrafter
+        from specrt.draft.adaptive import LengthController
+        from specrt.draft.registry import lookup_drafter, model_drafter
 
         self.spec = spec
         path, _, body = spec.rpartition("=")
@@ -41,20 +43,25 @@ class _Config:
         kind = kind.replace("adaptive-", "")
         self.drafter = None
         if kind == "ngram":
-            self.drafter = NgramDrafter(name="ngram")
+            self.drafter = lookup_drafter("ngram", engine.model.args.vocab_size)
         elif kind in ("chain", "tree"):
             kw = {"mode": kind, "topk": topk}
             if len(parts) > 2:
                 kw["threshold"] = float(parts[2])
-            self.drafter = ModelDrafter.load(path or default_drafter, engine.model,
-                                             name="m", **kw)
+            self.drafter = model_drafter(path or default_drafter, engine.model, name="m",
+                                         runtime=kw)
         elif kind != "ar":
             raise ValueError(f"unknown config {spec!r}")
-        self.lengths = None
         self.draft_s = 0.0
-        self.tot = dict(tokens=0, elapsed=0.0, drafted=0, accepted=0, steps=0, emitted=0.0)
-        if self.drafter is not None:
-            orig = self.drafter.propose
+        d = self.drafter
+        # each configuration generates with its own drafter and length rule (budgets up
+        # to K; pinned to K unless adaptive-)
+        self.mode = Mode(spec, drafter=d.name if d else None, speculative=d is not None,
+                         using={"drafters": [d] if d else [],
+                                "lengths": LengthController(max_draft=self.K,
+                                                            adaptive=self.adaptive)})
+        if d is not None:
+            orig = d.propose
 
             def timed(seqs, budgets):
                 t = time.perf_counter()
@@ -62,39 +69,21 @@ class _Config:
                 self.draft_s += time.perf_counter() - t
                 return out
 
-            self.drafter.propose = timed
+            d.propose = timed
 
-    def run(self, engine, prompt: str, max_tokens: int) -> None:
-        """Generate one prompt with this configuration and accumulate its stats."""
-        from specrt import SamplingParams
-        from specrt.draft.adaptive import LengthController
-
-        if self.lengths is None:
-            self.lengths = LengthController(max_draft=self.K, adaptive=self.adaptive)
-        engine.lengths, engine.max_draft = self.lengths, self.K
-        d = self.drafter
-        engine.drafters = {d.name: d} if d is not None else {}
-        o = engine.generate(prompt, SamplingParams(max_tokens=max_tokens),
-                            speculative=d is not None, drafter=d.name if d else None)[0]
-        s, t = o.stats, self.tot
-        t["tokens"] += s["completion_tokens"]
-        t["elapsed"] += s["elapsed_s"]
-        t["drafted"] += s["drafted_tokens"]
-        t["accepted"] += s["accepted_tokens"]
-        t["steps"] += s["steps"]
-        t["emitted"] += s["mean_accepted_length"] * s["steps"]
-
-    def summary(self) -> dict:
-        t = self.tot
-        steps = max(t["steps"], 1)
+    def summary(self, recs) -> dict:
+        """The configuration's figures over its records so far (engine-timed)."""
+        s = summarize(recs, clock="engine")
+        el = s["elapsed_s"]
+        steps = max(s["steps"], 1)
         return {
-            "config": self.spec, "tokens_per_s": round(t["tokens"] / t["elapsed"], 2),
-            "acceptance_rate": round(t["accepted"] / max(t["drafted"], 1), 3),
-            "mean_accepted_length": round(t["emitted"] / steps, 3),
-            "drafted_per_step": round(t["drafted"] / steps, 2),
-            "total_s": round(t["elapsed"], 1), "draft_share": round(self.draft_s / t["elapsed"], 3),
+            "config": self.spec, "tokens_per_s": round(s["tokens_per_s"], 2),
+            "acceptance_rate": round(s["acceptance_rate"], 3),
+            "mean_accepted_length": round(s["emitted_per_step"], 3),
+            "drafted_per_step": round(s["drafted_tokens"] / steps, 2),
+            "total_s": round(el, 1), "draft_share": round(self.draft_s / el, 3),
             "ms_per_step_draft": round(1000 * self.draft_s / steps, 1),
-            "ms_per_step_verify_rest": round(1000 * (t["elapsed"] - self.draft_s) / steps, 1),
+            "ms_per_step_verify_rest": round(1000 * (el - self.draft_s) / steps, 1),
         }
 
 
@@ -114,14 +103,17 @@ def main(argv=None) -> list[dict]:
     eng = specrt.Engine.from_pretrained(device="cpu", max_batch=1, drafters=[])
     rows = balanced_sample(split(load_prompts(default_prompts_path()))[1], a.per_task, seed=1)
     cfgs = [_Config(c, eng, a.drafter, a.topk) for c in a.configs]
-    for i, r in enumerate(rows):
-        for c in cfgs:
-            c.run(eng, r["prompt"], a.max_tokens)
+
+    def after(i, recs):
         print(f"prompt {i + 1}/{len(rows)} done", flush=True)
         if (i + 1) % 4 == 0 and i + 1 < len(rows):  # running figures (partial runs)
             for c in cfgs:
-                print("partial " + json.dumps(c.summary()), flush=True)
-    out = [c.summary() | {"prompts": len(rows), "max_tokens": a.max_tokens} for c in cfgs]
+                print("partial " + json.dumps(c.summary(recs[c.spec])), flush=True)
+
+    recs = measure(eng, rows, [c.mode for c in cfgs],
+                   specrt.SamplingParams(max_tokens=a.max_tokens), after_prompt=after)
+    out = [c.summary(recs[c.spec]) | {"prompts": len(rows), "max_tokens": a.max_tokens}
+           for c in cfgs]
     for o in out:
         print(json.dumps(o), flush=True)
     return out

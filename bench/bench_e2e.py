@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
-
-import specrt  # noqa: E402
-from specrt.benchmark import format_table, run_e2e  # noqa: E402
-from specrt.data import balanced_sample, default_prompts_path, load_prompts, split  # noqa: E402
+import specrt
+from specrt.benchmark import format_table, run_e2e
+from specrt.data import balanced_sample, default_prompts_path, load_prompts, split
+from specrt.measure import Record, by_task, machine
 
 
 def hf_models(engine, assistant_dir: Path | None):
@@ -45,14 +42,12 @@ def hf_models(engine, assistant_dir: Path | None):
 @torch.inference_mode()
 def run_hf(engine, rows, max_tokens, tgt, asst):
     """HF modes: ar, assisted (if asst), lookup. Returns the run_e2e-like dict."""
-    from specrt.benchmark import _summ
-
     modes = {"hf_ar": {}, "hf_lookup": {"prompt_lookup_num_tokens": 10}}
     if asst is not None:
         modes["hf_assisted"] = {"assistant_model": asst}
     res = {"modes": {}, "outputs": {}}
     for m, kw in modes.items():
-        per, times, outs = {}, {}, []
+        recs = []
         for r in rows:
             ids = torch.tensor([engine.tokenizer.encode_prompt(r["prompt"])])
             t0 = time.perf_counter()
@@ -63,14 +58,12 @@ def run_hf(engine, rows, max_tokens, tgt, asst):
             new = out[0, ids.shape[1]:].tolist()
             while new and new[-1] in engine.eos_ids:
                 new.pop()
-            outs.append(new)
+            steps = max(len(new), 1)  # HF reports no steps: one per token
             st = {"completion_tokens": len(new), "drafted_tokens": 0, "accepted_tokens": 0,
-                  "steps": max(len(new), 1)}
-            per.setdefault(r["task"], []).append(st)
-            times[r["task"]] = times.get(r["task"], 0.0) + dt
-        res["modes"][m] = {t: _summ(s, times[t]) for t, s in sorted(per.items())}
-        res["modes"][m]["all"] = _summ([x for s in per.values() for x in s], sum(times.values()))
-        res["outputs"][m] = outs
+                  "steps": steps, "mean_accepted_length": len(new) / steps, "elapsed_s": dt}
+            recs.append(Record(r["task"], dt, st, new))
+        res["modes"][m] = by_task(recs)
+        res["outputs"][m] = [x.token_ids for x in recs]
     return res
 
 
@@ -92,10 +85,10 @@ def main():
     engine = specrt.Engine.from_pretrained(device="cpu")
     lm = None
     if args.lm_drafter and Path(args.lm_drafter).is_file():
-        from specrt.draft.model import ModelDrafter
+        from specrt.draft.registry import model_drafter
 
-        lm = ModelDrafter.load(args.lm_drafter, engine.model, name="lm2", mode="chain")
-        engine.drafters["lm2"] = lm
+        lm = model_drafter(args.lm_drafter, engine.model, name="lm2", runtime={"mode": "chain"})
+        engine.add_drafter(lm)
     modes = args.modes.split(",") if args.modes else ["ar", *engine.drafters]
     print(f"device: {machine()}  date: {datetime.date.today()}  prompts: {len(rows)} "
           f"({args.per_task}/task, eval split)  max_tokens {args.max_tokens}  greedy batch 1")

@@ -26,20 +26,17 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
-
-import specrt  # noqa: E402
-from specrt.benchmark import format_table, run_e2e  # noqa: E402
-from specrt.data import balanced_sample, default_prompts_path, load_prompts, split  # noqa: E402
+import specrt
+from specrt.benchmark import format_table, run_e2e
+from specrt.data import balanced_sample, default_prompts_path, load_prompts, split
+from specrt.draft.registry import drafter_from_spec
+from specrt.measure import machine
 
 SHIPPED = Path(specrt.__file__).resolve().parent / "pools" / "default"
 
 
 def _extra_drafters(engine, pool: Path) -> list[str]:
     """Add the pool's unassigned candidates to ``engine``; return their names."""
-    from specrt.draft import drafter_from_spec
-
     names = []
     aligned = sorted((pool / "work" / "align").glob("aligned_*.json"))
     specs = ["ngram", "recycling", *map(str, aligned)]
@@ -51,7 +48,7 @@ def _extra_drafters(engine, pool: Path) -> list[str]:
     for spec in specs:
         d = drafter_from_spec(spec, engine.model)
         if d.name not in engine.drafters:
-            engine.drafters[d.name] = d
+            engine.add_drafter(d)
         names.append(d.name)
     return names
 

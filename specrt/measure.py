@@ -17,6 +17,7 @@ the per-task table with the oracle row and the greedy mismatch count.
 """
 from __future__ import annotations
 
+import platform
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ def measure(engine, rows: list[dict], modes: list, params: SamplingParams, *,
         after_prompt: called ``(row index, records so far)`` after each row.
     """
     modes = [Mode.parse(m) for m in modes]
+    if len({m.name for m in modes}) != len(modes):
+        raise ValueError(f"mode names must differ: {[m.name for m in modes]}")
     if history not in ("mode", "pass"):
         raise ValueError(f"history must be 'mode' or 'pass', got {history!r}")
     if reset:  # all before any generation: fused modes share their members' objects
@@ -199,6 +202,24 @@ def report(recs: dict[str, list[Record]], modes: list, greedy: bool = True) -> d
         table["oracle"] = by_task(oracle(recs, drafter_modes))
     mm = mismatches(recs) if "ar" in recs and greedy else {}
     return {"modes": table, "mismatches": mm}
+
+
+def machine() -> str:
+    """Human-readable device name: the GPU's, or the CPU model and torch's thread count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 # --------------------------------------------------------------- drafter candidates

@@ -82,12 +82,10 @@ def stage_collect(engine, rows: list[dict], work: Path, max_tokens: int, batch: 
     from specrt import SamplingParams
 
     rec = _Recorder()
-    old = engine.drafters, engine.default_drafter, engine.max_draft
-    engine.drafters, engine.default_drafter = {"recorder": rec}, "recorder"
-    engine.max_draft = engine.lengths.max_draft = 0
     seqs: list[dict] = []
     t_start = time.perf_counter()
-    try:
+    # the recorder alone, never drafting (draft length 0): plain greedy target outputs
+    with engine.using(drafters=[rec], max_draft=0):
         nchunks = -(-len(rows) // chunk)
         for c in tqdm(range(nchunks), desc="collect chunks", unit="chunk"):
             f = work / f"collect_{c:03d}.pt"
@@ -114,9 +112,6 @@ def stage_collect(engine, rows: list[dict], work: Path, max_tokens: int, batch: 
                 got.append(d)
             torch.save(got, f)
             seqs.extend(got)
-    finally:
-        engine.drafters, engine.default_drafter, engine.max_draft = old
-        engine.lengths.max_draft = old[2]
     return seqs
 
 
@@ -315,37 +310,20 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
 
 
 def stage_eval(engine, drafter, rows: list[dict], max_tokens: int, max_draft: int) -> dict:
-    """Greedy acceptance of ``drafter`` on ``rows`` (batch 1, budgets pinned)."""
+    """Greedy acceptance of ``drafter`` on ``rows`` (batch 1, budgets pinned to
+    ``max_draft``), measured by :func:`specrt.measure.measure`."""
     from specrt import SamplingParams
+    from specrt.measure import by_task, measure
 
-    old = (engine.drafters, engine.default_drafter, engine.lengths)
-    from specrt.draft.adaptive import LengthController
-
-    engine.drafters, engine.default_drafter = {drafter.name: drafter}, drafter.name
-    engine.lengths = LengthController(max_draft=max_draft, adaptive=False)
-    bs = engine.max_batch
-    engine.max_batch = 1
-    dr = ac = steps = em = 0
-    per_task: dict[str, list[int]] = {}
-    try:
-        for r in rows:
-            o = engine.generate(r["prompt"], SamplingParams(max_tokens=max_tokens))[0]
-            s = o.stats
-            dr += s["drafted_tokens"]
-            ac += s["accepted_tokens"]
-            steps += s["steps"]
-            em += s["completion_tokens"]
-            t = per_task.setdefault(r["task"], [0, 0])
-            t[0] += s["accepted_tokens"]
-            t[1] += s["drafted_tokens"]
-    finally:
-        engine.drafters, engine.default_drafter, engine.lengths = old
-        engine.max_batch = bs
+    with engine.using(drafters=[drafter], max_batch=1, max_draft=max_draft, adaptive=False):
+        recs = measure(engine, rows, [drafter.name], SamplingParams(max_tokens=max_tokens))
+    per = by_task(recs[drafter.name])
+    s = per.pop("all")
     return {"prompts": len(rows), "max_draft": max_draft,
-            "acceptance_rate": round(ac / max(dr, 1), 4),
-            "tokens_per_step": round(em / max(steps, 1), 3),
-            "per_task_acceptance": {k: round(a / max(d, 1), 3)
-                                    for k, (a, d) in sorted(per_task.items())}}
+            "acceptance_rate": round(s["acceptance_rate"], 4),
+            "tokens_per_step": round(s["mean_accepted_length"], 3),
+            "per_task_acceptance": {k: round(v["acceptance_rate"], 3)
+                                    for k, v in per.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.stop_after == "collect":
         return 0
 
-    from specrt.draft.model import DraftNet, ModelDrafter
+    from specrt.draft.model import DraftNet
+    from specrt.draft.registry import model_drafter
 
     t = time.perf_counter()
     vf = work / f"vocab_{a.vocab}.pt"
@@ -470,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     ev = balanced_sample(eval_rows, a.eval_prompts, seed=a.seed + 1)
-    drafter = ModelDrafter.load(out / f"{a.name}.json", engine.model, mode="chain")
+    drafter = model_drafter(out / f"{a.name}.json", engine.model, runtime={"mode": "chain"})
     res = stage_eval(engine, drafter, ev, a.eval_tokens, max_draft=5)
     times["eval_s"] = round(time.perf_counter() - t, 1)
     _log(f"eval (chain, K=5, {len(ev)} eval prompts): {res}")
