@@ -7,10 +7,14 @@ draft_probs once (device copy bandwidth measured here); plus verify_tree on rand
 in the three modes. Batch 1..64, V 32k and 128k, T 8..64 by default.
 
 Without CUDA it runs a small CPU comparison (specrt._C vs a vectorised torch
-reference) and says that GPU figures need a GPU.
+reference) and says that GPU figures need a GPU. ``--dry-run`` runs the GPU benchmark's
+code path on tiny shapes for a few iterations (without CUDA: specrt._C and the Triton
+kernels through Triton's interpreter, timed by the wall clock; a check that the script
+works, not a measurement). ``--json PATH`` writes every row (rewritten after each).
 
     python bench/bench_verify.py                     # defaults
     python bench/bench_verify.py --batch 1 16 --vocab 128256 --tree 8 32
+    python bench/bench_verify.py --dry-run --json /tmp/verify.json
 """
 from __future__ import annotations
 
@@ -21,18 +25,32 @@ import time
 
 import torch
 
+from bench_tree_attention import meta, write_json
 
-def _parse():
+DRY = dict(batch=[2], vocab=[64], tree=[4], iters=2)
+
+
+def _parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="batch sizes")
-    ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256], help="vocab sizes")
-    ap.add_argument("--tree", type=int, nargs="+", default=[8, 16, 64],
-                    help="tree sizes T (chains use K = T - 1 drafts)")
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="batch sizes (default 1 8 64)")
+    ap.add_argument("--vocab", type=int, nargs="+", default=None,
+                    help="vocab sizes (default 32000 128256)")
+    ap.add_argument("--tree", type=int, nargs="+", default=None,
+                    help="tree sizes T (chains use K = T - 1 drafts; default 8 16 64)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--iters", type=int, default=50, help="timed iterations per case")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="timed iterations per case (default 50)")
     ap.add_argument("--no-trees", action="store_true", help="chains only")
-    return ap.parse_args()
+    ap.add_argument("--dry-run", action="store_true", help=f"tiny shapes, CPU allowed: {DRY}")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write the rows here")
+    args = ap.parse_args(argv)
+    for k, full in (("batch", [1, 8, 64]), ("vocab", [32000, 128256]), ("tree", [8, 16, 64]),
+                    ("iters", 50)):
+        if getattr(args, k) is None:
+            setattr(args, k, DRY[k] if args.dry_run else full)
+    return args
 
 
 def _probs(shape, device, dtype, gen):
@@ -40,9 +58,15 @@ def _probs(shape, device, dtype, gen):
     return torch.softmax(x, -1).to(dtype)
 
 
-def _time_cuda(fn, iters):
-    for _ in range(3):
+def _time(fn, iters, device):
+    """Mean microseconds of ``fn()``: CUDA events on CUDA, the wall clock elsewhere."""
+    for _ in range(3 if device.type == "cuda" else 1):
         fn()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters * 1e6
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -54,10 +78,10 @@ def _time_cuda(fn, iters):
 
 
 def _copy_bandwidth(device):
-    n = 256 << 20  # 256 MiB
+    n = (256 << 20) if device.type == "cuda" else (16 << 20)
     a = torch.empty(n, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
-    us = _time_cuda(lambda: b.copy_(a), 20)
+    us = _time(lambda: b.copy_(a), 20, device)
     return 2 * n / (us * 1e-6)  # bytes/s (read + write)
 
 
@@ -74,9 +98,10 @@ def _with_backend(name, fn):
 
 
 def _random_trees(B, T, V, device, dtype, gen):
+    g = torch.Generator().manual_seed(T * 1000 + B)
     parents = torch.full((B, T), -1, dtype=torch.int64)
     for i in range(1, T):
-        parents[:, i] = torch.randint(max(0, i - 4), i, (B,))  # bushy, a few levels deep
+        parents[:, i] = torch.randint(max(0, i - 4), i, (B,), generator=g)  # bushy, shallow
     target = _probs((B, T, V), device, dtype, gen)
     draft = _probs((B, T, V), device, dtype, gen)
     tokens = torch.randint(0, V, (B, T), device=device, generator=gen)
@@ -86,24 +111,37 @@ def _random_trees(B, T, V, device, dtype, gen):
     return target, tokens, parents.to(device), torch.full((B,), T, device=device), draft
 
 
-def bench_gpu(args):
+def bench_kernels(args, device):
+    """Chain and tree verification through every implementation the device has."""
     from specrt import _C, ops
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator(device=dev).manual_seed(0)
-    try:
-        from flashinfer.sampling import chain_speculative_sampling as fi_chain
-    except Exception:  # noqa: BLE001 - any import problem means "not available"
-        fi_chain = None
-    have_cuda_ops = bool(getattr(_C, "with_cuda", False))
+    res = meta("verify", args, dev)
+    fi_chain = None
+    if cuda:
+        try:
+            from flashinfer.sampling import chain_speculative_sampling as fi_chain
+        except Exception as e:  # noqa: BLE001 - any import problem means "not available"
+            res["notes"].append(f"flashinfer not available ({type(e).__name__}); its column "
+                                "is skipped")
+    if cuda:
+        impls = ["triton"] + (["cuda"] if getattr(_C, "with_cuda", False) else [])
+    else:  # dry run on CPU: the C++ code and the interpreted Triton kernels
+        impls = ["cpu"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    res["impls"] = impls + (["flashinfer"] if fi_chain else [])
+    res["specrt_cuda_ops"] = bool(getattr(_C, "with_cuda", False))
     bw = _copy_bandwidth(dev)
-    print(f"device: {torch.cuda.get_device_name(dev)}; copy bandwidth {bw / 1e9:.0f} GB/s; "
-          f"dtype {args.dtype}; flashinfer: {'yes' if fi_chain else 'not installed'}; "
-          f"specrt CUDA ops: {'yes' if have_cuda_ops else 'no'}")
+    res["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"device: {res['device']}; copy bandwidth {bw / 1e9:.0f} GB/s; dtype {args.dtype}; "
+          f"flashinfer: {'yes' if fi_chain else 'not installed'}; implementations: "
+          f"{', '.join(impls)}" + (" [dry run]" if args.dry_run else ""))
+    cols = impls + ["flashinfer"]
     print("\nchain verification (K = T - 1 sampled drafts), microseconds; x = ratio to floor")
-    hdr = f"{'B':>4} {'V':>7} {'T':>4} {'floor':>8} {'triton':>14} {'cuda':>14} {'flashinfer':>14}"
-    print(hdr)
+    print(f"{'B':>4} {'V':>7} {'T':>4} {'floor':>8} " + " ".join(f"{c:>14}" for c in cols))
+    write_json(args.json, res)
     for V in args.vocab:
         for T in args.tree:
             K = T - 1
@@ -112,48 +150,59 @@ def bench_gpu(args):
                 p = _probs((B, K + 1, V), dev, dtype, gen)
                 ids = torch.multinomial(q.float().reshape(-1, V), 1, generator=gen).reshape(B, K)
                 floor = (p.numel() + q.numel()) * p.element_size() / bw * 1e6
-                g2 = torch.Generator(device=dev).manual_seed(1)
-                cols = []
-                tt = _time_cuda(lambda: _with_backend(
-                    "triton", lambda: ops.chain_verify(q, ids, p, generator=g2)), args.iters)
-                cols.append(f"{tt:8.1f} {tt / floor:4.1f}x")
-                if have_cuda_ops:
-                    tc = _time_cuda(lambda: _with_backend(
-                        "cuda", lambda: ops.chain_verify(q, ids, p, generator=g2)), args.iters)
-                    cols.append(f"{tc:8.1f} {tc / floor:4.1f}x")
-                else:
-                    cols.append(f"{'-':>14}")
-                if fi_chain is not None:
-                    ids32 = ids.to(torch.int32)
-                    tf = _time_cuda(lambda: fi_chain(q.float(), ids32, p.float(), generator=g2)
-                                    if dtype != torch.float32 else
-                                    fi_chain(q, ids32, p, generator=g2), args.iters)
-                    cols.append(f"{tf:8.1f} {tf / floor:4.1f}x")
-                else:
-                    cols.append(f"{'-':>14}")
-                print(f"{B:>4} {V:>7} {T:>4} {floor:8.1f} " + " ".join(cols))
-                del q, p
-    if args.no_trees:
-        return
-    print("\ntree verification (random trees, all T nodes valid), microseconds")
-    print(f"{'B':>4} {'V':>7} {'T':>4} {'floor':>8} {'impl':>7} {'greedy':>9} {'sampled':>9} "
-          f"{'determ.':>9}")
-    for V in args.vocab:
-        for T in args.tree:
-            for B in args.batch:
-                target, tokens, parents, lens, draft = _random_trees(B, T, V, dev, dtype, gen)
-                floor = 2 * target.numel() * target.element_size() / bw * 1e6
-                for impl in (["triton", "cuda"] if have_cuda_ops else ["triton"]):
+                row = {"kind": "chain", "B": B, "V": V, "T": T, "floor_us": floor}
+                cells = []
+                for impl in impls:
                     g2 = torch.Generator(device=dev).manual_seed(1)
-                    times = []
-                    for mode in ("greedy", "sampled", "deterministic"):
-                        d = draft if mode == "sampled" else None
-                        times.append(_time_cuda(lambda: _with_backend(impl, lambda: ops.verify_tree(
-                            target, tokens, parents, lens, d, greedy=mode == "greedy",
-                            generator=g2)), args.iters))
-                    print(f"{B:>4} {V:>7} {T:>4} {floor:8.1f} {impl:>7} " +
-                          " ".join(f"{t:9.1f}" for t in times))
-                del target, draft
+                    t = _time(lambda: _with_backend(
+                        impl, lambda: ops.chain_verify(q, ids, p, generator=g2)), args.iters, dev)
+                    row[f"{impl}_us"] = t
+                    cells.append(f"{t:8.1f} {t / floor:4.1f}x")
+                if fi_chain is not None:
+                    g2 = torch.Generator(device=dev).manual_seed(1)
+                    ids32 = ids.to(torch.int32)
+                    try:
+                        t = _time(lambda: fi_chain(q.float(), ids32, p.float(), generator=g2)
+                                  if dtype != torch.float32 else
+                                  fi_chain(q, ids32, p, generator=g2), args.iters, dev)
+                        row["flashinfer_us"] = t
+                        cells.append(f"{t:8.1f} {t / floor:4.1f}x")
+                    except Exception as e:  # noqa: BLE001 - API differs between versions
+                        row["flashinfer_us"] = f"error {type(e).__name__}: {e}"[:300]
+                        cells.append(f"{'err':>14}")
+                else:
+                    cells.append(f"{'-':>14}")
+                print(f"{B:>4} {V:>7} {T:>4} {floor:8.1f} " + " ".join(cells), flush=True)
+                res["rows"].append(row)
+                write_json(args.json, res)
+                del q, p
+    if not args.no_trees:
+        print("\ntree verification (random trees, all T nodes valid), microseconds")
+        print(f"{'B':>4} {'V':>7} {'T':>4} {'floor':>8} {'impl':>7} {'greedy':>9} "
+              f"{'sampled':>9} {'determ.':>9}")
+        for V in args.vocab:
+            for T in args.tree:
+                for B in args.batch:
+                    target, tokens, parents, lens, draft = _random_trees(B, T, V, dev, dtype, gen)
+                    floor = 2 * target.numel() * target.element_size() / bw * 1e6
+                    for impl in impls:
+                        g2 = torch.Generator(device=dev).manual_seed(1)
+                        row = {"kind": "tree", "B": B, "V": V, "T": T, "floor_us": floor,
+                               "impl": impl}
+                        for mode in ("greedy", "sampled", "deterministic"):
+                            d = draft if mode == "sampled" else None
+                            row[f"{mode}_us"] = _time(lambda: _with_backend(
+                                impl, lambda: ops.verify_tree(
+                                    target, tokens, parents, lens, d, greedy=mode == "greedy",
+                                    generator=g2)), args.iters, dev)
+                        print(f"{B:>4} {V:>7} {T:>4} {floor:8.1f} {impl:>7} " + " ".join(
+                            f"{row[m + '_us']:9.1f}" for m in ("greedy", "sampled",
+                                                                "deterministic")), flush=True)
+                        res["rows"].append(row)
+                        write_json(args.json, res)
+                    del target, draft
+    res["complete"] = True
+    write_json(args.json, res)
 
 
 def _torch_chain_reference(q, ids, p, u):
@@ -175,6 +224,7 @@ def _torch_chain_reference(q, ids, p, u):
 def bench_cpu(args):
     from specrt import ops
 
+    res = meta("verify_cpu", args, "cpu")
     print(f"device: CPU ({torch.get_num_threads()} threads); no CUDA device - GPU figures "
           "(Triton / CUDA kernels, FlashInfer, bandwidth floor) need a GPU.")
     gen = torch.Generator().manual_seed(0)
@@ -197,16 +247,24 @@ def bench_cpu(args):
         agree = bool((emi.long() == e_ref).all()) and bool(
             (out.long().gather(1, emi.long()[:, None])[:, 0] == n_ref).float().mean() >= 0.9)
         print(f"{B:>4} {V:>7} {T:>4} {t_c:13.1f} {t_r:13.1f} {str(agree):>6}")
+        res["rows"].append({"B": B, "V": V, "T": T, "specrt_C_us": t_c, "torch_ref_us": t_r,
+                            "agree": agree})
+        write_json(args.json, res)
+    res["complete"] = True
+    write_json(args.json, res)
 
 
-def main():
-    args = _parse()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def main(argv=None):
+    args = _parse(argv)
     if torch.cuda.is_available():
-        bench_gpu(args)
+        bench_kernels(args, "cuda")
+    elif args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels load
+        bench_kernels(args, "cpu")
     else:
         bench_cpu(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import machine  # bench/common.py: the script's own folder is on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
-
-import specrt  # noqa: E402
-from specrt import ops  # noqa: E402
+import specrt
+from specrt import ops
 
 
 def med(f, runs):
