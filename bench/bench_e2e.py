@@ -73,9 +73,10 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--modes", default=None, help="specrt modes (default: ar + every drafter)")
     ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--lm-drafter", default=str(Path(specrt.__file__).parent / "pools" / "default"
-                                                 / "lm2.json"),
-                    help="plain-LM drafter used in specrt AND, exported, as HF's assistant")
+    ap.add_argument("--lm-drafter", default=None, metavar="PATH",
+                    help="plain-LM drafter config (.json; not shipped, train one with python -m "
+                         "specrt.draft.train --kind lm) used in specrt AND, exported, as HF's "
+                         "assistant; the lm2 and hf_assisted modes need it")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -89,6 +90,9 @@ def main():
 
         lm = model_drafter(args.lm_drafter, engine.model, name="lm2", runtime={"mode": "chain"})
         engine.add_drafter(lm)
+    else:
+        print(f"lm2 and hf_assisted modes skipped: they need --lm-drafter PATH (a plain-LM "
+              f"drafter .json; got {args.lm_drafter!r})")
     modes = args.modes.split(",") if args.modes else ["ar", *engine.drafters]
     print(f"device: {machine()}  date: {datetime.date.today()}  prompts: {len(rows)} "
           f"({args.per_task}/task, eval split)  max_tokens {args.max_tokens}  greedy batch 1")
