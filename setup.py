@@ -55,7 +55,7 @@ setup(
     description="Speculative-decoding runtime with task-aware heterogeneous drafters",
     python_requires=">=3.10",
     packages=["specrt", "specrt.model", "specrt.cache", "specrt.draft", "specrt.route",
-              "specrt.align", "specrt.kernels"],
+              "specrt.ops", "specrt.align", "specrt.kernels"],
     package_dir={"specrt.kernels": "kernels"},
     package_data={"specrt": ["pools/**/*"]},
     ext_modules=[CMakeExtension("specrt._C")],

@@ -2,9 +2,9 @@
 
 Compares, from one run, on the same paged cache and tree masks:
 
-* ``specrt``  - :func:`specrt.ops.tree_attention` (Triton; split-KV chosen automatically,
-  or forced with ``--splits``), packed mask built once outside the timed region
-  (as the runtime does once per step for all layers);
+* ``specrt``  - one layer's :meth:`specrt.ops.TreeAttentionPlan.run` (Triton; split-KV
+  chosen automatically, or forced with ``--splits``), the plan (packed mask) built once
+  outside the timed region, as the model does once per step for all layers;
 * ``sdpa``    - PyTorch ``scaled_dot_product_attention`` over K/V gathered from the
   block table, with a dense ``[T, L]`` bool mask (gather included in the time, as
   it is part of what a non-paged kernel needs);
@@ -194,15 +194,14 @@ def make_inputs(B, P, T, args, g, device):
 
 def bench_specrt(cache, bt, q, prefix, mask, args):
     from specrt import ops
-    from specrt.kernels.attention import pack_tree_mask
 
-    packed = pack_tree_mask(mask)
+    # the runtime's split: plan once per step (mask packing), then one run per layer
+    plan = ops.plan_tree_attention(bt, prefix, q.shape[1], cache.shape[2], mask)
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     def fn():
-        ops.tree_attention(q, cache, bt, prefix, None, None, scale, packed_mask=packed,
-                           num_splits=args.splits, out=out)
+        plan.run(q, cache, scale, out=out, num_splits=args.splits)
     return fn, out
 
 

@@ -1,6 +1,6 @@
 // CPU rejection sampling over draft trees (verify_tree / chain_verify).
 //
-// One call verifies B independent draft trees. Python (specrt/verify.py) validates
+// One call verifies B independent draft trees. Python (specrt/ops/verify.py) validates
 // shapes and values, draws the uniform random numbers from the caller's
 // torch.Generator, and passes numpy views; this file only runs the algorithm.
 //

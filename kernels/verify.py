@@ -1,7 +1,7 @@
 """Triton rejection sampling over draft trees (specrt.ops.verify_tree / chain_verify).
 
 The algorithm, acceptance rules and the use of the uniform random numbers are those of
-csrc/verify_cpu.cpp (see specrt/verify.py): one program per batch row walks the tree
+csrc/verify_cpu.cpp (see specrt/ops/verify.py): one program per batch row walks the tree
 node by node; the O(V) work (argmax, residual update, inverse-CDF draw) streams over the
 vocabulary in BLOCK_V chunks. The sampled-children residual lives in a ``[B, V]`` fp32
 workspace (one row per batch element); no ``[B, T, V]`` temporary is made. Random
@@ -189,7 +189,7 @@ def verify_tree(target: torch.Tensor, draft: torch.Tensor | None, tokens: torch.
                 parents: torch.Tensor, lens: torch.Tensor, uniforms: torch.Tensor | None,
                 q_shift: int, mode: int, path: torch.Tensor, path_lens: torch.Tensor,
                 next_token: torch.Tensor) -> None:
-    """Launch the kernel. Inputs validated and contiguous (see specrt/verify.py).
+    """Launch the kernel. Inputs validated and contiguous (see specrt/ops/verify.py).
 
     target ``[B, T, V]`` fp32/fp16/bf16; draft ``[B, Tq, V]`` (node j's q is row
     ``j - q_shift``) or None unless ``mode == 1``; tokens, parents ``[B, T]`` int64;

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from specrt import ops
-from specrt.verify import chain_verify, verify_tree
+from specrt.ops.verify import chain_verify, verify_tree
 
 # ---------------------------------------------------------------------------
 # independent reference (plain Python floats, float64; explicit normalised residuals)

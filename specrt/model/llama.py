@@ -2,8 +2,9 @@
 
 One forward serves prefill, plain decode, chain and tree verification: the new
 tokens' K/V are appended to the paged cache after each sequence's committed prefix
-and attention goes through :func:`specrt.ops.tree_attention` (``tree_mask=None`` is
-causal). Position ids are explicit, so tree nodes get ``prefix_len + depth``.
+and attention goes through one :func:`specrt.ops.plan_tree_attention` plan per forward,
+run per layer (``tree_mask=None`` is causal). Position ids are explicit, so tree nodes
+get ``prefix_len + depth``.
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                 block_tables: torch.Tensor, prefix_lens: torch.Tensor,
                 tree_mask: torch.Tensor | None = None, tree_lens: torch.Tensor | None = None,
-                layers: range | None = None, norm: bool = True) -> torch.Tensor:
+                *, norm: bool = True) -> torch.Tensor:
         """Run the decoder over new tokens, writing their K/V into the paged cache.
 
         Args:
@@ -184,8 +185,7 @@ class Llama(nn.Module):
                 position ``prefix_lens[b] + t``.
             tree_mask: ``[B, T, T]`` bool ancestor mask, or None for causal.
             tree_lens: ``[B]`` valid tokens per row (padding beyond), or None.
-            layers: run only these layers (drafters made of the first k layers).
-            norm: apply the final norm.
+            norm: keyword-only, apply the final norm.
 
         Returns:
             ``[B, T, hidden]`` hidden states (final-normed if ``norm``).
@@ -195,19 +195,18 @@ class Llama(nn.Module):
         x = self.embed(tokens)
         cos, sin = self.rope(positions, x.dtype)
         qd, kvd = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        # host work shared by every layer, once; each layer then runs it on its own cache
         plan = ops.plan_tree_attention(block_tables, prefix_lens, T, kv.shape[3], tree_mask,
                                        tree_lens)
-        for li in (layers if layers is not None else range(a.num_hidden_layers)):
-            layer = self.layers[li]
+        bt, prefix, lens = plan.block_tables, plan.prefix_lens, plan.tree_lens
+        for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
             q, k, v = linear(h, layer.qkv).split((qd, kvd, kvd), dim=-1)
             q = apply_rope(q.view(B, T, a.num_attention_heads, a.head_dim), cos, sin)
             k = apply_rope(k.view(B, T, a.num_key_value_heads, a.head_dim), cos, sin)
             v = v.view(B, T, a.num_key_value_heads, a.head_dim)
-            ops.append_kv(kv[li], block_tables, prefix_lens, k.to(kv.dtype), v.to(kv.dtype),
-                          tree_lens)
-            o = ops.tree_attention(q.to(kv.dtype), kv[li], block_tables, prefix_lens, tree_mask,
-                                   tree_lens, plan=plan)
+            ops.append_kv(kv[li], bt, prefix, k.to(kv.dtype), v.to(kv.dtype), lens)
+            o = plan.run(q.to(kv.dtype), kv[li])
             x = x + linear(o.reshape(B, T, qd).to(x.dtype), layer.o)
             h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
             g, u = linear(h, layer.gate_up).chunk(2, dim=-1)

@@ -1,5 +1,9 @@
-"""Lossless verification of draft trees (rejection sampling). Re-exported by specrt.ops.
+"""Lossless verification of draft trees (rejection sampling): :func:`verify_tree` and
+its chain special case :func:`chain_verify` (re-exported by :mod:`specrt.ops`).
 
+Each public function draws its uniforms (see "Random numbers" below) and calls its
+custom op, ``torch.ops.specrt.verify_tree`` / ``torch.ops.specrt.chain_verify``; the
+op's CPU/CUDA implementation validates the arguments and runs the backend.
 Three implementations of one algorithm, picked by :func:`specrt.ops.backend_for`:
 ``cpu`` -> specrt._C (csrc/verify_cpu.cpp), ``triton`` -> kernels/verify.py, ``cuda`` ->
 specrt._C CUDA code (csrc/verify_cuda.cu). All of them read the same uniform random
@@ -39,6 +43,8 @@ Input probabilities are taken as normalised rows (as made by
 from __future__ import annotations
 
 import torch
+
+from specrt.ops._backend import LIB, backend_for, current_stream, native
 
 __all__ = ["verify_tree", "chain_verify"]
 
@@ -127,8 +133,6 @@ def _half_view(x: torch.Tensor) -> torch.Tensor:
 
 def _run(target_probs, tokens, parents, tree_lens, draft_probs, q_shift, mode, uniforms):
     """Run one implementation. All tensors validated; returns (path, path_lens, next)."""
-    from specrt.ops import backend_for  # lazy: specrt.ops imports this module
-
     B, T, V = target_probs.shape
     dev = target_probs.device
     target_probs = target_probs.contiguous()
@@ -148,24 +152,20 @@ def _run(target_probs, tokens, parents, tree_lens, draft_probs, q_shift, mode, u
 
         kern.verify_tree(target_probs, q, tok, par, lens, u, q_shift, mode, path, plen, nxt)
     elif backend == "cuda":
-        from specrt import _C
-
         ws = (torch.empty((B, V), dtype=torch.float32, device=dev) if mode == _SAMPLED
               else None)
-        _C.verify_tree_cuda(
+        native().verify_tree_cuda(
             target_probs.data_ptr(), 0 if q is None else q.data_ptr(),
             _DTYPE_CODE[target_probs.dtype], tok.data_ptr(), par.data_ptr(), lens.data_ptr(),
             0 if u is None else u.data_ptr(), 0 if ws is None else ws.data_ptr(),
             path.data_ptr(), plen.data_ptr(), nxt.data_ptr(), B, T, V,
             0 if q is None else q.shape[1], q_shift, mode,
-            torch.cuda.current_stream(dev).cuda_stream)
+            current_stream(dev))
     else:
-        from specrt import _C
-
         dummy = torch.zeros((1, 1, 1), dtype=target_probs.dtype)
         qq = q if q is not None else dummy
         uu = u if u is not None else torch.zeros((1, 1), dtype=torch.float32)
-        _C.verify_tree(_half_view(target_probs).numpy(), _half_view(qq).numpy(),
+        native().verify_tree(_half_view(target_probs).numpy(), _half_view(qq).numpy(),
                        _DTYPE_CODE[target_probs.dtype], tok.numpy(), par.numpy(), lens.numpy(),
                        uu.numpy(), mode, q_shift, path.numpy(), plen.numpy(), nxt.numpy())
     return path, plen, nxt
@@ -214,22 +214,12 @@ def verify_tree(target_probs: torch.Tensor, tokens: torch.Tensor, parents: torch
         ValueError: on mismatched shapes, dtypes or devices, and (when validating) on
         parents not in ``[0, i)``, tree_lens outside ``[1, T]``, tokens outside ``[0, V)``.
     """
-    if validate is None:
-        validate = not target_probs.is_cuda if isinstance(target_probs, torch.Tensor) else True
-    _validate(target_probs, tokens, parents, tree_lens, None if greedy else draft_probs, 0,
-              uniforms, validate)
-    if greedy:
-        mode = _GREEDY
-    elif draft_probs is not None:
-        mode = _SAMPLED
-    else:
-        mode = _DETERMINISTIC
-    if mode != _GREEDY and uniforms is None:
+    _check_probs(target_probs, "target_probs")
+    if not greedy and uniforms is None:
         B, T, _ = target_probs.shape
         uniforms = _draw_uniforms(B, T, target_probs.device, generator)
-    return _run(target_probs, tokens, parents, tree_lens,
-                draft_probs if mode == _SAMPLED else None, 0, mode,
-                uniforms if mode != _GREEDY else None)
+    return _verify_tree_op(target_probs, tokens, parents, tree_lens, draft_probs, bool(greedy),
+                           uniforms, None if validate is None else bool(validate))
 
 
 def _chain_generator(device, generator, seed, offset):
@@ -279,6 +269,23 @@ def chain_verify(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
         accepted prefix (the draft tokens actually emitted).
     """
     del deterministic
+    B, K, _ = _check_chain(draft_probs, draft_token_ids, target_probs)
+    if uniforms is None:
+        dev = target_probs.device
+        uniforms = _draw_uniforms(B, K + 1, dev, _chain_generator(dev, generator, seed, offset))
+    out, accepted, emitted = _chain_verify_op(draft_probs, draft_token_ids, target_probs,
+                                              uniforms, None if validate is None else bool(validate))
+    if maybe_output_accepted_token_num is not None:
+        maybe_output_accepted_token_num.add_(accepted.to(maybe_output_accepted_token_num.dtype))
+        accepted = maybe_output_accepted_token_num
+    if maybe_output_emitted_draft_token_num is not None:
+        maybe_output_emitted_draft_token_num.add_(
+            emitted.to(maybe_output_emitted_draft_token_num.dtype))
+        emitted = maybe_output_emitted_draft_token_num
+    return out, accepted, emitted
+
+
+def _check_chain(draft_probs, draft_token_ids, target_probs) -> tuple[int, int, int]:
     if not isinstance(draft_probs, torch.Tensor) or draft_probs.dim() != 3:
         raise ValueError("draft_probs must be [B, K, V]")
     if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 3:
@@ -289,9 +296,39 @@ def chain_verify(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
                          f"{tuple(target_probs.shape)}")
     if not isinstance(draft_token_ids, torch.Tensor) or tuple(draft_token_ids.shape) != (B, K):
         raise ValueError(f"draft_token_ids must be [B={B}, K={K}]")
+    if draft_token_ids.device != target_probs.device:
+        raise ValueError(f"draft_token_ids is on {draft_token_ids.device}, target_probs on "
+                         f"{target_probs.device}")
+    return B, K, V
+
+
+# ---------------------------------------------------------------------------
+# torch.ops.specrt implementations (CPU and CUDA dispatch keys)
+
+def _mode(greedy: bool, draft_probs) -> int:
+    if greedy:
+        return _GREEDY
+    return _SAMPLED if draft_probs is not None else _DETERMINISTIC
+
+
+def _verify_tree_impl(target_probs, tokens, parents, tree_lens, draft_probs, greedy, uniforms,
+                      validate=None):
+    if validate is None:
+        validate = not target_probs.is_cuda
+    _validate(target_probs, tokens, parents, tree_lens, None if greedy else draft_probs, 0,
+              uniforms, validate)
+    mode = _mode(greedy, draft_probs)
+    if mode != _GREEDY and uniforms is None:             # a direct op call: default generator
+        B, T, _ = target_probs.shape
+        uniforms = _draw_uniforms(B, T, target_probs.device, None)
+    return _run(target_probs, tokens, parents, tree_lens,
+                draft_probs if mode == _SAMPLED else None, 0, mode,
+                uniforms if mode != _GREEDY else None)
+
+
+def _chain_verify_impl(draft_probs, draft_token_ids, target_probs, uniforms, validate=None):
+    B, K, V = _check_chain(draft_probs, draft_token_ids, target_probs)
     dev = target_probs.device
-    if draft_token_ids.device != dev:
-        raise ValueError(f"draft_token_ids is on {draft_token_ids.device}, target_probs on {dev}")
     T = K + 1
     ids = draft_token_ids.to(torch.int64)
     tokens = torch.cat([torch.zeros((B, 1), dtype=torch.int64, device=dev), ids], dim=1)
@@ -300,9 +337,8 @@ def chain_verify(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     if validate is None:
         validate = not target_probs.is_cuda
     _validate(target_probs, tokens, parents, lens, draft_probs, 1, uniforms, validate)
-    if uniforms is None:
-        gen = _chain_generator(dev, generator, seed, offset)
-        uniforms = _draw_uniforms(B, T, dev, gen)
+    if uniforms is None:                                 # a direct op call: default generator
+        uniforms = _draw_uniforms(B, T, dev, None)
     path, plen, nxt = _run(target_probs, tokens, parents, lens, draft_probs, 1, _SAMPLED,
                            uniforms)
     emitted = plen - 1                                             # [B]
@@ -316,51 +352,36 @@ def chain_verify(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     p = target_probs[:, :K].gather(2, safe)[..., 0].float()
     q = draft_probs.gather(2, safe)[..., 0].float()
     accepted = (uniforms[:, 1:] * q < p).sum(1).to(torch.int32)
-    emitted = emitted.to(torch.int32)
-    if maybe_output_accepted_token_num is not None:
-        maybe_output_accepted_token_num.add_(accepted.to(maybe_output_accepted_token_num.dtype))
-        accepted = maybe_output_accepted_token_num
-    if maybe_output_emitted_draft_token_num is not None:
-        maybe_output_emitted_draft_token_num.add_(
-            emitted.to(maybe_output_emitted_draft_token_num.dtype))
-        emitted = maybe_output_emitted_draft_token_num
-    return out.to(torch.int32), accepted, emitted
+    return out.to(torch.int32), accepted, emitted.to(torch.int32)
 
 
-# ---------------------------------------------------------------------------
-# torch.library registration
-
-@torch.library.custom_op("specrt::verify_tree", mutates_args=())
-def _verify_tree_op(target_probs: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
-                    tree_lens: torch.Tensor, draft_probs: torch.Tensor | None, greedy: bool,
-                    uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
-                                                            torch.Tensor]:
-    """``verify_tree`` as a custom op; ``uniforms`` None draws from the default generator."""
-    path, plen, nxt = verify_tree(target_probs, tokens, parents, tree_lens, draft_probs,
-                                  greedy=greedy, uniforms=uniforms)
-    return path, plen, nxt
+LIB.define("verify_tree(Tensor target_probs, Tensor tokens, Tensor parents, Tensor tree_lens, "
+           "Tensor? draft_probs, bool greedy, Tensor? uniforms, bool? validate=None) "
+           "-> (Tensor, Tensor, Tensor)")
+LIB.define("chain_verify(Tensor draft_probs, Tensor draft_token_ids, Tensor target_probs, "
+           "Tensor? uniforms, bool? validate=None) -> (Tensor, Tensor, Tensor)")
+for _key in ("CPU", "CUDA"):
+    LIB.impl("verify_tree", _verify_tree_impl, _key)
+    LIB.impl("chain_verify", _chain_verify_impl, _key)
 
 
-@_verify_tree_op.register_fake
-def _(target_probs, tokens, parents, tree_lens, draft_probs, greedy, uniforms):
+@torch.library.register_fake("specrt::verify_tree", lib=LIB)
+def _(target_probs, tokens, parents, tree_lens, draft_probs, greedy, uniforms, validate=None):
+    _validate(target_probs, tokens, parents, tree_lens, None if greedy else draft_probs, 0,
+              uniforms, False)
     B, T, _ = target_probs.shape
     return (target_probs.new_empty((B, T), dtype=torch.int64),
             target_probs.new_empty((B,), dtype=torch.int64),
             target_probs.new_empty((B,), dtype=torch.int64))
 
 
-@torch.library.custom_op("specrt::chain_verify", mutates_args=())
-def _chain_verify_op(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
-                     target_probs: torch.Tensor, uniforms: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``chain_verify`` as a custom op (fresh counts; no in-place accumulation)."""
-    out, acc, emi = chain_verify(draft_probs, draft_token_ids, target_probs, uniforms=uniforms)
-    return out, acc, emi
-
-
-@_chain_verify_op.register_fake
-def _(draft_probs, draft_token_ids, target_probs, uniforms):
-    B, K, _ = draft_probs.shape
+@torch.library.register_fake("specrt::chain_verify", lib=LIB)
+def _(draft_probs, draft_token_ids, target_probs, uniforms, validate=None):
+    B, K, _ = _check_chain(draft_probs, draft_token_ids, target_probs)
     return (draft_probs.new_empty((B, K + 1), dtype=torch.int32),
             draft_probs.new_empty((B,), dtype=torch.int32),
             draft_probs.new_empty((B,), dtype=torch.int32))
+
+
+_verify_tree_op = torch.ops.specrt.verify_tree.default
+_chain_verify_op = torch.ops.specrt.chain_verify.default
