@@ -85,3 +85,47 @@ def test_batched_ragged_prefill_matches_hf(tiny):
         want = ref(toks[i:i + 1, :n]).logits[0]
         err = (logits[i, :n] - want).abs().max().item()
         assert err < 1e-4, f"row {i}: {err}"
+
+
+@torch.no_grad()
+def test_forward_plans_once_and_runs_each_layer(tiny, monkeypatch):
+    """One tree-attention plan per forward, run once per layer with q and that layer's
+    cache through torch.ops.specrt; the removed ``layers=`` argument is rejected."""
+    from specrt import ops
+
+    d, ref = tiny
+    model = load_hf_model(d)
+    L = model.args.num_hidden_layers
+    plans, runs = [], []
+    plan_fn, run_fn = ops.plan_tree_attention, ops.TreeAttentionPlan.run
+    gathered = torch.ops.specrt.gathered_tree_attention.default
+    calls = []
+
+    def plan_spy(*a, **k):
+        plans.append(plan_fn(*a, **k))
+        return plans[-1]
+
+    def run_spy(self, q, kv_cache, *a, **k):
+        runs.append((self, kv_cache.data_ptr()))
+        return run_fn(self, q, kv_cache, *a, **k)
+
+    def op_spy(*a):
+        calls.append(a[1].data_ptr())
+        return gathered(*a)
+
+    monkeypatch.setattr(ops, "plan_tree_attention", plan_spy)
+    monkeypatch.setattr(ops.TreeAttentionPlan, "run", run_spy)
+    monkeypatch.setattr("specrt.ops.attention._gathered_op", op_spy)
+    cache = shuffled_cache(model, block_size=4)
+    cache.add(0)
+    cache.reserve(0, 6)
+    toks = torch.randint(3, model.args.vocab_size, (1, 6))
+    h = model(toks, torch.arange(6)[None], cache.kv, cache.block_table([0]), torch.tensor([0]))
+    assert len(plans) == 1 and len(runs) == L
+    assert all(p is plans[0] for p, _ in runs)
+    layer_ptrs = [cache.kv[li].data_ptr() for li in range(L)]
+    assert [ptr for _, ptr in runs] == layer_ptrs and calls == layer_ptrs
+    torch.testing.assert_close(model.logits(h)[0], ref(toks).logits[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError):
+        model(toks, torch.arange(6)[None], cache.kv, cache.block_table([0]), torch.tensor([0]),
+              layers=range(1))

@@ -237,6 +237,142 @@ def test_bad_shapes_raise(triton_backend, device):
 
 
 # ---------------------------------------------------------------------------
+# plan once per step, run per layer
+
+
+def _layers_of(inp, n, seed):
+    """n layers' caches over the same block tables (distinct random values)."""
+    g = torch.Generator().manual_seed(seed)
+    c = inp["kv_cache"]
+    return [torch.randn(c.shape, generator=g).to(c.dtype).to(c.device) for _ in range(n)]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["tree", "causal"])
+def test_plan_run_per_layer_equals_one_shot(impl, kind, monkeypatch, device):
+    """One plan, run on three layers' caches (q and the cache only), equals the one-shot
+    call per layer bit for bit, and the dense reference."""
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "triton" if impl == "triton" else "auto")
+    dev = device if impl == "triton" else "cpu"
+    inp, seed = _case(3, 5, 4, 2, 32, torch.float32, 8, 30, kind, True, dev)
+    plan = ops.plan_tree_attention(inp["block_tables"], inp["prefix_lens"], 5, 8,
+                                   inp["tree_mask"], inp["tree_lens"])
+    assert plan.backend == impl and (plan.B, plan.T, plan.block_size) == (3, 5, 8)
+    g = torch.Generator().manual_seed(seed)
+    for li, cache in enumerate(_layers_of(inp, 3, seed)):
+        q = torch.randn(inp["q"].shape, generator=g).to(dev)
+        got = plan.run(q, cache)
+        want = ops.tree_attention(**{**inp, "q": q, "kv_cache": cache})
+        assert torch.equal(got, want), f"seed={seed} layer {li}"
+        ref = _reference(**{**inp, "q": q, "kv_cache": cache}, scale=1 / math.sqrt(32))
+        torch.testing.assert_close(got.cpu().double(), ref, atol=2e-4, rtol=2e-4)
+        out = torch.full_like(q, float("nan"))
+        assert plan.run(q, cache, 0.3, out=out) is out
+        torch.testing.assert_close(out, ops.tree_attention(**{**inp, "q": q, "kv_cache": cache},
+                                                           scale=0.3), atol=0, rtol=0)
+
+
+def test_plan_run_rejects_what_it_was_not_planned_for(monkeypatch):
+    monkeypatch.delenv("SPECRT_OPS_BACKEND", raising=False)
+    inp, _ = _case(2, 4, 4, 2, 32, torch.float32, 8, 20, "tree", False, "cpu")
+    plan = ops.plan_tree_attention(inp["block_tables"], inp["prefix_lens"], 4, 8,
+                                   inp["tree_mask"])
+    q, cache = inp["q"], inp["kv_cache"]
+    with pytest.raises(ValueError, match="q must be"):
+        plan.run(q[:, :3], cache)                                   # T differs
+    with pytest.raises(ValueError, match="q must be"):
+        plan.run(q[:1], cache)                                      # B differs
+    with pytest.raises(ValueError, match="block_size=8"):
+        plan.run(q, cache.view(cache.shape[0] * 2, 2, 4, *cache.shape[3:]))
+    with pytest.raises(ValueError, match="incompatible"):
+        plan.run(q[..., :16], cache)
+    with pytest.raises(ValueError, match="tree_mask"):
+        ops.plan_tree_attention(inp["block_tables"], inp["prefix_lens"], 5, 8, inp["tree_mask"])
+    with pytest.raises(ValueError, match="block_tables"):
+        ops.plan_tree_attention(inp["block_tables"].long(), inp["prefix_lens"], 4, 8)
+
+
+def test_backend_selection_is_honest(monkeypatch):
+    """SPECRT_OPS_BACKEND=cuda never runs Triton for attention: specrt._C has no CUDA
+    attention kernel, so it is the torch path (with a warning); the KV/verify ops need a
+    specrt._C built with CUDA."""
+    import types
+
+    from specrt import _C
+    from specrt.ops import _backend
+
+    cpu_t, cuda_t = torch.zeros(1), types.SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv("SPECRT_OPS_BACKEND", raising=False)
+    assert ops.backend_for(cpu_t) == "cpu"
+    assert ops.backend_for(cpu_t, "tree_attention") == "torch"
+    assert ops.backend_for(cuda_t) == "triton"
+    assert ops.backend_for(cuda_t, "tree_attention") == "triton"
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="on the CPU"):
+        ops.backend_for(cpu_t, "tree_attention")
+    monkeypatch.setattr(_backend, "_warned_attention_cuda", False)
+    with pytest.warns(RuntimeWarning, match="no CUDA tree-attention kernel"):
+        assert ops.backend_for(cuda_t, "tree_attention") == "torch"
+    if getattr(_C, "with_cuda", False):
+        assert ops.backend_for(cuda_t) == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="without CUDA"):
+            ops.backend_for(cuda_t)
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "cpu")
+    assert ops.backend_for(cpu_t, "tree_attention") == "torch"
+    with pytest.raises(ValueError, match="on CUDA"):
+        ops.backend_for(cuda_t, "tree_attention")
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="expected one of"):
+        ops.backend_for(cpu_t)
+
+
+def test_run_ops_fake_and_compile(monkeypatch):
+    """The per-layer ops have fake implementations: shapes under FakeTensorMode, and a
+    model-style layer (append_kv + plan.run) compiles as one graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.delenv("SPECRT_OPS_BACKEND", raising=False)
+    inp, _ = _case(2, 3, 4, 2, 16, torch.float32, 4, 9, "tree", False, "cpu")
+    plan = ops.plan_tree_attention(inp["block_tables"], inp["prefix_lens"], 3, 4,
+                                   inp["tree_mask"])
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq = mode.from_tensor(inp["q"])
+        o = torch.ops.specrt.gathered_tree_attention(
+            fq, mode.from_tensor(inp["kv_cache"]), plan.gather_blocks, plan.gather_offsets,
+            plan.visible, plan.zero_rows, plan.causal, 0.25)
+        assert o.shape == inp["q"].shape and o.dtype == torch.float32
+        o = torch.ops.specrt.tree_attention(fq, mode.from_tensor(inp["kv_cache"]),
+                                            inp["block_tables"], inp["prefix_lens"],
+                                            inp["tree_mask"], None, 0.25)
+        assert o.shape == inp["q"].shape
+    k = torch.randn(2, 3, 2, 16)
+
+    def layer(q, cache, k):
+        ops.append_kv(cache, plan.block_tables, plan.prefix_lens, k, k)
+        return plan.run(q, cache) * 2
+
+    want = layer(inp["q"], inp["kv_cache"].clone(), k)
+    got = torch.compile(layer, backend="aot_eager", fullgraph=True)(inp["q"],
+                                                                     inp["kv_cache"].clone(), k)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_backend_attention_is_the_torch_path(monkeypatch):
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "cuda")
+    inp, seed = _case(2, 5, 6, 2, 64, torch.float16, 16, 40, "tree", True, "cuda")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)          # the once-per-process note
+        plan = ops.plan_tree_attention(inp["block_tables"], inp["prefix_lens"], 5, 16,
+                                       inp["tree_mask"], inp["tree_lens"])
+        assert plan.backend == "torch" and plan.gather_blocks.is_cuda
+        _check(inp, seed, torch.float16, tag="cuda backend (torch path)")
+
+
+# ---------------------------------------------------------------------------
 # CPU-only machines: compile the kernels for sm_90 (no GPU needed) so that errors only
 # the real compiler sees (the interpreter is permissive) and register spills show in CI.
 
