@@ -52,6 +52,19 @@ def test_align_end_to_end_and_resume(setup):
     assert recs and {r["id"] for r in recs} <= train_ids  # never the eval split
     part = json.loads((work / "partition.json").read_text())
     assert part["k"] == 2 and 0.0 <= part["purity"] <= 1.0
+    # the reported purity is that of the partition's own labels against the prompts'
+    # tasks (counted here by hand from the ids), and the cluster reports match them
+    task_of = {r["id"]: r["task"] for r in _rows()}
+    assert len(part["ids"]) == len(part["labels"]) == len(recs)
+    by_cluster: dict = {}
+    for i, lab in zip(part["ids"], part["labels"]):
+        by_cluster.setdefault(lab, []).append(task_of[i])
+    majority = sum(max(ts.count(t) for t in set(ts)) for ts in by_cluster.values())
+    assert part["purity"] == pytest.approx(majority / len(part["ids"]))
+    assert sorted(by_cluster) == [0, 1]
+    for c in part["clusters"]:
+        ts = by_cluster[c["id"]]
+        assert c["size"] == len(ts) and c["tasks"] == {t: ts.count(t) for t in set(ts)}
     meta = json.loads((out / "pool.json").read_text())
     assert meta["clusters"]["k"] == 2 and len(meta["clusters"]["items"]) == 2
     for it in meta["clusters"]["items"]:
@@ -110,10 +123,30 @@ def test_align_lora_on_baseline(setup):
                         align_minutes=1.0, align_epochs=2.0, candidates=("aligned",)))
     assert st["align"] == "ran"
     summ = json.loads((out / "work" / "align" / "summary.json").read_text())
+    # held-back accuracy before/after: that of the baseline and of the saved aligned
+    # drafter, recomputed here on the cluster's held-back sequences; the positions are
+    # the held-back prompts' collected output tokens
+    from specrt.align.context import Ctx
+    from specrt.draft.train import teacher_forced_accuracy
+
+    cfg = _cfg(tiny, pf, out, baseline=str(d / "base.json"), align_lora=4)
+    part = json.loads((out / "work" / "partition.json").read_text())
+    recs = {r["id"]: r for r in map(json.loads, (out / "work" / "collect.jsonl").read_text()
+                                                .splitlines())}
     for c in ("0", "1"):
         assert "LoRA r4" in summ[c]["init"] and summ[c]["steps"] > 0
         h = summ[c]["heldout"]
         assert h["positions"] > 0 and 0 <= h["baseline_top1"] <= 1 and 0 <= h["aligned_top1"] <= 1
+        held = [recs[i] for i, lab in zip(part["ids"], part["labels"])
+                if lab == int(c) and i in part["held"]]
+        assert h["positions"] == sum(len(r["output_ids"]) for r in held)
+        seqs = Ctx(cfg).sequences(held)
+        base_net = DraftNet.load(d / "base.json", model)
+        al_net = DraftNet.load(out / "work" / "align" / f"aligned_{c}.json", model)
+        want_b = teacher_forced_accuracy(base_net, model, seqs)
+        want_a = teacher_forced_accuracy(al_net, model, seqs)
+        assert (h["baseline_top1"], h["baseline_top3"]) == (want_b["top1"], want_b["top3"])
+        assert (h["aligned_top1"], h["aligned_top3"]) == (want_a["top1"], want_a["top3"])
         w = load_file(out / "work" / "align" / f"aligned_{c}.safetensors")
         assert w and all(k.startswith("lora.") for k in w)
     meta = json.loads((out / "pool.json").read_text())
@@ -212,17 +245,26 @@ def test_assign_measures_the_fixed_budget_apart(setup):
     length rule is restored afterwards."""
     from specrt.align.pipeline import _measure
 
+    from specrt.draft import NgramDrafter, RecyclingDrafter
+    from specrt.draft.adaptive import LengthController
+
     tiny, _, _ = setup
     eng = specrt.Engine.from_pretrained(str(tiny), device="cpu")
     asked = []  # (adaptive rule on?, budget) of every step
-    budget = eng.lengths.budget
-    eng.lengths.budget = lambda *a, **k: (asked.append((eng.lengths.adaptive, budget(*a, **k)))
-                                          or asked[-1][1])
+
+    class Spy(LengthController):  # the engine's rule, recording what it is asked
+        def budget(self, *a, **k):
+            asked.append((self.adaptive, super().budget(*a, **k)))
+            return asked[-1][1]
+
+    lengths = Spy(max_draft=6)
     resets = []
-    rec = eng.drafters["recycling"]
+    rec = RecyclingDrafter(eng.model.args.vocab_size)
     rec.reset = lambda: (resets.append(rec.matrix.max().item()), type(rec).reset(rec))
     rows = [{"prompt": "abcabc abc"}, {"prompt": "hello hello"}]
-    m = _measure(eng, rows, ["ngram", "recycling"], 8, fixed_budget=2)
+    with eng.using(drafters=[NgramDrafter(), rec], lengths=lengths):
+        m = _measure(eng, rows, ["ngram", "recycling"], 8, fixed_budget=2)
+        assert eng.lengths is lengths and lengths.adaptive and lengths.max_draft == 6
     # recycling's matrix starts empty in each pass: the second does not replay the first
     assert len(resets) == 2 and resets[1] >= 0
     f = m["ngram"]["fixed"]
