@@ -6,8 +6,9 @@ two or more drafter modes an ``oracle`` row is added: per prompt, the drafter th
 emitted the most tokens per target forward, in hindsight. Each prompt runs at batch 1
 (latency), greedy unless told otherwise; the harness is :mod:`specrt.measure`.
 Results: ``{mode: {task: {prompts, tokens, tokens_per_s, acceptance_rate,
-mean_accepted_length, elapsed_s, ...}}}`` (:func:`specrt.measure.summarize`) plus an ``all`` row per mode; ``mismatches`` counts
-prompts whose greedy output differs from the ``ar`` mode (must be 0: lossless).
+mean_accepted_length, elapsed_s, ...}}}`` (:func:`specrt.measure.summarize`) plus an
+``all`` row per mode; ``mismatches`` counts prompts whose greedy output differs from the
+``ar`` mode (must be 0: lossless).
 """
 from __future__ import annotations
 

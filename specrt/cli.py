@@ -57,7 +57,7 @@ def _bench_e2e(args) -> int:
             raise ValueError(f"--draft-len must be >= 1, got {args.draft_len}")
         kw = {"max_draft": args.draft_len, "adaptive": False}
     engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device, **kw)
-    from specrt.draft import drafter_from_spec
+    from specrt.draft.registry import drafter_from_spec
 
     for x in (args.extra_drafters or "").split(","):  # more candidates for the oracle row
         if not x.strip():
