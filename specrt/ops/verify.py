@@ -166,8 +166,9 @@ def _run(target_probs, tokens, parents, tree_lens, draft_probs, q_shift, mode, u
         qq = q if q is not None else dummy
         uu = u if u is not None else torch.zeros((1, 1), dtype=torch.float32)
         native().verify_tree(_half_view(target_probs).numpy(), _half_view(qq).numpy(),
-                       _DTYPE_CODE[target_probs.dtype], tok.numpy(), par.numpy(), lens.numpy(),
-                       uu.numpy(), mode, q_shift, path.numpy(), plen.numpy(), nxt.numpy())
+                             _DTYPE_CODE[target_probs.dtype], tok.numpy(), par.numpy(),
+                             lens.numpy(), uu.numpy(), mode, q_shift, path.numpy(),
+                             plen.numpy(), nxt.numpy())
     return path, plen, nxt
 
 
