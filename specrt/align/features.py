@@ -1,12 +1,12 @@
 """Router features and target hidden states, computed offline exactly as online.
 
-Online (``Engine._prefill``) the router sees, per request, the mean over the prompt of
+Online (the engine's prefill) the router sees, per request, the mean over the prompt of
 the target's final-normed last-layer states: ``final_norm(h[:P]).mean(0)`` where ``h``
 are the pre-norm states of the prompt's (chat-templated) tokens. :func:`prompt_features`
-runs the same model call (ragged batched forward over a paged cache, ``norm=False``)
-and the same reduction, so routing features of a prompt are the same offline and
-online (bit-identical for the same batch composition; otherwise equal within fp
-rounding of the batched matmuls).
+runs the same model call (:func:`specrt.model.prefill.ragged_prefill`) and the same
+reduction (:func:`specrt.model.prefill.mean_prompt_state`), so routing features of a
+prompt are the same offline and online (bit-identical for the same batch composition;
+otherwise equal within fp rounding of the batched matmuls).
 
 Stage b of ``specrt align``, ``features``: :func:`stage_features` writes the router
 features of every collected prompt to ``features.safetensors``.
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from specrt.cache import PagedKVCache
+from specrt.model.prefill import mean_prompt_state, ragged_prefill
 
 
 @torch.inference_mode()
@@ -73,30 +74,24 @@ def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 81
 
 
 def _prefill_states(model, seqs: list[list[int]], block_size: int, dev) -> torch.Tensor:
-    """``Engine._prefill``'s model call: ragged batch, padded to the longest, positions
-    from 0, empty prefix. Returns pre-norm states ``[B, T, hidden]``."""
+    """The engine's prefill call (:func:`specrt.model.prefill.ragged_prefill`) over a
+    scratch paged cache. Returns pre-norm states ``[B, T, hidden]``."""
     a = model.args
-    lens = [len(s) for s in seqs]
-    B, T = len(seqs), max(lens)
+    B, T = len(seqs), max(len(s) for s in seqs)
     cache = PagedKVCache(a.num_hidden_layers, B * -(-T // block_size), block_size,
                          a.num_key_value_heads, a.head_dim, dtype=model.embed.weight.dtype,
                          device=dev)
-    for b, n in enumerate(lens):
-        cache.add(b)
-        cache.reserve(b, n)
-    toks = torch.zeros(B, T, dtype=torch.long)
     for b, s in enumerate(seqs):
-        toks[b, :lens[b]] = torch.tensor(s)
-    bt = cache.block_table(list(range(B)))
-    return model(toks.to(dev), torch.arange(T, device=dev).expand(B, T), cache.kv, bt,
-                 torch.zeros(B, dtype=torch.long, device=dev),
-                 tree_lens=torch.tensor(lens, device=dev), norm=False)
+        cache.add(b)
+        cache.reserve(b, len(s))
+    return ragged_prefill(model, seqs, cache.kv, cache.block_table(list(range(B))))
 
 
 def features_from_states(model, h: torch.Tensor) -> torch.Tensor:
     """Router features of one prompt from its pre-norm states ``h`` ``[P, hidden]``:
-    ``final_norm(h).mean(0)`` ``[hidden]`` (what ``Engine._prefill`` hands the router)."""
-    return model.final_norm(h).mean(0)
+    ``final_norm(h).mean(0)`` ``[hidden]`` (:func:`specrt.model.prefill.mean_prompt_state`,
+    what the engine's prefill hands the router)."""
+    return mean_prompt_state(model, h)
 
 
 def prompt_features(model, prompt_ids: list[list[int]], **kw) -> torch.Tensor:
