@@ -98,7 +98,7 @@ def test_forward_plans_once_and_runs_each_layer(tiny, monkeypatch):
     L = model.args.num_hidden_layers
     plans, runs = [], []
     plan_fn, run_fn = ops.plan_tree_attention, ops.TreeAttentionPlan.run
-    gathered = torch.ops.specrt.gathered_tree_attention.default
+    kernel = torch.ops.specrt.cpu_tree_attention.default   # the CPU plan's op
     calls = []
 
     def plan_spy(*a, **k):
@@ -111,11 +111,11 @@ def test_forward_plans_once_and_runs_each_layer(tiny, monkeypatch):
 
     def op_spy(*a):
         calls.append(a[1].data_ptr())
-        return gathered(*a)
+        return kernel(*a)
 
     monkeypatch.setattr(ops, "plan_tree_attention", plan_spy)
     monkeypatch.setattr(ops.TreeAttentionPlan, "run", run_spy)
-    monkeypatch.setattr("specrt.ops.attention._gathered_op", op_spy)
+    monkeypatch.setattr("specrt.ops.attention._cpu_op", op_spy)
     cache = shuffled_cache(model, block_size=4)
     cache.add(0)
     cache.reserve(0, 6)

@@ -199,14 +199,36 @@ def test_triton_prefix_zero_and_empty_tree(triton_backend, device):
     _check(inp, seed, torch.float32, num_splits=2, tag="prefix0")
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_cpu_torch_path_vs_reference(monkeypatch, name):
+def test_cpu_kernel_prefix_zero_empty_tree_and_bad_tables(monkeypatch):
+    """specrt._C's CPU kernel: prefix 0, a row with tree_len 0 (all-zero output), and
+    a block table too short for its sequence (an error, output untouched)."""
     monkeypatch.delenv("SPECRT_OPS_BACKEND", raising=False)
+    inp, seed = _case(3, 5, 4, 2, 64, torch.float32, 16, 0, "tree", True, "cpu")
+    inp["tree_lens"][2] = 0
+    _check(inp, seed, torch.float32, tag="cpu prefix0")
+    inp, seed = _case(2, 3, 2, 1, 16, torch.float32, 4, 30, "causal", False, "cpu")
+    short = dict(inp, block_tables=inp["block_tables"][:, :2].contiguous(),
+                 prefix_lens=torch.tensor([20, 3]))
+    out = torch.full_like(inp["q"], 7.0)
+    with pytest.raises(IndexError, match="blocks"):
+        ops.tree_attention(**short, out=out)
+    assert (out == 7.0).all()
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_cpu_paths_vs_reference(monkeypatch, name, impl):
+    """CPU tensors: specrt._C's kernel over the blocks (the default) and torch's
+    gather + SDPA path, both against the float64 reference."""
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "auto" if impl == "cpu" else "torch")
     B, T, Hq, Hkv, D, dtype, bs, mp, kind, ragged = CASES[name]
     inp, seed = _case(B, T, Hq, Hkv, D, dtype, bs, mp, kind, ragged, "cpu")
-    _check(inp, seed, dtype, tag="cpu " + name)
+    plan = ops.plan_tree_attention(inp["block_tables"], inp["prefix_lens"], T, bs,
+                                   inp["tree_mask"], inp["tree_lens"])
+    assert plan.backend == impl
+    _check(inp, seed, dtype, tag=f"{impl} " + name)
     if kind == "tree":
-        _check(inp, seed, dtype, packed=True, tag="cpu packed " + name)
+        _check(inp, seed, dtype, packed=True, tag=f"{impl} packed " + name)
 
 
 def test_triton_noncontiguous_q(triton_backend, device):
@@ -247,12 +269,12 @@ def _layers_of(inp, n, seed):
     return [torch.randn(c.shape, generator=g).to(c.dtype).to(c.device) for _ in range(n)]
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
 @pytest.mark.parametrize("kind", ["tree", "causal"])
 def test_plan_run_per_layer_equals_one_shot(impl, kind, monkeypatch, device):
     """One plan, run on three layers' caches (q and the cache only), equals the one-shot
     call per layer bit for bit, and the dense reference."""
-    monkeypatch.setenv("SPECRT_OPS_BACKEND", "triton" if impl == "triton" else "auto")
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", {"cpu": "auto"}.get(impl, impl))
     dev = device if impl == "triton" else "cpu"
     inp, seed = _case(3, 5, 4, 2, 32, torch.float32, 8, 30, kind, True, dev)
     plan = ops.plan_tree_attention(inp["block_tables"], inp["prefix_lens"], 5, 8,
@@ -304,7 +326,7 @@ def test_backend_selection_is_honest(monkeypatch):
     cpu_t, cuda_t = torch.zeros(1), types.SimpleNamespace(is_cuda=True)
     monkeypatch.delenv("SPECRT_OPS_BACKEND", raising=False)
     assert ops.backend_for(cpu_t) == "cpu"
-    assert ops.backend_for(cpu_t, "tree_attention") == "torch"
+    assert ops.backend_for(cpu_t, "tree_attention") == "cpu"
     assert ops.backend_for(cuda_t) == "triton"
     assert ops.backend_for(cuda_t, "tree_attention") == "triton"
     monkeypatch.setenv("SPECRT_OPS_BACKEND", "cuda")
@@ -319,9 +341,13 @@ def test_backend_selection_is_honest(monkeypatch):
         with pytest.raises(RuntimeError, match="without CUDA"):
             ops.backend_for(cuda_t)
     monkeypatch.setenv("SPECRT_OPS_BACKEND", "cpu")
-    assert ops.backend_for(cpu_t, "tree_attention") == "torch"
+    assert ops.backend_for(cpu_t, "tree_attention") == "cpu"
     with pytest.raises(ValueError, match="on CUDA"):
         ops.backend_for(cuda_t, "tree_attention")
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "torch")       # the reference path, any device
+    assert ops.backend_for(cpu_t, "tree_attention") == "torch"
+    assert ops.backend_for(cuda_t, "tree_attention") == "torch"
+    assert ops.backend_for(cpu_t) == "cpu" and ops.backend_for(cuda_t) == "triton"
     monkeypatch.setenv("SPECRT_OPS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="expected one of"):
         ops.backend_for(cpu_t)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specrt import ops
+from specrt.ops.gemm import PackedLinear
 
 
 @dataclass
@@ -97,29 +98,14 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(medium, smoothed, out)
 
 
-def small_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` for few rows on CPU, as ``w @ x.T`` with at least 2 columns.
-
-    Measured on the CI CPU (2 threads, fp32, SmolLM2 shapes): MKL's sgemm for 2-4 rows
-    runs at a fraction of memory bandwidth and its gemv (1 row) is slower than the
-    2-column ``w @ x.T`` product, which streams the weight once; so one row is
-    duplicated. Rows stay independent (each output is its own dot products).
-    """
-    rows = x.shape[0]
-    xx = x if rows > 1 else x.repeat(2, 1)
-    y = (w @ xx.t()).t()
-    return y[:rows]
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, max_rows: int = 4) -> torch.Tensor:
-    """``layer(x)``, through :func:`small_mm` for up to ``max_rows`` rows on CPU."""
-    rows = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" and rows <= max_rows:
-        y = small_mm(x.reshape(rows, x.shape[-1]), layer.weight)
-        if layer.bias is not None:
-            y = y + layer.bias
-        return y.reshape(*x.shape[:-1], layer.weight.shape[0])
-    return layer(x)
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)``; on CPU (fp32, up to :data:`specrt.ops.gemm.MAX_ROWS` rows) through
+    the skinny GEMM (:class:`specrt.ops.gemm.PackedLinear`), which streams the weight
+    once from a copy packed on first use."""
+    mm = layer.__dict__.get("_specrt_mm")
+    if mm is None:
+        mm = layer.__dict__["_specrt_mm"] = PackedLinear()
+    return mm(x, layer.weight, layer.bias)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -159,6 +145,7 @@ class Llama(nn.Module):
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(
             args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self._head_mm = PackedLinear()
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -218,14 +205,9 @@ class Llama(nn.Module):
         return rms_norm(h, self.norm, self.args.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., hidden]`` -> fp32 logits ``[..., V]``.
-
-        On CPU, up to 8 rows go through :func:`small_mm` (see there why).
-        """
+        """``[..., hidden]`` -> fp32 logits ``[..., V]`` (the skinny GEMM on CPU for
+        few rows, see :func:`linear`)."""
         W = self.head_weight
         x = hidden.reshape(-1, hidden.shape[-1])
-        if x.device.type == "cpu" and x.shape[0] <= 8:
-            y = small_mm(x, W)
-        else:
-            y = F.linear(x, W)
+        y = self._head_mm(x, W)
         return y.float().reshape(*hidden.shape[:-1], W.shape[0])

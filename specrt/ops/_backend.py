@@ -12,7 +12,7 @@ import torch
 
 __all__ = ["backend_for", "BACKENDS"]
 
-BACKENDS = ("auto", "triton", "cuda", "cpu")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
 #: The library every ``specrt::*`` op is defined in (kept alive by this module).
 LIB = torch.library.Library("specrt", "FRAGMENT")
@@ -29,7 +29,7 @@ def backend_for(t: torch.Tensor, op: str | None = None) -> str:
     value     append_kv, commit_kv, verify_tree,   tree_attention (``op="tree_attention"``)
               chain_verify
     ========  ===================================  =====================================
-    auto      ``triton`` on CUDA, ``cpu`` else    ``triton`` on CUDA, ``torch`` else
+    auto      ``triton`` on CUDA, ``cpu`` else    ``triton`` on CUDA, ``cpu`` else
     triton    ``triton`` (CPU tensors need        ``triton`` (same condition)
               ``TRITON_INTERPRET=1`` set before
               specrt is imported)
@@ -37,8 +37,9 @@ def backend_for(t: torch.Tensor, op: str | None = None) -> str:
               CUDA tensors only, and specrt._C    attention kernel, so ``cuda`` runs the
               must be built with CUDA (else       torch path (gather + SDPA, torch's own
               RuntimeError)                       CUDA kernels), never Triton; warns once
-    cpu       ``cpu``: specrt._C's C++ code;      ``torch`` (gather + SDPA); CPU tensors
-              CPU tensors only                    only
+    cpu       ``cpu``: specrt._C's C++ code;      ``cpu``: specrt._C's kernel over the
+              CPU tensors only                    blocks (fp32; other dtypes: ``torch``)
+    torch     as ``auto``                         ``torch`` (gather + SDPA) on any device
     ========  ===================================  =====================================
 
     Args:
@@ -47,8 +48,8 @@ def backend_for(t: torch.Tensor, op: str | None = None) -> str:
             for the KV and verification ops.
 
     Returns:
-        ``"triton"``, ``"cuda"`` or ``"cpu"``; for ``op="tree_attention"`` ``"triton"``
-        or ``"torch"``.
+        ``"triton"``, ``"cuda"`` or ``"cpu"``; for ``op="tree_attention"`` ``"triton"``,
+        ``"cpu"`` or ``"torch"``.
 
     Raises:
         ValueError: an unknown value, or a backend that cannot run on ``t``'s device.
@@ -57,6 +58,10 @@ def backend_for(t: torch.Tensor, op: str | None = None) -> str:
     b = os.environ.get("SPECRT_OPS_BACKEND", "auto").lower()
     if b not in BACKENDS:
         raise ValueError(f"SPECRT_OPS_BACKEND={b!r}: expected one of {BACKENDS}")
+    if b == "torch":
+        if op == "tree_attention":
+            return "torch"
+        b = "auto"
     if b == "auto":
         b = "triton" if t.is_cuda else "cpu"
     elif b == "cpu" and t.is_cuda:
@@ -69,7 +74,7 @@ def backend_for(t: torch.Tensor, op: str | None = None) -> str:
     if op == "tree_attention":
         if b == "cuda":
             _warn_attention_cuda()
-        return "triton" if b == "triton" else "torch"
+        return {"triton": "triton", "cpu": "cpu"}.get(b, "torch")
     if b == "cuda" and not getattr(native(), "with_cuda", False):
         raise RuntimeError("SPECRT_OPS_BACKEND=cuda but specrt._C was built without CUDA "
                            "(rebuild with nvcc available, or SPECRT_CUDA=1 to require it)")

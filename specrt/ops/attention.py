@@ -14,11 +14,17 @@ once by :func:`plan_tree_attention`, which also picks the implementation
   plan keeps the block tables, the lengths and the bit-packed tree mask;
   :meth:`TreeAttentionPlan.run` calls ``torch.ops.specrt.paged_tree_attention``, the
   fused kernel of kernels/attention.py (split-KV for long prefixes).
-* ``torch`` (CPU tensors by default; CUDA tensors with ``SPECRT_OPS_BACKEND=cuda``,
-  since specrt._C has no CUDA attention kernel): the plan keeps the gather index of
-  every sequence's positions and a ``[B, 1, T, L]`` visibility mask;
-  :meth:`TreeAttentionPlan.run` calls ``torch.ops.specrt.gathered_tree_attention``
-  (gather K/V, SDPA with fp32 accumulation).
+* ``cpu`` (CPU tensors by default): the plan keeps the block tables, the lengths and
+  the mask as bytes; :meth:`TreeAttentionPlan.run` calls
+  ``torch.ops.specrt.cpu_tree_attention``, specrt._C's kernel (csrc/attention_cpu.cpp)
+  that reads K/V straight from the blocks (no gather) for fp32 q and cache; other
+  dtypes take the ``torch`` path below.
+* ``torch`` (``SPECRT_OPS_BACKEND=torch`` on any device; CUDA tensors with
+  ``SPECRT_OPS_BACKEND=cuda``, since specrt._C has no CUDA attention kernel): the plan
+  keeps the gather index of every sequence's positions and a ``[B, 1, T, L]``
+  visibility mask; :meth:`TreeAttentionPlan.run` calls
+  ``torch.ops.specrt.gathered_tree_attention`` (gather K/V, SDPA with fp32
+  accumulation).
 
 :func:`tree_attention` is the one-shot form (plan + run), also registered as
 ``torch.ops.specrt.tree_attention`` for other stacks.
@@ -30,7 +36,7 @@ import os
 
 import torch
 
-from specrt.ops._backend import LIB, as_i64, backend_for, check_cache
+from specrt.ops._backend import LIB, as_i64, backend_for, check_cache, native
 
 __all__ = ["tree_attention", "plan_tree_attention", "TreeAttentionPlan", "build_tree_mask"]
 
@@ -70,7 +76,7 @@ class TreeAttentionPlan:
     Build with :func:`plan_tree_attention`; call :meth:`run` once per layer.
 
     Attributes:
-        backend: ``"triton"`` or ``"torch"`` (see the module docstring).
+        backend: ``"triton"``, ``"cpu"`` or ``"torch"`` (see the module docstring).
         B, T, block_size: batch rows, tree nodes per row, the cache's block size.
         device: the device of the block tables (and of every tensor below).
         block_tables: ``[B, max_blocks]`` int32, contiguous.
@@ -87,11 +93,12 @@ class TreeAttentionPlan:
             visible); None when there are none.
         causal: ``torch``: a single row from position 0 with a causal mask (SDPA's causal
             kernel, no mask tensor).
+        byte_mask: ``cpu``: ``[B, T, T]`` uint8 tree mask, or ``[0]`` (causal).
     """
 
     __slots__ = ("backend", "B", "T", "block_size", "device", "block_tables", "prefix_lens",
                  "tree_lens", "packed_mask", "gather_blocks", "gather_offsets", "visible",
-                 "zero_rows", "causal")
+                 "zero_rows", "causal", "byte_mask", "_tree_mask")
 
     def __init__(self, backend, block_tables, prefix_lens, T, block_size, tree_mask, tree_lens,
                  packed_mask):
@@ -101,8 +108,9 @@ class TreeAttentionPlan:
         self.block_tables = block_tables.contiguous()
         self.prefix_lens, self.tree_lens = prefix_lens, tree_lens
         self.packed_mask = self.gather_blocks = self.gather_offsets = None
-        self.visible = self.zero_rows = None
+        self.visible = self.zero_rows = self.byte_mask = None
         self.causal = False
+        self._tree_mask = tree_mask
         if backend == "triton":
             if packed_mask is not None:
                 self.packed_mask = packed_mask.reshape(self.B, T, -1).contiguous()
@@ -115,6 +123,13 @@ class TreeAttentionPlan:
             words = packed_mask.reshape(self.B, T, -1).cpu()
             bit = torch.arange(T)
             tree_mask = ((words[:, :, bit // 64] >> (bit % 64)) & 1).bool()
+            self._tree_mask = tree_mask
+        if backend == "cpu":
+            if self.tree_lens is None:
+                self.tree_lens = torch.full((self.B,), T, dtype=torch.int64)
+            self.byte_mask = (torch.zeros(0, dtype=torch.uint8) if tree_mask is None
+                              else tree_mask.to(torch.uint8).contiguous())
+            return
         self._plan_gather(tree_mask)
 
     def _plan_gather(self, tree_mask):
@@ -190,7 +205,14 @@ class TreeAttentionPlan:
                                 or out.device != q.device):
             raise ValueError(f"out must be [{B}, {T}, {Hq}, {D}] {q.dtype} on {q.device}, got "
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
-        if self.backend == "torch":
+        if self.backend == "cpu" and q.dtype == kv_cache.dtype == torch.float32:
+            dst = out if out is not None and out.is_contiguous() else q.new_empty((B, T, Hq, D))
+            _cpu_op(q, kv_cache, self.block_tables, self.prefix_lens, self.byte_mask,
+                    self.tree_lens, scale, dst)
+            return dst if out is None or dst is out else out.copy_(dst)
+        if self.backend != "triton":
+            if self.gather_blocks is None:  # a cpu plan run on other dtypes: torch's path
+                self._plan_gather(self._tree_mask)
             res = _gathered_op(q, kv_cache, self.gather_blocks, self.gather_offsets,
                                self.visible, self.zero_rows, self.causal, scale)
             return res if out is None else out.copy_(res)
@@ -315,6 +337,17 @@ def _gathered_impl(q, kv_cache, gather_blocks, gather_offsets, visible, zero_row
     return o
 
 
+def _cpu_impl(q, kv_cache, block_tables, prefix_lens, byte_mask, tree_lens, scale, out):
+    """specrt._C's fp32 kernel over the paged cache (csrc/attention_cpu.cpp)."""
+    if q.dtype != torch.float32 or kv_cache.dtype != torch.float32 or out.dtype != q.dtype:
+        raise ValueError(f"cpu_tree_attention is fp32: got q {q.dtype}, cache {kv_cache.dtype}")
+    if not out.is_contiguous():
+        raise ValueError("cpu_tree_attention: out must be contiguous")
+    native().tree_attention_cpu(q.contiguous().numpy(), kv_cache.numpy(), block_tables.numpy(),
+                                prefix_lens.numpy(), byte_mask.numpy(), tree_lens.numpy(),
+                                scale, out.numpy(), torch.get_num_threads())
+
+
 def _paged_impl(q, kv_cache, block_tables, prefix_lens, packed_mask, tree_lens, scale,
                 num_splits, out):
     """The Triton kernel (kernels/attention.py); CPU tensors need TRITON_INTERPRET=1."""
@@ -339,6 +372,10 @@ LIB.define("paged_tree_attention(Tensor q, Tensor kv_cache, Tensor block_tables,
            "int num_splits, Tensor(a!) out) -> ()")
 LIB.define("tree_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor prefix_lens, "
            "Tensor? tree_mask, Tensor? tree_lens, float scale) -> Tensor")
+LIB.define("cpu_tree_attention(Tensor q, Tensor kv_cache, Tensor block_tables, "
+           "Tensor prefix_lens, Tensor byte_mask, Tensor tree_lens, float scale, "
+           "Tensor(a!) out) -> ()")
+LIB.impl("cpu_tree_attention", _cpu_impl, "CPU")
 for _key in ("CPU", "CUDA"):
     LIB.impl("gathered_tree_attention", _gathered_impl, _key)
     LIB.impl("paged_tree_attention", _paged_impl, _key)
@@ -364,5 +401,11 @@ def _(q, kv_cache, block_tables, prefix_lens, tree_mask, tree_lens, scale):
     return q.new_empty(q.shape)
 
 
+@torch.library.register_fake("specrt::cpu_tree_attention", lib=LIB)
+def _(q, kv_cache, block_tables, prefix_lens, byte_mask, tree_lens, scale, out):
+    return None
+
+
+_cpu_op = torch.ops.specrt.cpu_tree_attention.default
 _gathered_op = torch.ops.specrt.gathered_tree_attention.default
 _paged_op = torch.ops.specrt.paged_tree_attention.default
