@@ -1,7 +1,8 @@
 """The model drafter (specrt.draft.model): lossless greedy output in chain and tree mode,
 batch 1 and 3, for both architectures (lm, eagle); its KV cache stays consistent with a
 from-scratch recomputation; LoRA equals merged weights; reduced-vocab drafts stay in the
-subset; save/load round trip; and the shipped baseline on the default target."""
+subset; save/load round trip (old configs naming the architecture ``kind`` too); a full
+drafter cache falls back to plain decoding; and the shipped baseline on the default target."""
 import importlib.util
 import json
 from pathlib import Path
@@ -52,7 +53,7 @@ def _engine(tiny_dir, target, drafter, **kw):
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_lossless(tiny_dir, target, reference, arch, mode, batch):
-    net = DraftNet.from_target(target.model, kind=arch, num_layers=2, vocab_ids=_vocab())
+    net = DraftNet.from_target(target.model, arch=arch, num_layers=2, vocab_ids=_vocab())
     d = ModelDrafter(net, name="m", mode=mode, topk=3, threshold=0.0, cache_tokens=1024,
                      block_size=4)
     eng = _engine(tiny_dir, target, d)
@@ -99,7 +100,7 @@ def test_drafter_kv_matches_recomputation(tiny_dir, target, reference, arch, fus
     over prompt + emitted tokens. ``fused``: the drafter is the second member of a
     fill-split fused drafter behind n-gram lookup, so it skips the steps where the
     lookup fills the budget and sees merged trees: it must stay in step all the same."""
-    net = DraftNet.from_target(target.model, kind=arch, num_layers=2, vocab_ids=_vocab())
+    net = DraftNet.from_target(target.model, arch=arch, num_layers=2, vocab_ids=_vocab())
     d = _Spy(net, name="m", mode="tree", topk=2, threshold=0.0, cache_tokens=1024,
              block_size=4)
     served = FusedDrafter([NgramDrafter(), d], name="f") if fused else d
@@ -130,14 +131,14 @@ def test_drafter_kv_matches_recomputation(tiny_dir, target, reference, arch, fus
 
 
 def test_lora_equals_merged(target):
-    net = DraftNet.from_target(target.model, kind="eagle", num_layers=2, vocab_ids=_vocab())
+    net = DraftNet.from_target(target.model, arch="eagle", num_layers=2, vocab_ids=_vocab())
     net.add_lora(4, targets=("q", "v", "o", "gate_up", "down"), init_std=0.05, seed=3)
     t = torch.randint(0, 96, (2, 9))
     pos = torch.arange(9).expand(2, 9)
     prev = torch.randn(2, 9, net.args.hidden_size)
     with torch.no_grad():
         a = net.train_forward(t, pos, prev)
-        base = DraftNet.from_target(target.model, kind="eagle", num_layers=2, vocab_ids=_vocab())
+        base = DraftNet.from_target(target.model, arch="eagle", num_layers=2, vocab_ids=_vocab())
         base.load_state_dict(net.state_dict())
         b0 = base.train_forward(t, pos, prev)
         net.merge_lora()
@@ -148,7 +149,7 @@ def test_lora_equals_merged(target):
 
 def test_reduced_vocab_drafts_stay_in_subset(tiny_dir, target):
     vocab = torch.tensor([5, 9, 17, 40, 41, 42, 77])
-    net = DraftNet.from_target(target.model, kind="lm", num_layers=1, vocab_ids=vocab)
+    net = DraftNet.from_target(target.model, arch="lm", num_layers=1, vocab_ids=vocab)
     d = ModelDrafter(net, name="m", mode="tree", topk=3, threshold=0.0, cache_tokens=1024,
                      block_size=4)
     seen = []
@@ -166,7 +167,7 @@ def test_reduced_vocab_drafts_stay_in_subset(tiny_dir, target):
 
 
 def test_save_load_round_trip(tmp_path, target):
-    net = DraftNet.from_target(target.model, kind="eagle", num_layers=1, vocab_ids=_vocab(32))
+    net = DraftNet.from_target(target.model, arch="eagle", num_layers=1, vocab_ids=_vocab(32))
     net.add_lora(2, targets=("q", "v"), init_std=0.1)
     with torch.no_grad():
         for p in net.parameters():
@@ -185,6 +186,36 @@ def test_save_load_round_trip(tmp_path, target):
     prev = torch.randn(1, 7, net.args.hidden_size)
     with torch.no_grad():
         assert torch.equal(net.train_forward(t, pos, prev), back.train_forward(t, pos, prev))
+
+
+def test_arch_names_the_architecture_and_old_configs_still_load(tmp_path, target):
+    """``arch`` names a net's architecture (``kind`` is the pool kind, ``"model"``, of the
+    drafter); configs written before the field said ``"kind": "lm" | "eagle"`` and load
+    as that architecture; ``kind=`` / ``.kind`` on nets remain as deprecated aliases."""
+    from specrt.draft.eagle import EagleNet
+    from specrt.draft.lm import LMNet
+
+    t = torch.randint(0, 96, (1, 7))
+    pos = torch.arange(7)[None]
+    prev = torch.randn(1, 7, target.model.args.hidden_size)
+    for arch, cls in (("lm", LMNet), ("eagle", EagleNet)):
+        net = DraftNet.from_target(target.model, arch=arch, num_layers=1, vocab_ids=_vocab(16))
+        assert type(net) is cls and net.arch == arch and net.kind == arch
+        assert type(DraftNet.from_target(target.model, kind=arch, num_layers=1)) is cls
+        net.save(tmp_path / f"{arch}.safetensors", tmp_path / f"{arch}.json",
+                 dtype=torch.float32)
+        cfg = json.loads((tmp_path / f"{arch}.json").read_text())
+        assert cfg["kind"] == "model" and cfg["arch"] == arch
+        del cfg["arch"]
+        cfg["kind"] = arch  # the old spelling
+        (tmp_path / f"{arch}.json").write_text(json.dumps(cfg))
+        back = DraftNet.load(tmp_path / f"{arch}.json", target.model)
+        d = ModelDrafter.load(tmp_path / f"{arch}.json", target.model)
+        assert type(back) is cls and type(d.net) is cls and d.kind == "model"
+        with torch.no_grad():
+            assert torch.equal(back.train_forward(t, pos, prev), net.train_forward(t, pos, prev))
+    with pytest.raises(ValueError, match="arch"):
+        DraftNet.from_target(target.model, arch="rnn")
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "specrt" / "pools" / "default" / "baseline.json"
@@ -209,13 +240,52 @@ def test_shipped_baseline_is_lossless_on_default_target():
     assert sum(o.stats["accepted_tokens"] for o in sp) > 0
 
 
-def test_full_drafter_cache_falls_back_to_plain_decoding(tiny_dir, target, reference):
-    net = DraftNet.from_target(target.model, kind="lm", num_layers=1, vocab_ids=_vocab())
+@pytest.mark.parametrize("first,last", [(0, 2), (1, 2)],
+                         ids=["full-from-the-start", "fills-up-midway"])
+def test_full_drafter_cache_falls_back_to_plain_decoding(tiny_dir, target, reference,
+                                                         first, last):
+    """The drafter's own cache holds 6 blocks of 4 tokens. The first two prompts never fit
+    (the first alone needs 8 blocks); the second alone fits for its first steps, then
+    outgrows it.
+    Whenever the batch's tokens need more blocks than the cache has, every request gets
+    a root-only tree although its budget is positive (plain decoding for that step), and
+    only then: with threshold 0 a working chain drafts at least one token. The output
+    stays the target's greedy output and every block is released."""
+    net = DraftNet.from_target(target.model, arch="lm", num_layers=1, vocab_ids=_vocab())
     d = ModelDrafter(net, name="m", mode="chain", threshold=0.0, cache_tokens=24, block_size=4)
+    calls = []  # per propose: the blocks the batch needs, and (budget, drafted) per request
+    orig = d.propose
+
+    def spy(seqs, budgets):
+        need = sum(-(-len(s.tokens) // 4) for s, b in zip(seqs, budgets) if b > 0)
+        trees = orig(seqs, budgets)
+        calls.append((need, [(b, len(t) - 1) for b, t in zip(budgets, trees)]))
+        return trees
+
+    d.propose = spy
     eng = _engine(tiny_dir, target, d)
-    outs = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=N, ignore_eos=True))
-    for o, w in zip(outs, reference):
+    outs = eng.generate(PROMPTS[first:last], SamplingParams(max_tokens=N, ignore_eos=True))
+    assert len(outs) == last - first
+    for o, w in zip(outs, reference[first:last]):
         assert o.token_ids == w
+    blocks = d.cache.allocator.num_blocks
+    assert blocks == 6
+    fell_back = 0
+    for need, rows in calls:
+        asked = [n for b, n in rows if b > 0]
+        if not asked:
+            continue
+        if need > blocks:  # the cache cannot hold the batch: no drafts, no error
+            assert asked == [0] * len(asked), (need, rows)
+            fell_back += 1
+        else:
+            assert all(n >= 1 for n in asked), (need, rows)
+    assert fell_back >= 5  # the fallback did happen, at every step once the cache was full
+    if first == 1:  # and the drafter drafted while it had room
+        assert calls[0][1][0][1] > 0 and outs[0].stats["drafted_tokens"] > 0
+    else:
+        assert sum(o.stats["drafted_tokens"] for o in outs) == 0
+    assert d.cache.allocator.num_free == blocks
 
 
 def test_lora_over_base_trains_adapters_only_and_round_trips(tmp_path, target):
@@ -226,7 +296,7 @@ def test_lora_over_base_trains_adapters_only_and_round_trips(tmp_path, target):
     from specrt.pool import copy_model_drafter_files
 
     torch.manual_seed(0)
-    base = DraftNet.from_target(target.model, kind="eagle", num_layers=1, vocab_ids=_vocab(48))
+    base = DraftNet.from_target(target.model, arch="eagle", num_layers=1, vocab_ids=_vocab(48))
     base.save(tmp_path / "base.safetensors", tmp_path / "base.json", dtype=torch.float32)
     net = DraftNet.load(tmp_path / "base.json", target.model)
     net.add_lora(4, targets=("qkv", "o", "gate_up", "down"), seed=1)

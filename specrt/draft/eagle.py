@@ -1,0 +1,114 @@
+"""The EAGLE-style drafter architecture (``arch = "eagle"``): a small head over the
+target's own hidden states.
+
+The input of position ``j`` is ``fc(concat(embed(tok_j), feature_norm(h_{j-1})))`` where
+``h_{j-1}`` ``[hidden]`` is the target's pre-norm last-layer state of the previous
+position (the state that predicted ``tok_j``); the layers, final norm and reduced head
+are those of :class:`~specrt.draft.net.DraftNet`. Inside a draft tree, whose nodes have
+no target state yet, the drafter's own output state of the parent node stands in (EAGLE).
+
+Between steps (:class:`EagleDrafting`) a request keeps ``hprev``: the predecessor states
+of the tokens not yet run through the drafter (the prompt's at the start, the target's
+states of the accepted path after each verification). The K/V of accepted tree nodes is
+therefore never reused: it was computed from the drafter's states, and the committed
+tokens must be recomputed from the target's at the next call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specrt.draft.net import ArchDrafting, DraftNet
+from specrt.model.llama import Llama, ModelArgs
+
+
+def feature_norm(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Parameter-free RMS normalisation of hidden states ``[..., hidden]`` (eagle inputs
+    and the feature-regression loss)."""
+    hf = h.float()
+    return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+class EagleNet(DraftNet):
+    """The EAGLE-style network: :class:`DraftNet` plus ``fc`` ``[hidden, 2 * hidden]``
+    mixing the token embedding with the previous position's state (arguments as for
+    :class:`DraftNet`)."""
+
+    arch = "eagle"
+
+    def __init__(self, args: ModelArgs, embed_weight: torch.Tensor,
+                 head_weight: torch.Tensor, vocab_ids: torch.Tensor):
+        super().__init__(args, embed_weight, head_weight, vocab_ids)
+        self.fc = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+
+    def embed_input(self, tokens: torch.Tensor, prev: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """``fc(concat(embed(tokens), feature_norm(prev)))`` ``[B, T, hidden]``: ``prev``
+        ``[B, T, hidden]`` is each position's predecessor state (pre-norm, whose raw scale
+        varies by orders of magnitude; zeros when None)."""
+        e = F.embedding(tokens, self.embed_weight)
+        if prev is None:
+            prev = torch.zeros_like(e)
+        return self.fc(torch.cat([e, feature_norm(prev.to(e.dtype))], dim=-1))
+
+    def _init_from_target(self, target: Llama) -> None:
+        """``fc`` starts as ``[I | 0]``: the embedding passes through, the hidden-state
+        half is learnt."""
+        H = self.args.hidden_size
+        self.fc.weight.zero_()
+        self.fc.weight[:, :H].copy_(torch.eye(H))
+
+    def drafting(self) -> "EagleDrafting":
+        return EagleDrafting(self)
+
+
+class EagleDrafting(ArchDrafting):
+    """Per-request ``hprev`` ``[n, hidden]``: the predecessor state of each token not yet
+    in the drafter's cache (see the module docstring)."""
+
+    state_keys = ("hprev",)
+
+    def begin(self, st: dict, prompt_hidden: torch.Tensor | None) -> None:
+        """Keep the target's prompt states: the predecessors of tokens[0:] are none
+        (zeros) for token 0, then ``h_0 .. h_{P-1}``."""
+        if prompt_hidden is None:
+            raise ValueError("an eagle drafter needs the target's prompt hidden states")
+        H = self.net.args.hidden_size
+        st["hprev"] = torch.cat([torch.zeros(1, H, dtype=prompt_hidden.dtype,
+                                             device=prompt_hidden.device),
+                                 prompt_hidden.detach()])
+
+    def chunk_prev(self, states: list[dict], lens: list[int], T: int) -> torch.Tensor:
+        """The pending ``hprev`` of each request, padded to ``[B, T, hidden]``."""
+        net = self.net
+        prev = torch.zeros(len(states), T, net.args.hidden_size, dtype=net.embed_weight.dtype,
+                           device=net.embed_weight.device)
+        for b, (st, n) in enumerate(zip(states, lens)):
+            hp = st["hprev"]
+            if hp.shape[0] != n:
+                raise RuntimeError(f"eagle drafter out of step: {hp.shape[0]} states for "
+                                   f"{n} new tokens")
+            prev[b, :n] = hp.to(prev)
+        return prev
+
+    def consumed(self, st: dict, n: int) -> None:
+        st["hprev"] = st["hprev"][n:]
+
+    def tree_prev(self, parent_states: list[list[torch.Tensor]], N: int,
+                  like: torch.Tensor) -> torch.Tensor:
+        """The drafter's own parent states stand in for the target's, ``[B, N, hidden]``."""
+        prev = torch.zeros(len(parent_states), N, self.net.args.hidden_size,
+                           dtype=like.dtype, device=like.device)
+        for b, row in enumerate(parent_states):
+            for j, h in enumerate(row):
+                prev[b, j] = h
+        return prev
+
+    def update(self, drafter, seq, result) -> None:
+        """The target's hidden states of the path nodes become the predecessor states of
+        the new tokens, which the next :meth:`~specrt.draft.model.ModelDrafter.propose`
+        runs."""
+        st = seq.state
+        hp = result.target_hidden[result.path].detach().to(st["hprev"].dtype)
+        st["hprev"] = torch.cat([st["hprev"], hp])
