@@ -81,6 +81,7 @@ class Engine:
         self._active: list[Request] = []       # admitted: blocks reserved, prefilled
         self._requests: dict[int, Request] = {}
         self._owned: dict[int, list[StreamEvent]] = {}  # stream-owned ids -> their outbox
+        self._failures: list[Request] = []     # failed in this step; events to send
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, pool: str | None = None, *,
@@ -235,11 +236,12 @@ class Engine:
             events += self._emit(new, [[t] for t in first])
         batch = [r for r in self._active if r.finish_reason is None]
         if batch:
-            trees = self._draft(batch)
+            batch, trees = self._draft(batch)
             paths, emitted, logits, h = self._verify(batch, trees)
             self.cache.commit([r.rid for r in batch], paths)
             self._tell_drafters(batch, trees, paths, emitted, logits, h)
             events += self._emit(batch, emitted)
+        events += self._take_failures()
         self._reap()
         return self._deliver(events)
 
@@ -404,7 +406,10 @@ class Engine:
             r.steps += 1
             if r.drafter is not None:
                 r.seq = SeqState(r.rid, list(r.prompt_ids), n, r.params.temperature)
-                self._drafters[r.drafter].begin(r.seq, h[i, :n])
+                try:
+                    self._drafters[r.drafter].begin(r.seq, h[i, :n])
+                except Exception as e:  # noqa: BLE001 -- fails this request only
+                    self._fail(r, "begin", e)
         return [self._sample_first(r, row) for r, row in zip(reqs, logits)]
 
     def _route(self, reqs: list[Request], h: torch.Tensor, lens: list[int]) -> None:
@@ -426,8 +431,10 @@ class Engine:
         probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
         return int(torch.multinomial(probs, 1, generator=r.generator))
 
-    def _draft(self, reqs: list[Request]) -> list[DraftTree]:
-        """Draft trees, batched per drafter; a root-only tree for plain decoding."""
+    def _draft(self, reqs: list[Request]) -> tuple[list[Request], list[DraftTree]]:
+        """Draft trees, batched per drafter; a root-only tree for plain decoding. A
+        drafter that raises or returns a bad tree fails the requests it serves (only
+        those); returns the requests still going and their trees."""
         trees: list[DraftTree | None] = [None] * len(reqs)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(reqs):
@@ -440,16 +447,24 @@ class Engine:
             budgets = [self._lengths.budget(name, reqs[i].rid, len(reqs), reqs[i].remaining)
                        for i in idx]
             t0 = time.perf_counter()
-            got = self._drafters[name].propose([reqs[i].seq for i in idx], budgets)
-            n = 0
-            for i, b, t in zip(idx, budgets, got):
-                if len(t) > b + 1 or t.tokens[0] != reqs[i].out_ids[-1]:
-                    raise RuntimeError(f"drafter {name!r} returned a tree of {len(t)} nodes "
-                                       f"for budget {b}, or with the wrong root")
+            try:
+                got = self._drafters[name].propose([reqs[i].seq for i in idx], budgets)
+                if len(got) != len(idx):
+                    raise RuntimeError(f"{len(got)} trees for {len(idx)} requests")
+                for i, b, t in zip(idx, budgets, got):
+                    if len(t) > b + 1 or t.tokens[0] != reqs[i].out_ids[-1]:
+                        raise RuntimeError(f"a tree of {len(t)} nodes for budget {b}, or "
+                                           f"with the wrong root")
+            except Exception as e:  # noqa: BLE001 -- fails this drafter's requests only
+                for i in idx:
+                    self._fail(reqs[i], "propose", e)
+                continue
+            for i, t in zip(idx, got):
                 trees[i] = t
-                n += len(t) - 1
-            self._lengths.observe_draft(name, n, time.perf_counter() - t0)
-        return trees  # type: ignore[return-value]
+            self._lengths.observe_draft(name, sum(len(t) - 1 for t in got),
+                                        time.perf_counter() - t0)
+        keep = [i for i, r in enumerate(reqs) if r.finish_reason is None]
+        return [reqs[i] for i in keep], [trees[i] for i in keep]  # type: ignore[misc]
 
     @torch.inference_mode()
     def _verify(self, reqs: list[Request], trees: list[DraftTree]):
@@ -501,13 +516,18 @@ class Engine:
             self._lengths.observe_accept(r.drafter, r.rid, len(paths[i]) - 1,
                                          max(trees[i].depths()))
             r.seq.tokens = r.prompt_ids + r.out_ids + emitted[i]
-            self._drafters[r.drafter].update(r.seq, Verified(
-                trees[i], paths[i], emitted[i], logits[i, :n], h[i, :n]))
+            try:
+                self._drafters[r.drafter].update(r.seq, Verified(
+                    trees[i], paths[i], emitted[i], logits[i, :n], h[i, :n]))
+            except Exception as e:  # noqa: BLE001 -- fails this request only
+                self._fail(r, "update", e)
 
     def _emit(self, reqs: list[Request], new_tokens: list[list[int]]) -> list[StreamEvent]:
         """Append each request's new tokens (EOS, stops, max_tokens applied); events."""
         events = []
         for r, toks in zip(reqs, new_tokens):
+            if r.finish_reason == "error":
+                continue  # its final event comes from _take_failures
             ev = r.emit(toks)
             if ev is None:
                 continue
@@ -515,6 +535,19 @@ class Engine:
                 self._record(r, ev.output)
             events.append(ev)
         return events
+
+    def _fail(self, r: Request, where: str, e: Exception) -> None:
+        """A drafter raised for ``r``: the request ends with ``finish_reason="error"``
+        (its blocks are freed at the end of the step); other requests go on."""
+        r.finish_reason = "error"
+        r.error = f"drafter {r.drafter!r} failed in {where}: {type(e).__name__}: {e}"
+        r.t_end = time.perf_counter()
+        self._failures.append(r)
+
+    def _take_failures(self) -> list[StreamEvent]:
+        out = [StreamEvent(r.rid, "", [], True, r.output()) for r in self._failures]
+        self._failures.clear()
+        return out
 
     def _reap(self) -> None:
         """Release finished requests."""
@@ -528,6 +561,9 @@ class Engine:
         try:
             if r.drafter is not None and r.seq is not None:
                 self._drafters[r.drafter].release(r.seq)
+        except Exception as e:  # noqa: BLE001 -- a failing release must not stop serving
+            warnings.warn(f"specrt: drafter {r.drafter!r} failed to release request "
+                          f"{r.rid}: {type(e).__name__}: {e}")
         finally:
             self._lengths.forget(r.rid)
             self.cache.release(r.rid)

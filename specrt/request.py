@@ -23,7 +23,9 @@ class RequestOutput:
     """Result of one prompt: text, token ids (EOS excluded), why it ended, metrics.
 
     ``finish_reason``: ``"stop"`` (EOS or a stop string), ``"length"`` (max_tokens or
-    the context), ``"abort"`` (:meth:`Engine.abort`).
+    the context), ``"abort"`` (:meth:`Engine.abort`), ``"error"`` (the request's
+    drafter raised; ``error`` says what, and ``text`` / ``token_ids`` hold what was
+    emitted before).
 
     ``stats`` keys: drafter (None for plain decoding), cluster and route_confidence
     (the router's pick, None when not routed), steps (target forwards, prefill
@@ -37,6 +39,7 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str
     stats: dict
+    error: str | None = None
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Request:
     cluster: int | None = None
     route_confidence: float | None = None
     seq: SeqState | None = None
+    error: str | None = None
 
     @property
     def remaining(self) -> int:
@@ -147,8 +151,9 @@ class Request:
             "prompt_tokens": len(self.prompt_ids), "completion_tokens": n,
             "elapsed_s": el, "tokens_per_s": n / el,
         }
-        return RequestOutput(self.prompt, self.text, list(self.out_ids), self.finish_reason,
-                             stats)
+        text = self.text if self.finish_reason != "error" else self.detok.text
+        return RequestOutput(self.prompt, text, list(self.out_ids), self.finish_reason, stats,
+                             self.error)
 
 
 def find_stop(text: str, stops: list[str], sent: int) -> int | None:

@@ -3,6 +3,7 @@ abandoned at any event, and the scoped override that tools use instead of attrib
 swaps. Contract: no KV block outlives its request; aborting one request changes no
 other request's output."""
 import gc
+import operator
 
 import pytest
 
@@ -167,7 +168,7 @@ def test_using_is_scoped_and_restores_everything(engine, reference):
             raise ZeroDivisionError
     assert engine.lengths.max_draft == 4 and engine.lengths.adaptive
     with pytest.raises(TypeError):
-        engine.drafters["x"] = only                  # read-only view
+        operator.setitem(engine.drafters, "x", only)   # a read-only view
     engine.add_request("hi")
     with pytest.raises(RuntimeError, match="in flight"):
         with engine.using(max_batch=2):
@@ -186,3 +187,56 @@ def test_engine_config_is_one_place_and_validated(tiny_llama):
                 dict(cache_tokens=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             EngineConfig(**bad)
+
+
+class Exploding:
+    """A drafter that raises in ``where`` (begin, propose or update) from its
+    ``after``-th call on; ``release`` raises too."""
+
+    def __init__(self, where, after=0):
+        self.name, self.where, self.after, self.calls = "boom", where, after, 0
+
+    def _maybe(self, where):
+        if where == self.where:
+            self.calls += 1
+            if self.calls > self.after:
+                raise ZeroDivisionError(f"boom in {where}")
+
+    def begin(self, seq, h):
+        self._maybe("begin")
+
+    def propose(self, seqs, budgets):
+        self._maybe("propose")
+        from specrt.draft.base import DraftTree
+        return [DraftTree([s.tokens[-1]], [-1]) for s in seqs]
+
+    def update(self, seq, result):
+        self._maybe("update")
+
+    def release(self, seq):
+        raise RuntimeError("release fails too")
+
+
+@pytest.mark.parametrize("where", ["begin", "propose", "update"])
+def test_a_failing_drafter_fails_only_its_requests(tiny_llama, reference, where):
+    bad = Exploding(where, after=0 if where == "begin" else 2)
+    eng = specrt.Engine.from_pretrained(
+        str(tiny_llama), device="cpu", block_size=4, cache_tokens=1024, max_batch=5,
+        drafters=[NgramDrafter(), ScriptedTreeDrafter("tree", reference[0], 96, seed=1), bad])
+    p = SamplingParams(max_tokens=N, ignore_eos=True)
+    names = ["ngram", "boom", "tree", "boom", "ngram"]
+    rids = [eng.add_request(q, p, drafter=n) for q, n in zip(PROMPTS, names)]
+    with pytest.warns(UserWarning, match="failed to release"):
+        outs = drive(eng)
+    for i, (rid, n) in enumerate(zip(rids, names)):
+        if n == "boom":
+            o = outs[rid]
+            assert o.finish_reason == "error" and f"failed in {where}" in o.error
+            assert "boom" in o.error and len(o.token_ids) < N
+            assert o.token_ids == reference[1][i][:len(o.token_ids)]   # what it emitted is right
+        else:
+            assert outs[rid].finish_reason == "length" and outs[rid].error is None
+            assert outs[rid].token_ids == reference[1][i]
+    assert all_free(eng)
+    again = eng.generate(PROMPTS[0], p, drafter="ngram")[0]           # the engine goes on
+    assert again.token_ids == reference[1][0]
