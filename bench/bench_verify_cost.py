@@ -1,19 +1,44 @@
 """Cost of one speculative step of the default target against tree size T (batch 1):
 target forward (body), LM head, verification and KV commit, as ratios to T = 1.
 
-    python bench/bench_verify_cost.py [--prefix 300] [--runs 9] [--target PATH]
+Two configurations, interleaved size by size: ``specrt`` (the skinny GEMM for the linear
+layers and the head, the CPU attention kernel over the paged blocks) and ``torch``
+(``F.linear`` everywhere, gather + SDPA attention: what the model ran before).
+
+    python bench/bench_verify_cost.py [--prefix 300] [--runs 9] [--target PATH] [--json F]
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import time
+from contextlib import contextmanager
 
 import torch
-from common import machine  # bench/common.py: the script's own folder is on sys.path
 
 import specrt
 from specrt import ops
+from specrt.measure import machine
+from specrt.ops import gemm
+
+
+@contextmanager
+def config(name: str):
+    """``specrt``: the shipped CPU path; ``torch``: F.linear and gather + SDPA."""
+    rows, env = gemm.MAX_ROWS, os.environ.get("SPECRT_OPS_BACKEND")
+    if name == "torch":
+        gemm.MAX_ROWS = 0
+        os.environ["SPECRT_OPS_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        gemm.MAX_ROWS = rows
+        if env is None:
+            os.environ.pop("SPECRT_OPS_BACKEND", None)
+        else:
+            os.environ["SPECRT_OPS_BACKEND"] = env
 
 
 def med(f, runs):
@@ -34,6 +59,7 @@ def main():
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--sizes", default="1,2,4,8,16,32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--json", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,33 +73,48 @@ def main():
     P = torch.tensor([args.prefix])
     W = m.head_weight
     print(f"device: {machine()}  date: {datetime.date.today()}  prefix {args.prefix}  "
-          f"median of {args.runs}")
-    print(f"{'T':>3} {'body ms':>8} {'head ms':>8} {'head(W@x) ms':>13} {'verify ms':>9} "
-          f"{'commit ms':>9} {'total ms':>9} {'x T=1':>6}")
-    base = None
+          f"median of {args.runs}  threads {torch.get_num_threads()}  isa {gemm.gemm_isa()}")
+    print(f"{'T':>3} {'cfg':>6} {'body ms':>8} {'head ms':>8} {'verify ms':>9} "
+          f"{'commit ms':>9} {'total ms':>9} {'x T=1':>6} {'torch/specrt':>12}")
+    base, rows = {}, []
+    L, NB = c.kv.shape[:2]
+    kv = c.kv.view(L * NB, *c.kv.shape[2:])
+    bts = torch.cat([bt + layer * NB for layer in range(L)])
     for T in [int(x) for x in args.sizes.split(",")]:
         toks = ids[:, args.prefix:args.prefix + T]
         parents = torch.arange(-1, T - 1)[None]
         pos = (args.prefix + torch.arange(T))[None]
-        body = med(lambda: m(toks, pos, c.kv, bt, P, norm=False), args.runs)
-        h = m(toks, pos, c.kv, bt, P, norm=False)
-        hn = m.final_norm(h)
-        head = med(lambda: m.logits(hn), args.runs)
-        head_t = med(lambda: (W @ hn[0].t()).t(), args.runs)
-        logits = m.logits(hn)
         tl = torch.tensor([T])
-        ver = med(lambda: ops.verify_tree(logits, toks, parents, tl, greedy=True), args.runs)
-        L, NB = c.kv.shape[:2]
-        kv = c.kv.view(L * NB, *c.kv.shape[2:])
-        bts = torch.cat([bt + l * NB for l in range(L)])
         path = torch.arange(T)[None].repeat(L, 1)
-        path[:, 1:] = torch.arange(1, T).clamp(max=T - 1)
-        com = med(lambda: ops.commit_kv(kv, bts, P.repeat(L), path, torch.full((L,), T)),
-                  args.runs)
-        tot = body + head + ver + com
-        base = base or tot
-        print(f"{T:3d} {body * 1e3:8.1f} {head * 1e3:8.1f} {head_t * 1e3:13.1f} {ver * 1e3:9.2f} "
-              f"{com * 1e3:9.2f} {tot * 1e3:9.1f} {tot / base:6.2f}")
+        got = {}
+        for name in ("specrt", "torch"):
+            with config(name):
+                body = med(lambda: m(toks, pos, c.kv, bt, P, norm=False), args.runs)
+                hn = m.final_norm(m(toks, pos, c.kv, bt, P, norm=False))
+                head = med(lambda: m.logits(hn), args.runs)
+                logits = m.logits(hn)
+            ver = med(lambda: ops.verify_tree(logits, toks, parents, tl, greedy=True), args.runs)
+            com = med(lambda: ops.commit_kv(kv, bts, P.repeat(L), path, torch.full((L,), T)),
+                      args.runs)
+            tot = body + head + ver + com
+            base.setdefault(name, tot)
+            got[name] = dict(T=T, config=name, body_ms=body * 1e3, head_ms=head * 1e3,
+                             verify_ms=ver * 1e3, commit_ms=com * 1e3, total_ms=tot * 1e3,
+                             x_T1=tot / base[name])
+        for name in ("specrt", "torch"):
+            r = got[name]
+            r["torch_over_specrt"] = got["torch"]["total_ms"] / got["specrt"]["total_ms"]
+            rows.append(r)
+            print(f"{T:3d} {name:>6} {r['body_ms']:8.1f} {r['head_ms']:8.1f} "
+                  f"{r['verify_ms']:9.2f} {r['commit_ms']:9.2f} {r['total_ms']:9.1f} "
+                  f"{r['x_T1']:6.2f} {r['torch_over_specrt']:12.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": machine(), "date": str(datetime.date.today()),
+                       "prefix": args.prefix, "runs": args.runs,
+                       "threads": torch.get_num_threads(), "isa": gemm.gemm_isa(),
+                       "rows": [{k: round(v, 3) if isinstance(v, float) else v
+                                 for k, v in r.items()} for r in rows]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_align_lora_on_baseline(setup):
 
     tiny, pf, d = setup
     model, _ = load_model(str(tiny), device="cpu")
-    net = DraftNet.from_target(model, kind="eagle", num_layers=1, vocab_ids=torch.arange(64))
+    net = DraftNet.from_target(model, arch="eagle", num_layers=1, vocab_ids=torch.arange(64))
     net.save(d / "base.safetensors", d / "base.json", {"runtime": {"mode": "chain",
                                                                     "max_depth": 3}})
     out = d / "pool_lora"
@@ -201,7 +201,7 @@ def test_held_back_prefers_prompts_the_baseline_never_saw(setup):
 
     tiny, pf, d = setup
     model, _ = load_model(str(tiny), device="cpu")
-    net = DraftNet.from_target(model, kind="eagle", num_layers=1, vocab_ids=torch.arange(64))
+    net = DraftNet.from_target(model, arch="eagle", num_layers=1, vocab_ids=torch.arange(64))
     net.save(d / "rbase.safetensors", d / "rbase.json", {"data": {"reserve_fraction": 0.5}})
     out = d / "pool_reserve"
     run_align(_cfg(tiny, pf, out, baseline=str(d / "rbase.json"), aligner="none",

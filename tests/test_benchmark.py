@@ -60,7 +60,7 @@ def test_bench_e2e_pool_mode_and_unknown_drafter(tiny_dir, tmp_path, capsys):
     from specrt.model import load_model
 
     model, _ = load_model(str(tiny_dir), device="cpu")
-    DraftNet.from_target(model, kind="eagle", num_layers=1, vocab_ids=torch.arange(64)).save(
+    DraftNet.from_target(model, arch="eagle", num_layers=1, vocab_ids=torch.arange(64)).save(
         tmp_path / "m.safetensors", tmp_path / "m.json", {"runtime": {"mode": "chain"}})
     assert main(["bench", "e2e", "--prompts", str(prompts), "--max-tokens", "8", "--target",
                  str(tiny_dir), "--modes", "ar,ngram,m", "--json", str(out),

@@ -164,7 +164,7 @@ def _run(setup, drafter, max_draft, batch=5):
 @pytest.mark.parametrize("split", ["fill", "share"])
 def test_greedy_lossless_with_model_member(setup, split):
     eng = setup[0]
-    net = DraftNet.from_target(eng.model, kind="eagle", num_layers=1)
+    net = DraftNet.from_target(eng.model, arch="eagle", num_layers=1)
     m = ModelDrafter(net, name="m", mode="tree", topk=2, threshold=0.0, cache_tokens=1024,
                      block_size=4)
     outs = _run(setup, FusedDrafter([NgramDrafter(), m], split=split), max_draft=5)
@@ -198,7 +198,7 @@ def test_accepts_along_any_member(setup):
 
 
 def test_lm_model_drafter_cannot_be_fused(setup):
-    net = DraftNet.from_target(setup[0].model, kind="lm", num_layers=1)
+    net = DraftNet.from_target(setup[0].model, arch="lm", num_layers=1)
     m = ModelDrafter(net, name="m", cache_tokens=256, block_size=4)
     with pytest.raises(ValueError, match="eagle"):
         FusedDrafter([NgramDrafter(), m])

@@ -112,3 +112,11 @@ def test_packed_linear_picks_the_kernel_or_f_linear_and_repacks_changed_weights(
     x = torch.randn(3, 24, requires_grad=True)            # autograd: F.linear's path
     pl(x, lin.weight, lin.bias).sum().backward()
     assert x.grad is not None
+
+
+def test_packed_linear_takes_inference_mode_weights():
+    with torch.inference_mode():
+        w, x = torch.randn(40, 24), torch.randn(3, 24)
+    pl = gemm.PackedLinear()
+    with torch.inference_mode():
+        assert torch.allclose(pl(x, w), x @ w.T, atol=1e-5)

@@ -41,7 +41,7 @@ def _align_distill(ctx: "Ctx", cluster: int, seqs: list[dict], out_stem: Path,
             n = min(cfg.align_vocab, model.args.vocab_size)
             vocab = stage_vocab(ctx.all_train_seqs(), n, extra=sorted(ctx.eos_ids))
             torch.save(vocab, vf)
-        net = DraftNet.from_target(model, kind=cfg.align_kind, num_layers=cfg.align_layers,
+        net = DraftNet.from_target(model, arch=cfg.align_kind, num_layers=cfg.align_layers,
                                    vocab_ids=vocab)
         init = f"target layers 0..{cfg.align_layers - 1}"
     lora = cfg.align_lora if ctx.baseline_cfg is not None else 0
@@ -53,7 +53,7 @@ def _align_distill(ctx: "Ctx", cluster: int, seqs: list[dict], out_stem: Path,
     before = teacher_forced_accuracy(net, model, held) if held else None
     summary = stage_train(net, model, seqs, epochs=cfg.align_epochs, lr=lr,
                           max_len=256, batch_tokens=4096,
-                          feat_weight=0.1 if net.kind == "eagle" else 0.0, seed=cfg.seed,
+                          feat_weight=0.1 if net.arch == "eagle" else 0.0, seed=cfg.seed,
                           time_budget_s=time_budget_s)
     if held:
         after = teacher_forced_accuracy(net, model, held)

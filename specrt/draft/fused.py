@@ -33,7 +33,7 @@ verifier accepts as such; members that sample their trees (``probs`` set) cannot
 fused and raise. Each member keeps its per-request state apart
 (``seq.state["fused"][i]``). Every member sees every step's :class:`Verified` (the
 merged tree and its accepted path), so model drafters stay in step with the emitted
-tokens whether or not they drafted. Model drafters of the ``"lm"`` kind key their
+tokens whether or not they drafted. Model drafters of the ``"lm"`` architecture key their
 cache scratch by their own node indices and so cannot be fused (eagle ones can).
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ class FusedDrafter:
             net = getattr(m, "net", None)
             if getattr(m, "kind", None) == "fused":
                 raise ValueError("fused drafters do not nest; list the members instead")
-            if net is not None and getattr(net, "kind", None) == "lm":
+            if net is not None and getattr(net, "arch", None) == "lm":
                 raise ValueError(f"member {m.name!r} is an 'lm' model drafter, which keys "
                                  "its cache scratch by its own tree's node indices; only "
                                  "eagle model drafters can be fused")

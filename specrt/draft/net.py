@@ -134,11 +134,6 @@ class DraftNet(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.lora: dict[str, dict] = {}       # "layer.target" -> {A, B, scale}
 
-    @property
-    def kind(self) -> str:
-        """Deprecated alias of :attr:`arch` (``kind`` is the pool kind elsewhere)."""
-        return self.arch
-
     # ------------------------------------------------------- architecture
     def embed_input(self, tokens: torch.Tensor, prev: torch.Tensor | None = None
                     ) -> torch.Tensor:
@@ -169,16 +164,13 @@ class DraftNet(nn.Module):
     @classmethod
     def from_target(cls, target: Llama, arch: str | None = None, num_layers: int = 1,
                     vocab_ids: torch.Tensor | None = None,
-                    init_layers: list[int] | None = None, *,
-                    kind: str | None = None) -> "DraftNet":
+                    init_layers: list[int] | None = None) -> "DraftNet":
         """A drafter initialised from the target's first ``num_layers`` layers (or
         ``init_layers``) and its final norm (eagle: ``fc`` starts as ``[I | 0]``, the
         embedding passes through, the hidden-state half is learnt). ``arch`` defaults to
-        the subclass's, ``"eagle"`` on :class:`DraftNet` (``kind=`` is a deprecated
-        alias of ``arch``). ``vocab_ids`` defaults to the whole vocabulary."""
-        if arch is not None and kind is not None and arch != kind:
-            raise ValueError(f"arch={arch!r} and kind={kind!r} disagree")
-        arch = arch or kind or cls.arch or "eagle"
+        the subclass's, ``"eagle"`` on :class:`DraftNet`. ``vocab_ids`` defaults to
+        the whole vocabulary."""
+        arch = arch or cls.arch or "eagle"
         impl = net_class(arch)
         if not issubclass(impl, cls):
             raise ValueError(f"{cls.__name__}.from_target cannot build a {arch!r} net")

@@ -223,7 +223,7 @@ def teacher_forced_accuracy(net, target, seqs: list[dict], max_len: int = 256,
         sel = mask & out
         if not sel.any():
             continue
-        x = net.train_forward(toks[:, :L], pos, prev if net.kind == "eagle" else None)
+        x = net.train_forward(toks[:, :L], pos, prev if net.arch == "eagle" else None)
         dl = net.logits(x)[sel]
         want = toks[:, 1:L + 1][sel]
         top = net.vocab_ids[dl.topk(min(3, dl.shape[-1]), -1).indices]
@@ -265,7 +265,7 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
     norm_w, eps = target.norm.detach(), target.args.rms_norm_eps
     step, t0 = 0, time.perf_counter()
     ema = None
-    bar = tqdm(total=total, desc=f"train {net.kind}", unit="batch")
+    bar = tqdm(total=total, desc=f"train {net.arch}", unit="batch")
     net.train()
     while step < total:
         for g in _batches(seqs, max_len, batch_tokens, rng):
@@ -279,13 +279,13 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
                 from specrt.model.llama import rms_norm
                 tl = F.linear(rms_norm(hid, norm_w, eps), head_sub)[mask]
                 tp = F.log_softmax(tl, -1)
-            x = net.train_forward(toks[:, :L], pos, prev if net.kind == "eagle" else None)
+            x = net.train_forward(toks[:, :L], pos, prev if net.arch == "eagle" else None)
             dl = net.logits(x)[mask]
             dp = F.log_softmax(dl, -1)
             kl = (tp.exp() * (tp - dp)).sum(-1).mean()
             loss = kl
             feat = torch.zeros(())
-            if net.kind == "eagle" and feat_weight > 0:
+            if net.arch == "eagle" and feat_weight > 0:
                 feat = F.smooth_l1_loss(feature_norm(x[mask]), feature_norm(hid[mask]))
                 loss = loss + feat_weight * feat
             opt.zero_grad(set_to_none=True)
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t = time.perf_counter()
-    net = DraftNet.from_target(engine.model, kind=a.kind, num_layers=a.layers, vocab_ids=vocab)
+    net = DraftNet.from_target(engine.model, arch=a.kind, num_layers=a.layers, vocab_ids=vocab)
     summary = stage_train(net, engine.model, seqs, epochs=a.epochs, lr=a.lr, max_len=a.max_len,
                           batch_tokens=a.batch_tokens, feat_weight=a.feat_weight, seed=a.seed,
                           time_budget_s=a.train_minutes * 60)

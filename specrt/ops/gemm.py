@@ -117,7 +117,11 @@ class PackedLinear:
         self._key = None
 
     def packed(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        try:
+            version = weight._version
+        except RuntimeError:  # inference tensors keep no version counter
+            version = None
+        key = (weight.data_ptr(), version, tuple(weight.shape))
         if self._key != key:
             self._packed, self._key = pack_weight(weight), key
         return self._packed
