@@ -10,6 +10,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,6 +35,168 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
 inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+
+// ---------------------------------------------------------------- AVX-512 fast path
+// Work item: one sequence b, one KV head h, a block of at most QB of its G*T queries
+// (query qi = t * G + g). Keys go in chunks of CH; scores of a query against a chunk are
+// either CH dot products (few queries) or, for many queries, an outer-product pass
+// over the chunk's K transposed once ([D][CH]) and shared by the block's queries. The
+// softmax weights come from a vectorised exp; P V accumulates in registers.
+constexpr int QB = 16, CH = 32;
+
+struct Ctx {
+  const float* Q;
+  const float* C;
+  const int32_t* BT;
+  const int64_t* P;
+  const int64_t* L;
+  const uint8_t* M;
+  float* O;
+  int64_t T, Hq, Hkv, G, bs, maxb;
+  float sc;
+};
+
+__attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
+  // e^x (Cephes expf: x = n ln2 + r, e^r by a degree-6 polynomial, 2^n by scalef);
+  // x below -87 (and -inf) gives 0
+  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+// Visible keys of query row t among chunk positions c0 .. c0+n-1, as bits.
+inline uint32_t visible_bits(const Ctx& c, int64_t b, int64_t t, int64_t c0, int64_t n,
+                             int64_t pre, int64_t tl) {
+  uint32_t bits = n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
+  if (c0 + n <= pre) return bits;  // all prefix: visible to every query
+  for (int64_t x = std::max<int64_t>(0, pre - c0); x < n; ++x) {
+    const int64_t j = c0 + x - pre;
+    const bool vis = j < tl && (c.M ? c.M[(b * c.T + t) * c.T + j] != 0 : j <= t);
+    if (!vis) bits &= ~(1u << x);
+  }
+  return bits;
+}
+
+template <int DV>
+__attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int64_t h,
+                                                     int64_t q0, int64_t q1, float* kt) {
+  constexpr int64_t D = DV * 16;
+  const int64_t pre = c.P[b], tl = c.L[b], npos = pre + tl;
+  const int64_t nq = q1 - q0;
+  const bool outer = nq >= 8;  // enough queries to pay for transposing K
+  float m[QB], l[QB];
+  alignas(64) float acc[QB * D];
+  alignas(64) float pbuf[CH];
+  const float* vrow[CH];
+  const float* krow[CH];
+  for (int64_t i = 0; i < nq; ++i) {
+    m[i] = -std::numeric_limits<float>::infinity();
+    l[i] = 0.f;
+  }
+  std::memset(acc, 0, sizeof(float) * nq * D);
+  const __m512 scv = _mm512_set1_ps(c.sc);
+  for (int64_t c0 = 0; c0 < npos; c0 += CH) {
+    const int64_t n = std::min<int64_t>(CH, npos - c0);
+    for (int64_t x = 0; x < n; ++x) {
+      const int64_t pos = c0 + x;
+      const int64_t blk = c.BT[b * c.maxb + pos / c.bs], off = pos % c.bs;
+      krow[x] = c.C + (((blk * 2 + 0) * c.bs + off) * c.Hkv + h) * D;
+      vrow[x] = c.C + (((blk * 2 + 1) * c.bs + off) * c.Hkv + h) * D;
+    }
+    if (outer) {
+      for (int64_t x = 0; x < CH; ++x)
+        for (int64_t d = 0; d < D; ++d) kt[d * CH + x] = x < n ? krow[x][d] : 0.f;
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
+      if (t >= tl) continue;
+      const uint32_t bits = visible_bits(c, b, t, c0, n, pre, tl);
+      if (!bits) continue;
+      const float* q = c.Q + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
+      __m512 s0, s1;
+      if (outer) {
+        s0 = s1 = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; ++d) {
+          const __m512 qd = _mm512_set1_ps(q[d]);
+          s0 = _mm512_fmadd_ps(qd, _mm512_load_ps(kt + d * CH), s0);
+          s1 = _mm512_fmadd_ps(qd, _mm512_load_ps(kt + d * CH + 16), s1);
+        }
+      } else {
+        __m512 qv[DV];
+        for (int v = 0; v < DV; ++v) qv[v] = _mm512_loadu_ps(q + 16 * v);
+        alignas(64) float sb[CH];
+        for (int64_t x = 0; x < n; ++x) {
+          __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(krow[x]));
+          for (int v = 1; v < DV; ++v) a = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(krow[x] + 16 * v), a);
+          sb[x] = _mm512_reduce_add_ps(a);
+        }
+        for (int64_t x = n; x < CH; ++x) sb[x] = 0.f;
+        s0 = _mm512_load_ps(sb);
+        s1 = _mm512_load_ps(sb + 16);
+      }
+      const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      s0 = _mm512_mask_mul_ps(ninf, static_cast<__mmask16>(bits & 0xffff), s0, scv);
+      s1 = _mm512_mask_mul_ps(ninf, static_cast<__mmask16>(bits >> 16), s1, scv);
+      const float mc = std::max(m[i], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+      const float corr = std::exp(m[i] - mc);  // 0 when m was -inf
+      const __m512 mcv = _mm512_set1_ps(mc);
+      const __m512 p0 = exp512(_mm512_sub_ps(s0, mcv)), p1 = exp512(_mm512_sub_ps(s1, mcv));
+      l[i] = l[i] * corr + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+      _mm512_store_ps(pbuf, p0);
+      _mm512_store_ps(pbuf + 16, p1);
+      float* ai = acc + i * D;
+      __m512 a[DV];
+      const __m512 cv = _mm512_set1_ps(corr);
+      for (int v = 0; v < DV; ++v) a[v] = _mm512_mul_ps(_mm512_load_ps(ai + 16 * v), cv);
+      for (int64_t x = 0; x < n; ++x) {
+        if (!((bits >> x) & 1u)) continue;
+        const __m512 px = _mm512_set1_ps(pbuf[x]);
+        for (int v = 0; v < DV; ++v)
+          a[v] = _mm512_fmadd_ps(px, _mm512_loadu_ps(vrow[x] + 16 * v), a[v]);
+      }
+      for (int v = 0; v < DV; ++v) _mm512_store_ps(ai + 16 * v, a[v]);
+      m[i] = mc;
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
+    float* o = c.O + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
+    if (t >= tl || l[i] == 0.f) {
+      std::memset(o, 0, sizeof(float) * D);
+    } else {
+      const float inv = 1.f / l[i];
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[i * D + d] * inv;
+    }
+  }
+}
+
+using ItemFn = void (*)(const Ctx&, int64_t, int64_t, int64_t, int64_t, float*);
+
+ItemFn avx512_item_for(int64_t D) {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512f")) return nullptr;
+  switch (D) {
+    case 16: return item_avx512<1>;
+    case 32: return item_avx512<2>;
+    case 64: return item_avx512<4>;
+    case 128: return item_avx512<8>;
+    default: return nullptr;
+  }
 }
 
 using f32 = py::array_t<float, py::array::c_style>;
@@ -82,6 +246,22 @@ void tree_attention_cpu(f32 q, f32 cache, i32 bt, i64 prefix, u8 mask, i64 lens,
   }
   const float sc = static_cast<float>(scale);
   py::gil_scoped_release nogil;
+  if (ItemFn fn = avx512_item_for(D)) {
+    const Ctx c{Q, C, BT, P, L, M, O, T, Hq, Hkv, G, bs, maxb, sc};
+    const int64_t nqb = (T * G + QB - 1) / QB, items = B * Hkv * nqb;
+#pragma omp parallel num_threads(std::max(1, threads)) if (threads > 1 && items > 1)
+    {
+      std::vector<float, std::allocator<float>> ktv(D * CH + 16);
+      float* kt = reinterpret_cast<float*>(
+          (reinterpret_cast<uintptr_t>(ktv.data()) + 63) & ~uintptr_t(63));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t w = 0; w < items; ++w) {
+        const int64_t b = w / (Hkv * nqb), h = (w / nqb) % Hkv, qb = w % nqb;
+        fn(c, b, h, qb * QB, std::min<int64_t>(T * G, (qb + 1) * QB), kt);
+      }
+    }
+    return;
+  }
   const int64_t work = B * Hkv;
   const bool par = threads > 1 && work > 1;
 #pragma omp parallel num_threads(std::max(1, threads)) if (par)

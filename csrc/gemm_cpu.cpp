@@ -194,7 +194,7 @@ void skinny_mm(py::array x, f32arr wp, py::array y, int64_t n, int threads,
   // threads only pay when each gets a few hundred KB of weights to stream
   const bool par = threads > 1 && P * a.K * NR >= (int64_t(1) << 16);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(std::max(1, threads)) if (par)
+#pragma omp parallel for schedule(dynamic, 2) num_threads(std::max(1, threads)) if (par)
 #endif
   for (int64_t p = 0; p < P; ++p) run(a, p);
 }
