@@ -55,7 +55,7 @@ setup(
     description="Speculative-decoding runtime with task-aware heterogeneous drafters",
     python_requires=">=3.10",
     packages=["specrt", "specrt.model", "specrt.cache", "specrt.draft", "specrt.route",
-              "specrt.ops", "specrt.align", "specrt.kernels"],
+              "specrt.ops", "specrt.align", "specrt.serve", "specrt.kernels"],
     package_dir={"specrt.kernels": "kernels"},
     package_data={"specrt": ["pools/**/*"]},
     ext_modules=[CMakeExtension("specrt._C")],
@@ -74,7 +74,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers", "accelerate"],
+        # `specrt serve`: the OpenAI-compatible HTTP server
+        "serve": ["fastapi", "uvicorn", "prometheus_client"],
+        # the server's tests drive it with the real openai client (httpx underneath)
+        "test": ["pytest", "transformers", "accelerate", "fastapi", "uvicorn",
+                 "prometheus_client", "openai", "httpx"],
         "gpu": ["flashinfer-python"],
     },
     entry_points={"console_scripts": ["specrt=specrt.cli:main"]},

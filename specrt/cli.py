@@ -1,4 +1,4 @@
-"""Command line: ``specrt generate | align | bench``."""
+"""Command line: ``specrt generate | align | bench | serve``."""
 from __future__ import annotations
 
 import argparse
@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--pool", default=None)
     e.add_argument("--device", default=None)
     e.set_defaults(func=_bench_e2e)
+
+    from specrt.serve.command import add_cli as _add_serve
+
+    _add_serve(sub)
 
     args = ap.parse_args(argv)
     try:
