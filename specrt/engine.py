@@ -499,7 +499,7 @@ class Engine:
             logits = torch.zeros(B, T, self.model.args.vocab_size, device=dev)
             logits[valid] = self.model.logits(self.model.final_norm(h[valid]))
         path, plen, nxt = accept(reqs, trees, logits, tokens, parents, tl)
-        self._lengths.observe_forward(int(B * T), time.perf_counter() - t0)
+        self._lengths.observe_forward(int(tl.sum()), time.perf_counter() - t0)  # padding is free
         paths = [p[:n] for p, n in zip(path, plen)]
         emitted = [[t.tokens[j] for j in p[1:]] + [x] for t, p, x in zip(trees, paths, nxt)]
         return paths, emitted, logits, h

@@ -115,7 +115,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x ``[B, T, H, D]``, cos/sin ``[B, T, 1, D]``."""
+    """Rotate-half RoPE. x ``[..., H, D]``, cos/sin ``[..., 1, D]`` (same leading dims)."""
     h = x.shape[-1] // 2
     rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
     return x * cos + rot * sin
@@ -175,30 +175,52 @@ class Llama(nn.Module):
             norm: keyword-only, apply the final norm.
 
         Returns:
-            ``[B, T, hidden]`` hidden states (final-normed if ``norm``).
+            ``[B, T, hidden]`` hidden states (final-normed if ``norm``); rows at or past
+            ``tree_lens[b]`` are 0 (padding is not computed: the dense layers run on the
+            valid rows only).
         """
         a = self.args
         B, T = tokens.shape
-        x = self.embed(tokens)
-        cos, sin = self.rope(positions, x.dtype)
-        qd, kvd = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        Hq, Hkv, Dh = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        qd, kvd = Hq * Dh, Hkv * Dh
         # host work shared by every layer, once; each layer then runs it on its own cache
         plan = ops.plan_tree_attention(block_tables, prefix_lens, T, kv.shape[3], tree_mask,
                                        tree_lens)
         bt, prefix, lens = plan.block_tables, plan.prefix_lens, plan.tree_lens
+        # rows past tree_lens in a ragged batch are padding: the dense layers run on the
+        # N valid rows only (packed); the cache and attention see the [B, T] layout
+        sel = None
+        if tree_lens is not None and T > 1:
+            valid = torch.arange(T, device=tokens.device)[None, :] < tree_lens[:, None]
+            if not bool(valid.all()):
+                sel = valid.reshape(-1).nonzero().squeeze(1)                    # [N]
+
+        def packed(t: torch.Tensor) -> torch.Tensor:      # [B, T, ...] -> [N, ...]
+            t = t.reshape(B * T, *t.shape[2:])
+            return t if sel is None else t[sel]
+
+        def padded(t: torch.Tensor) -> torch.Tensor:      # [N, ...] -> [B, T, ...]
+            if sel is None:
+                return t.reshape(B, T, *t.shape[1:])
+            out = t.new_zeros(B * T, *t.shape[1:])
+            out[sel] = t
+            return out.view(B, T, *t.shape[1:])
+
+        x = self.embed(packed(tokens))                                          # [N, hidden]
+        cos, sin = (packed(c) for c in self.rope(positions, x.dtype))           # [N, 1, Dh]
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
             q, k, v = linear(h, layer.qkv).split((qd, kvd, kvd), dim=-1)
-            q = apply_rope(q.view(B, T, a.num_attention_heads, a.head_dim), cos, sin)
-            k = apply_rope(k.view(B, T, a.num_key_value_heads, a.head_dim), cos, sin)
-            v = v.view(B, T, a.num_key_value_heads, a.head_dim)
-            ops.append_kv(kv[li], bt, prefix, k.to(kv.dtype), v.to(kv.dtype), lens)
-            o = plan.run(q.to(kv.dtype), kv[li])
-            x = x + linear(o.reshape(B, T, qd).to(x.dtype), layer.o)
+            q = apply_rope(q.view(-1, Hq, Dh), cos, sin)
+            k = apply_rope(k.view(-1, Hkv, Dh), cos, sin)
+            ops.append_kv(kv[li], bt, prefix, padded(k.to(kv.dtype)),
+                          padded(v.reshape(-1, Hkv, Dh).to(kv.dtype)), lens)
+            o = packed(plan.run(padded(q.to(kv.dtype)), kv[li]))                # [N, Hq, Dh]
+            x = x + linear(o.reshape(-1, qd).to(x.dtype), layer.o)
             h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
             g, u = linear(h, layer.gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(g) * u, layer.down)
-        return self.final_norm(x) if norm else x
+        return padded(self.final_norm(x) if norm else x)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The final RMSNorm (for states returned with ``norm=False``)."""
