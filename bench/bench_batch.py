@@ -1,0 +1,92 @@
+"""Batched decoding on the default target: tokens/s at batch 1 (prompt by prompt) and at
+larger batches (all prompts at once), plain and speculative, interleaved round by round.
+
+Eval-split prompts (``--per-task`` per task), ``--max-tokens`` each with EOS ignored,
+greedy. Every batched run must give the same tokens as batch 1 (checked).
+
+    python bench/bench_batch.py [--per-task 2] [--max-tokens 64] [--batches 1,16]
+        [--rounds 2] [--json F]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import torch
+
+import specrt
+from specrt.data import balanced_sample, default_prompts_path, load_prompts, split
+from specrt.measure import machine
+
+MODES = {"plain": dict(speculative=False), "spec": dict()}
+
+
+def run(engine, prompts, batch, params, kw):
+    """(seconds, outputs) of ``prompts`` in groups of ``batch``."""
+    outs, t0 = [], time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        outs += engine.generate(prompts[i:i + batch], params, **kw)
+    return time.perf_counter() - t0, outs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--per-task", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--modes", default="plain,spec")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-prompt-chars", type=int, default=2000)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = balanced_sample(split(load_prompts(default_prompts_path()))[1], args.per_task, seed=0)
+    prompts = [r["prompt"][:args.max_prompt_chars] for r in rows]
+    engine = specrt.Engine.from_pretrained(device="cpu", max_batch=max(
+        int(b) for b in args.batches.split(",")))
+    params = specrt.SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    modes = args.modes.split(",")
+    print(f"device: {machine()}  threads: {torch.get_num_threads()}  date: "
+          f"{datetime.date.today()}  prompts: {len(prompts)} (eval split)  "
+          f"max_tokens {args.max_tokens}  rounds {args.rounds}")
+    run(engine, prompts[:2], 2, params, {})                  # warm-up (packs the weights)
+    secs = {(m, b): 0.0 for m in modes for b in batches}
+    ref, same, stats = None, {}, {}
+    for r in range(args.rounds):
+        order = [(m, b) for m in modes for b in batches]
+        order = order[r % len(order):] + order[:r % len(order)]
+        for m, b in order:
+            s, outs = run(engine, prompts, b, params, MODES[m])
+            secs[(m, b)] += s
+            toks = [o.token_ids for o in outs]
+            ref = toks if ref is None else ref
+            same[(m, b)] = same.get((m, b), True) and toks == ref
+            stats[(m, b)] = sum(o.stats["mean_accepted_length"] for o in outs) / len(outs)
+    n = len(prompts) * args.max_tokens * args.rounds
+    res = []
+    base = n / secs[(modes[0], batches[0])]
+    print(f"{'mode':>6} {'batch':>5} {'tok/s':>8} {'x ' + modes[0] + ' b' + str(batches[0]):>11} "
+          f"{'x own b1':>9} {'acc.len':>8} {'same tokens':>12}")
+    for m in modes:
+        for b in batches:
+            tps = n / secs[(m, b)]
+            own = n / secs[(m, batches[0])]
+            res.append({"mode": m, "batch": b, "tokens_per_s": round(tps, 2),
+                        "x_base": round(tps / base, 3), "x_own_b1": round(tps / own, 3),
+                        "mean_accepted_length": round(stats[(m, b)], 3),
+                        "same_tokens": same[(m, b)]})
+            print(f"{m:>6} {b:>5} {tps:8.1f} {tps / base:11.2f} {tps / own:9.2f} "
+                  f"{stats[(m, b)]:8.2f} {str(same[(m, b)]):>12}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": machine(), "date": str(datetime.date.today()),
+                       "threads": torch.get_num_threads(), "prompts": len(prompts),
+                       "max_tokens": args.max_tokens, "rounds": args.rounds, "rows": res},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
