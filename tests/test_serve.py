@@ -471,6 +471,16 @@ def test_bad_completion_request(server, case):
                  fragment)
 
 
+def test_request_larger_than_the_kv_cache(tiny_llama):
+    """prompt + max_tokens beyond the whole cache (here 128 tokens, the context 256):
+    a 400 naming max_tokens, not a failed engine step."""
+    with running(make_engine(tiny_llama, cache_tokens=128)) as s:
+        err = assert_error(post(s, {"model": MODEL, "messages": _msgs(), "max_tokens": 200}),
+                           400, "max_tokens", "KV cache")
+        assert "at most" in err["message"]
+        assert chat(client(s), "hi", n=50)[0]
+
+
 def test_unknown_model_is_404(server):
     err = assert_error(post(server, {"model": "gpt-9", "messages": _msgs()}), 404, "model")
     assert err["code"] == "model_not_found"

@@ -167,12 +167,19 @@ class EngineLoop:
         if h.cancelled:
             self._retire(h)
             return
+        tok = self.engine.tokenizer
         try:
-            prompt = render_chat(self.engine.tokenizer, job.prompt) if job.chat else job.prompt
+            prompt = render_chat(tok, job.prompt) if job.chat else job.prompt
         except Exception as e:  # noqa: BLE001 -- e.g. a template that raises on a role
             self._refuse(h, bad_request(f"messages: the model's chat template refused them "
                                         f"({type(e).__name__}: {e})", "messages",
                                         "invalid_value"))
+            return
+        if isinstance(prompt, str) and prompt.strip():
+            prompt = tok.encode(prompt)  # what add_request(chat=False) does, done here
+        err = self._too_big(prompt, job)  # so that its KV need can be checked first
+        if err is not None:
+            self._refuse(h, err)
             return
         try:
             h.rid = self.engine.add_request(prompt, job.params, drafter=job.drafter,
@@ -187,6 +194,28 @@ class EngineLoop:
                                      code="engine_error"))
             return
         self._live[h.rid] = h
+
+    def _too_big(self, ids, job: Job) -> APIError | None:
+        """A 400 when the request could never be admitted: its prompt plus max_tokens
+        (as the engine clamps it to the context) and a full draft need more KV blocks
+        than the whole cache has (the engine would fail its step otherwise)."""
+        if not isinstance(ids, list) or not ids:
+            return None  # the engine refuses it with a clear message
+        eng = self.engine
+        bs, blocks = eng.cache.block_size, eng.cache.allocator.num_blocks
+        limit = min(eng.model.args.max_position_embeddings, blocks * bs)
+        if len(ids) >= limit:
+            return None  # over the context: the engine says so
+        span = len(ids) + min(job.params.max_tokens, limit - len(ids)) + \
+            eng.lengths.max_draft + 1
+        if -(-span // bs) <= blocks:
+            return None
+        room = blocks * bs - len(ids) - eng.lengths.max_draft - 1
+        param = job.mt_param
+        return bad_request(f"{param}: the prompt ({len(ids)} tokens) and {param} "
+                           f"({job.params.max_tokens}) do not fit this server's KV cache "
+                           f"({blocks * bs} tokens); ask for at most {max(room, 0)}",
+                           param, "invalid_value")
 
     def _refuse(self, h: Handle, err: APIError) -> None:
         self._retire(h)

@@ -63,11 +63,13 @@ class SpecrtOptions(_Model):
 
     ``drafter``: force this drafter (a name the engine has); ``speculative``: false
     decodes with the target alone; ``token_ids``: return the output token ids in the
-    response's ``specrt`` field (and each stream chunk's)."""
+    response's ``specrt`` field (and each stream chunk's); ``ignore_eos``: generate
+    ``max_tokens`` tokens whatever the model says (benchmarks)."""
 
     drafter: Optional[StrictStr] = None
     speculative: StrictBool = True
     token_ids: StrictBool = False
+    ignore_eos: StrictBool = False
 
 
 class StreamOptions(_Model):
@@ -209,6 +211,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     token_ids: bool = False
+    mt_param: str = "max_tokens"  # the field max_tokens came from
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -252,7 +255,8 @@ def _sampling(req: _Common, max_tokens: int | None, cfg, mt_param: str) -> Sampl
     if len(stop) > 16 or any(not s for s in stop):
         raise bad_request("stop: at most 16 non-empty strings", "stop", "invalid_value")
     return SamplingParams(max_tokens=max_tokens, temperature=t, top_k=k, top_p=p,
-                          seed=req.seed, stop=stop)
+                          seed=req.seed, stop=stop,
+                          ignore_eos=bool(req.specrt and req.specrt.ignore_eos))
 
 
 def _job(kind: str, req: _Common, prompt, chat: bool, max_tokens, cfg,
@@ -269,7 +273,8 @@ def _job(kind: str, req: _Common, prompt, chat: bool, max_tokens, cfg,
                           "stream_options", "invalid_value")
     return Job(kind, prompt, params, cfg.model_name, chat=chat, drafter=ext.drafter,
                speculative=ext.speculative, stream=bool(req.stream),
-               include_usage=bool(so and so.include_usage), token_ids=ext.token_ids)
+               include_usage=bool(so and so.include_usage), token_ids=ext.token_ids,
+               mt_param=mt_param)
 
 
 def chat_job(data: dict, cfg) -> Job:
