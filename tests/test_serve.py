@@ -54,19 +54,29 @@ class Sleepy(NgramDrafter):
 
 
 class Boom(NgramDrafter):
-    """A drafter that raises inside every step's propose."""
+    """A drafter that raises inside every step's propose (``where="propose"``) or when
+    a request begins (``where="begin"``)."""
 
-    def __init__(self):
-        super().__init__(name="boom")
+    def __init__(self, where="propose"):
+        super().__init__(name="boom" if where == "propose" else f"boom_{where}")
+        self.where = where
+
+    def begin(self, seq, prompt_hidden):
+        if self.where == "begin":
+            raise RuntimeError("kaboom")
+        super().begin(seq, prompt_hidden)
 
     def propose(self, seqs, budgets):
-        raise RuntimeError("kaboom")
+        if self.where == "propose":
+            raise RuntimeError("kaboom")
+        return super().propose(seqs, budgets)
 
 
 def make_engine(tiny, **kw):
     kw.setdefault("cache_tokens", 4096)
     return specrt.Engine.from_pretrained(str(tiny), device="cpu", block_size=4,
-                                         drafters=[NgramDrafter(), Sleepy(), Boom()], **kw)
+                                         drafters=[NgramDrafter(), Sleepy(), Boom(), Boom("begin")],
+                                         **kw)
 
 
 @contextmanager
@@ -394,7 +404,9 @@ def test_failing_drafter_fails_only_its_requests(server, offline):
     assert e.value.status_code == 500 and err["code"] == "drafter_error"
     assert "drafter 'boom' failed in propose" in err["message"] and "kaboom" in err["message"]
     with pytest.raises(openai.APIError, match="drafter 'boom' failed in propose"):
-        chat(c, PROMPTS[1], stream=True, specrt={"drafter": "boom"})
+        chat(c, PROMPTS[1], stream=True, specrt={"drafter": "boom"})   # an error event
+    with pytest.raises(openai.InternalServerError, match="'boom_begin' failed in begin"):
+        chat(c, PROMPTS[1], stream=True, specrt={"drafter": "boom_begin"})  # before headers
     for t in threads:
         t.join(30)
     assert [out[i] for i in range(4)] == [offline(_load_prompt(i)).token_ids

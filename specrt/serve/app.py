@@ -209,7 +209,7 @@ async def _answer(st: ServerState, request: Request, h: Handle, endpoint: str):
         if isinstance(item, APIError):
             st.metrics.request(endpoint, item.status)
             return error_response(item)
-        if h.job.stream:
+        if h.job.stream and not (item.finished and item.output.finish_reason == "error"):
             handed_off = True
             return StreamingResponse(_stream(st, h, item, watch, endpoint),
                                      media_type="text/event-stream",
