@@ -129,12 +129,14 @@ class LengthController:
         w, sn, snn, st, snt = self._s
         if w > 0:
             var = snn / w - (sn / w) ** 2
+            mean_t = st / w
             if var > 1e-9:
                 slope = (snt / w - (sn / w) * (st / w)) / var
                 icpt = st / w - slope * sn / w
-                if slope > 0 and icpt > 0:
-                    return icpt, slope
-            mean_t = st / w
+                if slope > 0:
+                    # a line through (or below) the origin: cost ~ tokens (a compute-bound
+                    # CPU); keep the slope, a small fixed cost stays
+                    return max(icpt, 0.01 * mean_t), slope
             return 0.8 * mean_t, 0.2 * mean_t / max(sn / w, 1.0)
         return 1.0, 0.1
 
