@@ -29,6 +29,7 @@ from specrt import ops
 from specrt.cache import PagedKVCache
 from specrt.draft.adaptive import LengthController
 from specrt.draft.base import Drafter, DraftTree, SeqState, Verified
+from specrt.draft.registry import drafter_set, routes_within
 from specrt.model import Detokenizer, Llama, Tokenizer, load_model
 from specrt.model.prefill import mean_prompt_state, ragged_prefill
 from specrt.acceptance import accept
@@ -71,7 +72,7 @@ class Engine:
                                   cfg.block_size, a.num_key_value_heads, a.head_dim,
                                   dtype=model.embed.weight.dtype, device=self.device)
         self._eos_ids = frozenset(tokenizer.eos_ids)
-        self._drafters, self._default = _drafter_set(drafters or [], default_drafter)
+        self._drafters, self._default = drafter_set(drafters or [], default_drafter)
         self._router = router
         self._max_batch = cfg.max_batch
         self._lengths = LengthController(max_draft=cfg.max_draft, adaptive=cfg.adaptive)
@@ -114,7 +115,7 @@ class Engine:
             if "drafters" not in kwargs:  # explicit drafters: the pool's router only if
                 kwargs["drafters"] = drafters  # every name it routes to is among them
                 kwargs.setdefault("default_drafter", default)
-            if _routes_within(router, {d.name for d in kwargs["drafters"]}):
+            if routes_within(router, {d.name for d in kwargs["drafters"]}):
                 kwargs.setdefault("router", router)
         if "drafters" not in kwargs:
             from specrt.draft import default_drafters
@@ -181,12 +182,12 @@ class Engine:
         try:
             if drafters is not None:
                 lst = list(drafters.values()) if isinstance(drafters, Mapping) else drafters
-                self._drafters, self._default = _drafter_set(lst, default_drafter)
+                self._drafters, self._default = drafter_set(lst, default_drafter)
                 if router is _UNSET:
-                    router = self._router if _routes_within(self._router, self._drafters) \
+                    router = self._router if routes_within(self._router, self._drafters) \
                         else None
             elif default_drafter is not None:
-                self._default = _drafter_set(list(self._drafters.values()),
+                self._default = drafter_set(list(self._drafters.values()),
                                              default_drafter)[1]
             if router is not _UNSET:
                 self._router = router
@@ -590,20 +591,3 @@ class Engine:
                 warnings.warn(f"specrt: cannot record served requests to "
                               f"{self._config.record}: {e}")
                 self._record_warned = True
-
-
-def _drafter_set(drafters: list[Drafter], default: str | None):
-    """(name -> drafter, default name) with unique names and a known default."""
-    out: dict[str, Drafter] = {}
-    for d in drafters:
-        if d.name in out:
-            raise ValueError(f"two drafters named {d.name!r}")
-        out[d.name] = d
-    if default is not None and default not in out:
-        raise ValueError(f"default drafter {default!r} is not among {sorted(out)}")
-    return out, default or next(iter(out), None)
-
-
-def _routes_within(router, names) -> bool:
-    """Whether every drafter ``router`` can pick is among ``names``."""
-    return router is not None and set(router.cluster_drafter) | {router.default} <= set(names)

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from specrt.draft.base import Drafter
 from specrt.draft.fused import FusedDrafter
 from specrt.draft.ngram import NgramDrafter
 from specrt.draft.recycling import RecyclingDrafter
@@ -238,3 +239,20 @@ def drafter_from_entry(entry: dict, pool_dir: Path, model, built: dict | None = 
             raise PoolError(f"pool {pool_dir}: drafter {name!r}: {e}") from None
     raise PoolError(f"pool {pool_dir}: drafter {name!r} has unknown kind {kind!r} "
                     f"(kinds: {KINDS})")
+
+
+def drafter_set(drafters: list[Drafter], default: str | None):
+    """(name -> drafter, default name) with unique names and a known default."""
+    out: dict[str, Drafter] = {}
+    for d in drafters:
+        if d.name in out:
+            raise ValueError(f"two drafters named {d.name!r}")
+        out[d.name] = d
+    if default is not None and default not in out:
+        raise ValueError(f"default drafter {default!r} is not among {sorted(out)}")
+    return out, default or next(iter(out), None)
+
+
+def routes_within(router, names) -> bool:
+    """Whether every drafter ``router`` can pick is among ``names``."""
+    return router is not None and set(router.cluster_drafter) | {router.default} <= set(names)
