@@ -58,15 +58,11 @@ def parse_args(argv=None):
 
 
 def with_backend(name, fn):
-    old = os.environ.get("SPECRT_OPS_BACKEND")
-    os.environ["SPECRT_OPS_BACKEND"] = name
-    try:
+    """``fn()`` with the ops backend ``name``."""
+    from specrt import ops  # imported late: the scripts set TRITON_INTERPRET first
+
+    with ops.using_backend(name):
         return fn()
-    finally:
-        if old is None:
-            os.environ.pop("SPECRT_OPS_BACKEND", None)
-        else:
-            os.environ["SPECRT_OPS_BACKEND"] = old
 
 
 def slots(bt: torch.Tensor, pos: torch.Tensor, page: int):

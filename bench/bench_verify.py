@@ -86,15 +86,11 @@ def _copy_bandwidth(device):
 
 
 def _with_backend(name, fn):
-    old = os.environ.get("SPECRT_OPS_BACKEND")
-    os.environ["SPECRT_OPS_BACKEND"] = name
-    try:
+    """``fn()`` with the ops backend ``name``."""
+    from specrt import ops  # imported late: the scripts set TRITON_INTERPRET first
+
+    with ops.using_backend(name):
         return fn()
-    finally:
-        if old is None:
-            os.environ.pop("SPECRT_OPS_BACKEND", None)
-        else:
-            os.environ["SPECRT_OPS_BACKEND"] = old
 
 
 def _random_trees(B, T, V, device, dtype, gen):

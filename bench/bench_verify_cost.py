@@ -27,18 +27,15 @@ from specrt.ops import gemm
 @contextmanager
 def config(name: str):
     """``specrt``: the shipped CPU path; ``torch``: F.linear and gather + SDPA."""
-    rows, env = gemm.MAX_ROWS, os.environ.get("SPECRT_OPS_BACKEND")
+    rows = gemm.MAX_ROWS
     if name == "torch":
         gemm.MAX_ROWS = 0
-        os.environ["SPECRT_OPS_BACKEND"] = "torch"
     try:
-        yield
+        with ops.using_backend("torch" if name == "torch" else
+                               os.environ.get("SPECRT_OPS_BACKEND", "auto")):
+            yield
     finally:
         gemm.MAX_ROWS = rows
-        if env is None:
-            os.environ.pop("SPECRT_OPS_BACKEND", None)
-        else:
-            os.environ["SPECRT_OPS_BACKEND"] = env
 
 
 def med(f, runs):

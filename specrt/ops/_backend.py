@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 
-__all__ = ["backend_for", "BACKENDS"]
+__all__ = ["backend_for", "BACKENDS", "using_backend"]
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
@@ -79,6 +80,24 @@ def backend_for(t: torch.Tensor, op: str | None = None) -> str:
         raise RuntimeError("SPECRT_OPS_BACKEND=cuda but specrt._C was built without CUDA "
                            "(rebuild with nvcc available, or SPECRT_CUDA=1 to require it)")
     return b
+
+
+@contextmanager
+def using_backend(name: str):
+    """Within the block ``SPECRT_OPS_BACKEND`` is ``name`` (one of :data:`BACKENDS`);
+    the previous value (or its absence) comes back on exit. For benchmarks and checks
+    that compare implementations in one process."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r}: expected one of {BACKENDS}")
+    old = os.environ.get("SPECRT_OPS_BACKEND")
+    os.environ["SPECRT_OPS_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SPECRT_OPS_BACKEND", None)
+        else:
+            os.environ["SPECRT_OPS_BACKEND"] = old
 
 
 def _warn_attention_cuda() -> None:

@@ -198,17 +198,26 @@ def _failed(out) -> APIError:
                     type="server_error", code="drafter_error")
 
 
+def _early_exit(st: ServerState, item, endpoint: str) -> Response | None:
+    """The response for a queue item that ends a request before its output (the client
+    went away: 499; an error from the loop: its status), counted; None otherwise."""
+    if item is DISCONNECTED:
+        st.metrics.request(endpoint, 499)
+        return Response(status_code=499)
+    if isinstance(item, APIError):
+        st.metrics.request(endpoint, item.status)
+        return error_response(item)
+    return None
+
+
 async def _answer(st: ServerState, request: Request, h: Handle, endpoint: str):
     watch = asyncio.create_task(_watch(request, h))
     handed_off = False
     try:
         item = await h.queue.get()
-        if item is DISCONNECTED:
-            st.metrics.request(endpoint, 499)
-            return Response(status_code=499)
-        if isinstance(item, APIError):
-            st.metrics.request(endpoint, item.status)
-            return error_response(item)
+        early = _early_exit(st, item, endpoint)
+        if early is not None:
+            return early
         if h.job.stream and not (item.finished and item.output.finish_reason == "error"):
             handed_off = True
             return StreamingResponse(_stream(st, h, item, watch, endpoint),
@@ -217,12 +226,9 @@ async def _answer(st: ServerState, request: Request, h: Handle, endpoint: str):
                                               "X-Accel-Buffering": "no"})
         while not (isinstance(item, StreamEvent) and item.finished):
             item = await h.queue.get()
-            if item is DISCONNECTED:
-                st.metrics.request(endpoint, 499)
-                return Response(status_code=499)
-            if isinstance(item, APIError):
-                st.metrics.request(endpoint, item.status)
-                return error_response(item)
+            early = _early_exit(st, item, endpoint)
+            if early is not None:
+                return early
         out = item.output
         if out.finish_reason == "error":
             st.metrics.request(endpoint, 500)
