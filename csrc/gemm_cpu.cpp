@@ -32,6 +32,7 @@ namespace py = pybind11;
 namespace {
 
 constexpr int NR = 32;
+constexpr int64_t PF = 64;  // prefetch distance in k-steps (128 bytes each)
 
 struct Args {
   const float* x;  // [M, ldx]
@@ -55,6 +56,9 @@ __attribute__((target("avx512f"))) void tile_avx512(const Args& a, int64_t p, in
   const float* xr[MR];
   for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.ldx;
   for (int64_t k = 0; k < a.K; ++k) {
+    // the panel streams from memory once: fetch ~8 KB ahead (both lines of a k-step)
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF) * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF) * NR + 16), _MM_HINT_T0);
     const __m512 w0 = _mm512_loadu_ps(w + k * NR);
     const __m512 w1 = _mm512_loadu_ps(w + k * NR + 16);
     for (int i = 0; i < MR; ++i) {
@@ -129,6 +133,53 @@ void run_avx512(const Args& a, int64_t p) {
   }
 }
 
+// Few rows (M <= 4) are bound by the weight stream: two adjacent panels at once keep two
+// streams in flight per thread.
+template <int MR>
+__attribute__((target("avx512f"))) void tile2_avx512(const Args& a, int64_t p) {
+  const float* wa = a.wp + p * a.K * NR;
+  const float* wb = wa + a.K * NR;
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < a.K; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(wa + (k + PF) * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wa + (k + PF) * NR + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wb + (k + PF) * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wb + (k + PF) * NR + 16), _MM_HINT_T0);
+    const __m512 w0 = _mm512_loadu_ps(wa + k * NR), w1 = _mm512_loadu_ps(wa + k * NR + 16);
+    const __m512 w2 = _mm512_loadu_ps(wb + k * NR), w3 = _mm512_loadu_ps(wb + k * NR + 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_set1_ps(a.x[i * a.ldx + k]);
+      acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(xv, w2, acc[i][2]);
+      acc[i][3] = _mm512_fmadd_ps(xv, w3, acc[i][3]);
+    }
+  }
+  for (int q = 0; q < 2; ++q) {
+    const int64_t n0 = (p + q) * NR, ncols = std::min<int64_t>(NR, a.N - n0);
+    for (int i = 0; i < MR; ++i) {
+      alignas(64) float buf[NR];
+      _mm512_store_ps(buf, acc[i][2 * q]);
+      _mm512_store_ps(buf + 16, acc[i][2 * q + 1]);
+      store_row(a.y + i * a.ldy + n0, buf, ncols);
+    }
+  }
+}
+
+// Panels p and p + 1 (p even) for M <= 4; a last odd panel alone.
+void run_avx512_pair(const Args& a, int64_t p) {
+  if ((p + 1) * NR >= a.N) return run_avx512(a, p);
+  switch (a.M) {
+    case 4: tile2_avx512<4>(a, p); break;
+    case 3: tile2_avx512<3>(a, p); break;
+    case 2: tile2_avx512<2>(a, p); break;
+    case 1: tile2_avx512<1>(a, p); break;
+    default: run_avx512(a, p); run_avx512(a, p + 1); break;
+  }
+}
+
 void run_avx2(const Args& a, int64_t p) {
   int64_t m = 0;
   for (; m + 3 <= a.M; m += 3) tile_avx2<3>(a, p, m);
@@ -193,6 +244,13 @@ void skinny_mm(py::array x, f32arr wp, py::array y, int64_t n, int threads,
   py::gil_scoped_release nogil;
   // threads only pay when each gets a few hundred KB of weights to stream
   const bool par = threads > 1 && P * a.K * NR >= (int64_t(1) << 16);
+  if (which == Isa::avx512 && a.M <= 4) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, threads)) if (par)
+#endif
+    for (int64_t p = 0; p < P; p += 2) run_avx512_pair(a, p);
+    return;
+  }
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 2) num_threads(std::max(1, threads)) if (par)
 #endif

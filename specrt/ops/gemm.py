@@ -2,7 +2,7 @@
 small batches.
 
 Verifying a tree of T nodes, or decoding a batch of B requests, multiplies a matrix of
-a few dozen rows by every weight matrix of the model. On CPU the floor of such a
+a few dozen rows by every weight matrix of the model (prefill: a few hundred). On CPU the floor of such a
 product is reading the weights once; BLAS sgemm is far from it for 2-64 rows. The
 kernel in ``csrc/gemm_cpu.cpp`` streams the weights once per call from a layout packed
 once at load (:func:`pack_weight`): 32-column panels, so each panel is one contiguous
@@ -13,7 +13,7 @@ OpenMP over panels).
 * :func:`skinny_mm` ``x [M, K]`` with a packed weight -> ``[M, N]``; also
   ``torch.ops.specrt.skinny_mm`` (CPU kernel and a fake implementation).
 * :class:`PackedLinear` picks, per call, the kernel or ``F.linear`` by the row count
-  (the measured crossover :data:`MAX_ROWS`): the model's linear layers use it.
+  (:data:`MAX_ROWS`, from measurement): the model's linear layers use it.
 """
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ __all__ = ["pack_weight", "skinny_mm", "PackedLinear", "MAX_ROWS", "gemm_isa"]
 
 #: Panel width of the packed layout (outputs per panel).
 PANEL = 32
-#: Rows up to which the kernel beats ``F.linear`` on the CPUs measured (see
-#: bench/bench_gemm.py); above it ``F.linear`` (BLAS) runs.
-MAX_ROWS = 64
+#: Rows up to which :class:`PackedLinear` runs the kernel; above it ``F.linear`` (BLAS).
+#: Measured on the project's AMD EPYC (bench/bench_gemm.py, 2026-12-02): the kernel is
+#: 1.2x ``F.linear`` at 1 row and about 2x from 2 to 2048 rows (the largest measured),
+#: so prefill runs it too.
+MAX_ROWS = 4096
 
 
 def gemm_isa() -> str:
