@@ -116,26 +116,31 @@ class PackedLinear:
 
     def __init__(self):
         self._packed: torch.Tensor | None = None
-        self._key = None
+        self._weight: torch.Tensor | None = None
+        self._version: int | None = None   # None: an inference tensor (no counter)
 
     def packed(self, weight: torch.Tensor) -> torch.Tensor:
-        try:
-            version = weight._version
-        except RuntimeError:  # inference tensors keep no version counter
-            version = None
-        key = (weight.data_ptr(), version, tuple(weight.shape))
-        if self._key != key:
-            self._packed, self._key = pack_weight(weight), key
+        """The packed copy of ``weight`` (made again when it is another tensor or was
+        changed in place)."""
+        if self._weight is weight and (self._version is None
+                                       or weight._version == self._version):
+            return self._packed
+        self._packed = pack_weight(weight)
+        self._weight = weight
+        self._version = None if weight.is_inference() else weight._version
         return self._packed
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (x.device.type != "cpu" or weight.dtype != torch.float32
-                or x.dtype != torch.float32 or not 0 < rows <= MAX_ROWS
+        # the decode hot path (121 calls per token for the default target): cheap checks
+        if (x.dtype is not torch.float32 or weight.dtype is not torch.float32 or not x.is_cpu
                 or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             return F.linear(x, weight, bias)
-        y = skinny_mm(x.reshape(rows, x.shape[-1]), self.packed(weight), weight.shape[0])
+        K = x.shape[-1]
+        rows = x.numel() // K if K else 0
+        if not 0 < rows <= MAX_ROWS:
+            return F.linear(x, weight, bias)
+        y = _skinny_mm_op(x.reshape(rows, K), self.packed(weight), weight.shape[0])
         if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+            y += bias
+        return y.view(*x.shape[:-1], weight.shape[0])
