@@ -94,3 +94,19 @@ def greedy_reference(engine, prompts: list[str], n: int) -> tuple[dict, list[lis
         ids = engine.tokenizer.encode_prompt(p)
         ref[tuple(ids)] = ids + o.token_ids
     return ref, [o.token_ids for o in outs]
+
+
+def run_to_end(eng, abort_at=None) -> dict:
+    """Step ``eng`` (the step API) until nothing is left: request id -> RequestOutput.
+    ``abort_at`` = (step number, request id) aborts that request before that step. A
+    request finishing twice is an error."""
+    outs, n = {}, 0
+    while eng.has_unfinished():
+        if abort_at and n == abort_at[0]:
+            eng.abort(abort_at[1])
+        for ev in eng.step():
+            if ev.finished:
+                assert ev.request_id not in outs, "a request finished twice"
+                outs[ev.request_id] = ev.output
+        n += 1
+    return outs

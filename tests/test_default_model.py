@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import specrt
+from tests.drafters import run_to_end
 
 pytestmark = [
     pytest.mark.default_model,
@@ -59,9 +60,7 @@ def test_speculative_greedy_equals_target_on_real_prompts(engine):
         assert got.token_ids == want[0].token_ids, name
     # one batch, each request its own drafter
     rids = [engine.add_request(q, p, drafter=name) for q, name in zip(picks, names * 3)]
-    outs = {}
-    while engine.has_unfinished():
-        outs.update({ev.request_id: ev.output for ev in engine.step() if ev.finished})
+    outs = run_to_end(engine)
     for i, (rid, w) in enumerate(zip(rids, want)):
         assert outs[rid].token_ids == w.token_ids
         assert outs[rid].stats["drafter"] == names[i % len(names)]

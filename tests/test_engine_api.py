@@ -11,7 +11,7 @@ import specrt
 from specrt import SamplingParams
 from specrt.draft import NgramDrafter, RecyclingDrafter
 from specrt.draft.adaptive import LengthController
-from tests.drafters import ScriptedTreeDrafter, greedy_reference
+from tests.drafters import ScriptedTreeDrafter, greedy_reference, run_to_end
 
 PROMPTS = ["hello world hello world", "abcabcabc", "The quick brown fox", "zz", "tiny tim"]
 N = 20
@@ -38,25 +38,11 @@ def all_free(eng) -> bool:
     return a.num_free == a.num_blocks and not eng.cache.seqs
 
 
-def drive(eng, abort_at=None) -> dict:
-    """Step until done; ``abort_at`` = (step number, request id) aborts mid-way."""
-    outs, n = {}, 0
-    while eng.has_unfinished():
-        if abort_at and n == abort_at[0]:
-            eng.abort(abort_at[1])
-        for ev in eng.step():
-            if ev.finished:
-                assert ev.request_id not in outs, "a request finished twice"
-                outs[ev.request_id] = ev.output
-        n += 1
-    return outs
-
-
 def test_step_api_serves_requests_like_generate(engine, reference):
     p = SamplingParams(max_tokens=N, ignore_eos=True)
     rids = [engine.add_request(q, p) for q in PROMPTS]   # 5 requests, batch of 4
     assert engine.has_unfinished() and len(set(rids)) == 5
-    outs = drive(engine)
+    outs = run_to_end(engine)
     assert [outs[r].token_ids for r in rids] == reference[1]
     assert not engine.has_unfinished() and all_free(engine)
     assert engine.step() == []                           # nothing left: a no-op
@@ -81,7 +67,7 @@ def test_abort_mid_generation_frees_blocks_and_leaves_others_unchanged(engine, r
     p = SamplingParams(max_tokens=N, ignore_eos=True)
     rids = [engine.add_request(q, p, drafter="tree") for q in PROMPTS]
     victim = rids[1]
-    outs = drive(engine, abort_at=(when, victim))
+    outs = run_to_end(engine, abort_at=(when, victim))
     assert victim not in outs                            # aborted: no output event
     for i, r in enumerate(rids):
         if r != victim:
@@ -140,7 +126,7 @@ def test_stream_refuses_bad_input_when_called_not_when_iterated(engine):
 def test_add_request_takes_token_ids_and_checks_them(engine, reference):
     ids = engine.tokenizer.encode_prompt(PROMPTS[3])
     rid = engine.add_request(ids, SamplingParams(max_tokens=N, ignore_eos=True))
-    assert drive(engine)[rid].token_ids == reference[1][3]
+    assert run_to_end(engine)[rid].token_ids == reference[1][3]
     for bad in ([], [10**6], "   ", 3.5):
         with pytest.raises(ValueError):
             engine.add_request(bad)
@@ -173,7 +159,7 @@ def test_using_is_scoped_and_restores_everything(engine, reference):
     with pytest.raises(RuntimeError, match="in flight"):
         with engine.using(max_batch=2):
             pass
-    drive(engine)
+    run_to_end(engine)
 
 
 def test_engine_config_is_one_place_and_validated(tiny_llama):
@@ -227,7 +213,7 @@ def test_a_failing_drafter_fails_only_its_requests(tiny_llama, reference, where)
     names = ["ngram", "boom", "tree", "boom", "ngram"]
     rids = [eng.add_request(q, p, drafter=n) for q, n in zip(PROMPTS, names)]
     with pytest.warns(UserWarning, match="failed to release"):
-        outs = drive(eng)
+        outs = run_to_end(eng)
     for i, (rid, n) in enumerate(zip(rids, names)):
         if n == "boom":
             o = outs[rid]

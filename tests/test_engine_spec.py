@@ -7,7 +7,7 @@ import torch
 import specrt
 from specrt import SamplingParams
 from specrt.draft import FusedDrafter, NgramDrafter, RecyclingDrafter, lookup_drafter
-from tests.drafters import ScriptedTreeDrafter, greedy_reference
+from tests.drafters import ScriptedTreeDrafter, greedy_reference, run_to_end
 
 PROMPTS = ["hello world hello world", "abcabcabc", "The quick brown fox", "zz", "tiny tim"]
 N = 24
@@ -73,16 +73,6 @@ def test_mixed_drafters_in_one_batch(tiny_dir, reference):
     for rid, w, n in zip(rids, reference[1], names):
         assert outs[rid].token_ids == w
         assert outs[rid].stats["drafter"] == n
-
-
-def run_to_end(eng) -> dict:
-    """Step ``eng`` until nothing is left; request id -> RequestOutput."""
-    outs = {}
-    while eng.has_unfinished():
-        for ev in eng.step():
-            if ev.finished:
-                outs[ev.request_id] = ev.output
-    return outs
 
 
 class CacheSpy:

@@ -87,19 +87,12 @@ def _prefill_states(model, seqs: list[list[int]], block_size: int, dev) -> torch
     return ragged_prefill(model, seqs, cache.kv, cache.block_table(list(range(B))))
 
 
-def features_from_states(model, h: torch.Tensor) -> torch.Tensor:
-    """Router features of one prompt from its pre-norm states ``h`` ``[P, hidden]``:
-    ``final_norm(h).mean(0)`` ``[hidden]`` (:func:`specrt.model.prefill.mean_prompt_state`,
-    what the engine's prefill hands the router)."""
-    return mean_prompt_state(model, h)
-
-
 def prompt_features(model, prompt_ids: list[list[int]], **kw) -> torch.Tensor:
     """Router features ``[N, hidden]`` (fp32, CPU) of N tokenized prompts (token ids as
     ``Tokenizer.encode_prompt`` makes them, chat template included). kw go to
     :func:`target_hidden` (batch_tokens, max_batch, progress)."""
     feats = target_hidden(model, prompt_ids,
-                          reduce=lambda h, i: features_from_states(model, h).float().cpu(), **kw)
+                          reduce=lambda h, i: mean_prompt_state(model, h).float().cpu(), **kw)
     if not feats:
         return torch.zeros(0, model.args.hidden_size)
     return torch.stack(feats)
