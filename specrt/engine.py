@@ -396,7 +396,9 @@ class Engine:
         lens = [len(r.prompt_ids) for r in reqs]
         bt = self.cache.block_table([r.rid for r in reqs])
         t0 = time.perf_counter()
-        h = ragged_prefill(self.model, [r.prompt_ids for r in reqs], self.cache.kv, bt)
+        taps = self._taps()
+        h = ragged_prefill(self.model, [r.prompt_ids for r in reqs], self.cache.kv, bt, taps)
+        h, tapped = h if taps else (h, None)
         ln = torch.tensor(lens, device=self.device)
         last = self.model.final_norm(h[torch.arange(len(reqs), device=self.device), ln - 1])
         logits = self.model.logits(last)
@@ -408,10 +410,27 @@ class Engine:
             if r.drafter is not None:
                 r.seq = SeqState(r.rid, list(r.prompt_ids), n, r.params.temperature)
                 try:
-                    self._drafters[r.drafter].begin(r.seq, h[i, :n])
+                    self._drafters[r.drafter].begin(
+                        r.seq, self._states_for(r.drafter, h, tapped, taps, i, n))
                 except Exception as e:  # noqa: BLE001 -- fails this request only
                     self._fail(r, "begin", e)
         return [self._sample_first(r, row) for r, row in zip(reqs, logits)]
+
+    def _taps(self) -> tuple[int, ...]:
+        """Target layers whose states the forward keeps for the drafters: the union of
+        their ``feature_layers`` plus the last layer, or ``()`` when none asks."""
+        want = {x for d in self._drafters.values() for x in getattr(d, "feature_layers", ())}
+        return tuple(sorted(want | {self.model.args.num_hidden_layers - 1})) if want else ()
+
+    def _states_for(self, name: str, h: torch.Tensor, tapped: torch.Tensor | None,
+                    taps: tuple[int, ...], i: int, n: int) -> torch.Tensor:
+        """What drafter ``name`` receives of row ``i``'s first ``n`` positions: the
+        pre-norm last-layer states ``[n, hidden]``, or ``[n, k, hidden]`` of the ``k``
+        layers it names in ``feature_layers``."""
+        want = getattr(self._drafters[name], "feature_layers", ())
+        if not want:
+            return h[i, :n]
+        return tapped[i, :n, [taps.index(x) for x in want]]
 
     def _route(self, reqs: list[Request], h: torch.Tensor, lens: list[int]) -> None:
         """The router picks the drafter of each auto-routed request from its prompt's
@@ -472,7 +491,7 @@ class Engine:
         """One target forward over every request's tree (plain decode = root only) and
         lossless verification. Returns per request the accepted path (node indices,
         root first) and the tokens it emits, plus the trees' logits ``[B, T, V]`` and
-        pre-norm states ``[B, T, hidden]``."""
+        states ``(h [B, T, hidden] pre-norm, tapped [B, T, k, hidden] or None, taps)``."""
         dev, B = self.device, len(reqs)
         T = max(len(t) for t in trees)
         tokens = torch.zeros(B, T, dtype=torch.long)
@@ -490,8 +509,11 @@ class Engine:
             tree_mask = ops.build_tree_mask(parents, tl).to(dev)
         bt = self.cache.block_table([r.rid for r in reqs])
         t0 = time.perf_counter()
+        taps = self._taps()
         h = self.model(tokens.to(dev), (prefix[:, None] + depth).to(dev), self.cache.kv, bt,
-                       prefix.to(dev), tree_mask, tl.to(dev) if T > 1 else None, norm=False)
+                       prefix.to(dev), tree_mask, tl.to(dev) if T > 1 else None, norm=False,
+                       taps=taps)
+        h, tapped = h if taps else (h, None)
         # logits of the valid nodes only (padding rows of a ragged batch stay 0)
         valid = (torch.arange(T)[None, :] < tl[:, None]).to(dev)
         if bool(valid.all()):
@@ -503,9 +525,9 @@ class Engine:
         self._lengths.observe_forward(int(tl.sum()), time.perf_counter() - t0)  # padding is free
         paths = [p[:n] for p, n in zip(path, plen)]
         emitted = [[t.tokens[j] for j in p[1:]] + [x] for t, p, x in zip(trees, paths, nxt)]
-        return paths, emitted, logits, h
+        return paths, emitted, logits, (h, tapped, taps)
 
-    def _tell_drafters(self, reqs, trees, paths, emitted, logits, h) -> None:
+    def _tell_drafters(self, reqs, trees, paths, emitted, logits, states) -> None:
         """Counters, the length rule and each request's drafter learn the outcome."""
         for i, r in enumerate(reqs):
             r.steps += 1
@@ -519,7 +541,8 @@ class Engine:
             r.seq.tokens = r.prompt_ids + r.out_ids + emitted[i]
             try:
                 self._drafters[r.drafter].update(r.seq, Verified(
-                    trees[i], paths[i], emitted[i], logits[i, :n], h[i, :n]))
+                    trees[i], paths[i], emitted[i], logits[i, :n],
+                    self._states_for(r.drafter, *states, i, n)))
             except Exception as e:  # noqa: BLE001 -- fails this request only
                 self._fail(r, "update", e)
 

@@ -49,7 +49,7 @@ def _engine(tiny_dir, target, drafter, **kw):
                          cache_tokens=2048, adaptive=False, **kw)
 
 
-@pytest.mark.parametrize("arch", ["lm", "eagle"])
+@pytest.mark.parametrize("arch", ["lm", "eagle", "eagle3"])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_lossless(tiny_dir, target, reference, arch, mode, batch):

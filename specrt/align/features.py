@@ -25,7 +25,7 @@ from specrt.model.prefill import mean_prompt_state, ragged_prefill
 @torch.inference_mode()
 def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 8192,
                   max_batch: int = 16, block_size: int = 16, progress: bool = False,
-                  reduce=None) -> list[torch.Tensor]:
+                  reduce=None, taps: tuple[int, ...] = ()) -> list[torch.Tensor]:
     """Pre-norm last-layer states of the target over each token list (one causal
     prefill each, batched by similar lengths through the paged cache).
 
@@ -35,6 +35,8 @@ def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 81
         batch_tokens: padded tokens per forward at most (``B * max_len``).
         reduce: optional ``f(h [T_i, hidden], i) -> tensor`` applied per sequence inside
             the batch (keeps memory small); default keeps ``h`` itself (on CPU).
+        taps: ascending layer indices: ``h`` is then ``[T_i, len(taps), hidden]``, those
+            layers' output states (pre-norm) instead of the last layer's.
 
     Returns: N tensors, ``[T_i, hidden]`` (model dtype, CPU) or ``reduce``'s result.
     """
@@ -62,7 +64,7 @@ def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 81
         bar = tqdm(total=N, desc="target states", unit="seq")
     for idx in batches:
         lens = [len(token_lists[i]) for i in idx]
-        h = _prefill_states(model, [token_lists[i] for i in idx], block_size, dev)
+        h = _prefill_states(model, [token_lists[i] for i in idx], block_size, dev, taps)
         for j, i in enumerate(idx):
             hi = h[j, :lens[j]]
             out[i] = reduce(hi, i) if reduce is not None else hi.detach().cpu().clone()
@@ -73,9 +75,11 @@ def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 81
     return out
 
 
-def _prefill_states(model, seqs: list[list[int]], block_size: int, dev) -> torch.Tensor:
+def _prefill_states(model, seqs: list[list[int]], block_size: int, dev,
+                    taps: tuple[int, ...] = ()) -> torch.Tensor:
     """The engine's prefill call (:func:`specrt.model.prefill.ragged_prefill`) over a
-    scratch paged cache. Returns pre-norm states ``[B, T, hidden]``."""
+    scratch paged cache. Returns pre-norm states ``[B, T, hidden]`` (with ``taps``: the
+    tapped layers' ``[B, T, k, hidden]``)."""
     a = model.args
     B, T = len(seqs), max(len(s) for s in seqs)
     cache = PagedKVCache(a.num_hidden_layers, B * -(-T // block_size), block_size,
@@ -84,7 +88,8 @@ def _prefill_states(model, seqs: list[list[int]], block_size: int, dev) -> torch
     for b, s in enumerate(seqs):
         cache.add(b)
         cache.reserve(b, len(s))
-    return ragged_prefill(model, seqs, cache.kv, cache.block_table(list(range(B))))
+    out = ragged_prefill(model, seqs, cache.kv, cache.block_table(list(range(B))), taps)
+    return out[1] if taps else out
 
 
 def prompt_features(model, prompt_ids: list[list[int]], **kw) -> torch.Tensor:

@@ -71,8 +71,9 @@ class Verified:
 
     ``path``: accepted node indices (root first); ``new_tokens``: tokens emitted this
     step (accepted drafts + the target's bonus/correction); ``target_logits`` ``[T, V]``
-    and ``target_hidden`` ``[T, hidden]`` (pre-norm last-layer states) of the tree's
-    nodes, for drafters that learn from the target.
+    and ``target_hidden`` of the tree's nodes, for drafters that learn from the target:
+    ``[T, hidden]`` pre-norm last-layer states, or ``[T, k, hidden]`` of the layers the
+    drafter names in its ``feature_layers`` (see :class:`Drafter`).
     """
 
     tree: DraftTree
@@ -86,10 +87,15 @@ class Drafter(Protocol):
     """What every drafter implements."""
 
     name: str
+    # Optional: ``feature_layers: tuple[int, ...]``, the target layers whose states the
+    # drafter reads (EAGLE-3 fuses low, middle and high layers). The engine then passes
+    # ``[n, k, hidden]`` (those layers, in that order) as ``prompt_hidden`` and
+    # ``Verified.target_hidden``; without it, ``[n, hidden]`` of the last layer.
 
     def begin(self, seq: SeqState, prompt_hidden: torch.Tensor | None) -> None:
         """A request starts (after the target's prefill; ``prompt_hidden`` ``[P, hidden]``
-        are the target's pre-norm last-layer states over the prompt, or None)."""
+        are the target's pre-norm last-layer states over the prompt -- ``[P, k, hidden]``
+        for a drafter with ``feature_layers`` -- or None)."""
 
     def propose(self, seqs: list[SeqState], budgets: list[int]) -> list[DraftTree]:
         """A tree per request with at most ``budgets[i] + 1`` nodes (root included)."""

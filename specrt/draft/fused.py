@@ -70,6 +70,13 @@ class FusedDrafter:
                 raise ValueError(f"member {m.name!r} is an 'lm' model drafter, which keys "
                                  "its cache scratch by its own tree's node indices; only "
                                  "eagle model drafters can be fused")
+        layers = {tuple(getattr(m, "feature_layers", ())) for m in members
+                  if getattr(m, "net", None) is not None}
+        if len(layers) > 1:
+            raise ValueError(f"the model drafters fused read different target layers "
+                             f"{sorted(layers)}; fuse drafters of one architecture")
+        #: the target layers the model members read (they agree), passed through
+        self.feature_layers = layers.pop() if layers else ()
         self.members, self.split = list(members), split
         self.name = name or "+".join(m.name for m in members)
 

@@ -80,6 +80,7 @@ class ModelDrafter:
         self.max_depth, self.threshold = max_depth, threshold
         a = net.args
         dev = net.embed_weight.device
+        self.feature_layers = net.feature_layers  # eagle3: the target layers it reads
         self.cache = PagedKVCache(a.num_hidden_layers, -(-cache_tokens // block_size), block_size,
                                   a.num_key_value_heads, a.head_dim,
                                   dtype=net.embed_weight.dtype, device=dev)

@@ -32,17 +32,18 @@ from specrt import ops
 from specrt.model.llama import Layer, Llama, ModelArgs, apply_rope, rms_norm, rope_inv_freq
 
 LORA_TARGETS = ("q", "k", "v", "qkv", "o", "gate_up", "down")
-ARCHS = ("lm", "eagle")
+ARCHS = ("lm", "eagle", "eagle3")
 
 
 def net_class(arch: str) -> type["DraftNet"]:
-    """The :class:`DraftNet` subclass of architecture ``arch`` (``"lm"`` or ``"eagle"``)."""
+    """The :class:`DraftNet` subclass of architecture ``arch`` (one of :data:`ARCHS`)."""
     from specrt.draft.eagle import EagleNet
+    from specrt.draft.eagle3 import Eagle3Net
     from specrt.draft.lm import LMNet
 
-    classes = {LMNet.arch: LMNet, EagleNet.arch: EagleNet}
+    classes = {LMNet.arch: LMNet, EagleNet.arch: EagleNet, Eagle3Net.arch: Eagle3Net}
     if arch not in classes:
-        raise ValueError(f"arch must be 'lm' or 'eagle', got {arch!r}")
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     return classes[arch]
 
 
@@ -53,8 +54,8 @@ def saved_arch(cfg: dict, where: str | Path = "drafter config") -> str:
     if arch is None and cfg.get("kind") in ARCHS:
         arch = cfg["kind"]
     if arch not in ARCHS:
-        raise ValueError(f"{where}: no drafter architecture ('arch' must be 'lm' or "
-                         f"'eagle', got {arch!r})")
+        raise ValueError(f"{where}: no drafter architecture ('arch' must be one of "
+                         f"{ARCHS}, got {arch!r})")
     return arch
 
 
@@ -113,8 +114,10 @@ class DraftNet(nn.Module):
         vocab_ids: sorted int64 ids of the reduced output vocabulary.
     """
 
-    #: the architecture, ``"lm"`` or ``"eagle"`` (set by the subclasses)
+    #: the architecture, one of :data:`ARCHS` (set by the subclasses)
     arch: str = ""
+    #: target layers whose states the drafter reads (``()``: the last layer's, ``[n, H]``)
+    feature_layers: tuple[int, ...] = ()
 
     def __init__(self, args: ModelArgs, embed_weight: torch.Tensor,
                  head_weight: torch.Tensor, vocab_ids: torch.Tensor):
@@ -150,6 +153,20 @@ class DraftNet(nn.Module):
         """Initialise the architecture's own tensors after :meth:`from_target` copied
         the layers and the norm."""
 
+    @classmethod
+    def init_kwargs(cls, cfg: dict) -> dict:
+        """Constructor arguments of the architecture read from a saved config."""
+        return {}
+
+    def config_extra(self) -> dict:
+        """What the architecture adds to the saved config (read by :meth:`init_kwargs`)."""
+        return {}
+
+    @classmethod
+    def target_kwargs(cls, target: Llama) -> dict:
+        """Constructor arguments of a fresh net for ``target`` (:meth:`from_target`)."""
+        return {}
+
     def export_hf(self, out_dir: str | Path, target_dir: str | Path) -> Path:
         """An HF model directory of this drafter (only ``lm`` has one)."""
         raise ValueError("only 'lm' drafters have an HF form (eagle reads target states)")
@@ -157,9 +174,10 @@ class DraftNet(nn.Module):
     # ------------------------------------------------------------ building
     @classmethod
     def create(cls, arch: str, args: ModelArgs, embed_weight: torch.Tensor,
-               head_weight: torch.Tensor, vocab_ids: torch.Tensor) -> "DraftNet":
-        """A fresh net of architecture ``arch`` (arguments as for the class)."""
-        return net_class(arch)(args, embed_weight, head_weight, vocab_ids)
+               head_weight: torch.Tensor, vocab_ids: torch.Tensor, **kw) -> "DraftNet":
+        """A fresh net of architecture ``arch`` (arguments as for the class; ``kw``: the
+        architecture's own, e.g. eagle3's ``feature_layers``)."""
+        return net_class(arch)(args, embed_weight, head_weight, vocab_ids, **kw)
 
     @classmethod
     def from_target(cls, target: Llama, arch: str | None = None, num_layers: int = 1,
@@ -178,7 +196,8 @@ class DraftNet(nn.Module):
         a.num_hidden_layers = num_layers
         if vocab_ids is None:
             vocab_ids = torch.arange(a.vocab_size)
-        net = impl(a, target.embed.weight, target.head_weight, vocab_ids)
+        net = impl(a, target.embed.weight, target.head_weight, vocab_ids,
+                   **impl.target_kwargs(target))
         src = init_layers if init_layers is not None else list(range(num_layers))
         with torch.no_grad():
             for dst, s in zip(net.layers, src):
@@ -405,6 +424,7 @@ class DraftNet(nn.Module):
                              "head_dim": a.head_dim, "intermediate_size": a.intermediate_size},
             "lora": {k: {"rank": int(ad["A"].shape[0]), "scale": ad["scale"]}
                      for k, ad in self.lora.items()},
+            **self.config_extra(),
         }
         if base is not None:
             b, folder = Path(base).resolve(), Path(config).resolve().parent
@@ -451,7 +471,11 @@ class DraftNet(nn.Module):
         impl = net_class(saved_arch(cfg, config))
         if not issubclass(impl, cls):
             raise ValueError(f"{config}: a {impl.arch} drafter, not a {cls.__name__}")
-        net = impl(a, target.embed.weight, target.head_weight, sd["vocab_ids"])
+        net = impl(a, target.embed.weight, target.head_weight, sd["vocab_ids"],
+                   **impl.init_kwargs(cfg))
+        if net.feature_layers and max(net.feature_layers) >= ta.num_hidden_layers:
+            raise ValueError(f"{config}: reads target layers {list(net.feature_layers)}, "
+                             f"the target has {ta.num_hidden_layers}")
         lora = {k: v for k, v in sd.items() if k.startswith("lora.")}
         base = {k: v.to(dt) if v.is_floating_point() else v for k, v in sd.items()
                 if not k.startswith("lora.")}

@@ -160,7 +160,7 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                 block_tables: torch.Tensor, prefix_lens: torch.Tensor,
                 tree_mask: torch.Tensor | None = None, tree_lens: torch.Tensor | None = None,
-                *, norm: bool = True) -> torch.Tensor:
+                *, norm: bool = True, taps: tuple[int, ...] = ()):
         """Run the decoder over new tokens, writing their K/V into the paged cache.
 
         Args:
@@ -173,11 +173,15 @@ class Llama(nn.Module):
             tree_mask: ``[B, T, T]`` bool ancestor mask, or None for causal.
             tree_lens: ``[B]`` valid tokens per row (padding beyond), or None.
             norm: keyword-only, apply the final norm.
+            taps: keyword-only layer indices (0-based, ascending) whose output states
+                (the residual stream after that layer, pre-norm) are returned too.
 
         Returns:
             ``[B, T, hidden]`` hidden states (final-normed if ``norm``); rows at or past
             ``tree_lens[b]`` are 0 (padding is not computed: the dense layers run on the
-            valid rows only).
+            valid rows only). With ``taps``: ``(states, tapped)``, ``tapped``
+            ``[B, T, len(taps), hidden]`` (layer ``num_layers - 1`` is the pre-norm last
+            state).
         """
         a = self.args
         B, T = tokens.shape
@@ -208,6 +212,10 @@ class Llama(nn.Module):
 
         x = self.embed(packed(tokens))                                          # [N, hidden]
         cos, sin = (packed(c) for c in self.rope(positions, x.dtype))           # [N, 1, Dh]
+        tapped: list[torch.Tensor] = []
+        if taps and (list(taps) != sorted(set(taps)) or not 0 <= taps[0] <= taps[-1] < len(self.layers)):
+            raise ValueError(f"taps {taps} must be ascending layer indices below "
+                             f"{len(self.layers)}")
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
             q, k, v = linear(h, layer.qkv).split((qd, kvd, kvd), dim=-1)
@@ -220,7 +228,12 @@ class Llama(nn.Module):
             h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
             g, u = linear(h, layer.gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(g) * u, layer.down)
-        return padded(self.final_norm(x) if norm else x)
+            if li in taps:
+                tapped.append(x)
+        out = padded(self.final_norm(x) if norm else x)
+        if not taps:
+            return out
+        return out, padded(torch.stack(tapped, 1))
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The final RMSNorm (for states returned with ``norm=False``)."""

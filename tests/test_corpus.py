@@ -1,0 +1,149 @@
+"""Target-distillation data (specrt.draft.corpus) and drafter training
+(specrt.draft.train): a collection interrupted and resumed writes the very shards an
+uninterrupted one writes; a shard on disk is always whole; a truncated or corrupt shard
+is refused with its file and line named and nothing collected is lost; training resumed
+from its checkpoint ends where an uninterrupted run ends."""
+import json
+
+import pytest
+import torch
+
+import specrt
+from specrt.draft import corpus
+from specrt.draft.model import DraftNet
+from specrt.draft.train import parse_samples, sequences, stage_train
+from tests.tiny import make_tiny_model
+
+ROWS = [{"id": f"r{i}", "task": ("chat", "math", "code")[i % 3],
+         "prompt": ("abc", "hello there", "x = 1 + 2", "the cat sat", "print(1)",
+                    "qq ww ee", "one two", "zzz")[i]} for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    d = make_tiny_model(tmp_path_factory.mktemp("corpus"), "llama", seed=3)
+    return specrt.Engine.from_pretrained(str(d), device="cpu", block_size=4,
+                                         cache_tokens=4096, drafters=[], max_batch=3)
+
+
+def _items(engine):
+    return corpus.plan(ROWS, engine.tokenizer.encode_prompt, samples={"chat": 2, "code": 1})
+
+
+def test_plan_greedy_pass_first_then_samples(engine):
+    items = _items(engine)
+    assert [(i.id, i.sample) for i in items[:8]] == [(f"r{i}", 0) for i in range(8)]
+    assert [i.sample for i in items[8:]] == [1] * 5 + [2] * 3   # chat 2 extra, code 1
+    assert all(i.temperature > 0 for i in items[8:])
+    assert len({i.seed for i in items}) == len(items)
+    with pytest.raises(ValueError, match="no field 'task'"):
+        corpus.plan([{"id": 1, "prompt": "x"}], engine.tokenizer.encode_prompt)
+    assert parse_samples("chat=3, code=1") == {"chat": 3, "code": 1}
+    with pytest.raises(ValueError, match="'chat' is not TASK=N"):
+        parse_samples("chat")
+
+
+def _shards(d):
+    return {p.name: p.read_bytes() for p in corpus.shard_paths(d)}
+
+
+def test_interrupted_collection_resumes_to_the_same_shards(engine, tmp_path):
+    items = _items(engine)
+    kw = dict(max_tokens=12, batch=3, shard_size=4, progress=False)
+    full = corpus.collect(engine, items, tmp_path / "a", **kw)
+    assert full["complete"] and full["new"] == len(items)
+    r1 = corpus.collect(engine, items, tmp_path / "b", stop_after_shards=2, **kw)
+    assert not r1["complete"] and r1["new"] == 8
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+    r2 = corpus.collect(engine, items, tmp_path / "b", **kw)
+    assert r2["complete"] and r2["new"] == len(items) - 8
+    assert _shards(tmp_path / "a") == _shards(tmp_path / "b")
+    recs = corpus.read_shards(tmp_path / "a")
+    assert [(r["id"], r["sample"]) for r in recs] == [i.key for i in items]
+    # sampled outputs differ from the greedy one of the same prompt, somewhere
+    by = {(r["id"], r["sample"]): r["output_ids"] for r in recs}
+    assert any(by[(i, 0)] != by[(i, 1)] for i in ("r0", "r3", "r6"))
+    # a rerun has nothing to do
+    assert corpus.collect(engine, items, tmp_path / "a", **kw)["new"] == 0
+
+
+def test_ctrl_c_leaves_whole_shards_only_and_frees_the_engine(engine, tmp_path, monkeypatch):
+    items = _items(engine)
+    calls = {"n": 0}
+    real = engine.step
+
+    def step():
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(engine, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.collect(engine, items, tmp_path, max_tokens=12, batch=3, shard_size=4,
+                       progress=False)
+    monkeypatch.undo()
+    assert not engine.has_unfinished()
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+    got = corpus.read_shards(tmp_path)          # whatever is there is whole
+    assert len(got) % 4 == 0 and len(got) < len(items)
+    assert not list(tmp_path.glob(".*tmp"))
+    r = corpus.collect(engine, items, tmp_path, max_tokens=12, batch=3, shard_size=4,
+                       progress=False)
+    assert r["complete"] and len(corpus.read_shards(tmp_path)) == len(items)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "count"])
+def test_damaged_shard_is_refused_naming_it_and_nothing_is_lost(engine, tmp_path, damage):
+    items = _items(engine)
+    corpus.collect(engine, items, tmp_path, max_tokens=8, batch=3, shard_size=4,
+                   progress=False)
+    paths = corpus.shard_paths(tmp_path)
+    before = {p: p.read_bytes() for p in paths}
+    bad = paths[1]
+    text = bad.read_text()
+    if damage == "truncate":
+        bad.write_text(text[: len(text) // 2])
+    elif damage == "garble":
+        bad.write_text(text.replace('"output_ids"', '"outp', 1))
+    else:
+        lines = text.splitlines()
+        bad.write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=bad.name):
+        corpus.read_shards(tmp_path)
+    with pytest.raises(ValueError, match=bad.name):
+        corpus.collect(engine, items, tmp_path, max_tokens=8, batch=3, progress=False)
+    for p in paths:  # nothing deleted, the other shards untouched
+        assert p.is_file()
+        if p != bad:
+            assert p.read_bytes() == before[p]
+
+
+def test_training_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_ends(
+        engine, tmp_path):
+    items = corpus.plan(ROWS, engine.tokenizer.encode_prompt)
+    corpus.collect(engine, items, tmp_path / "c", max_tokens=16, batch=3, progress=False)
+    seqs = sequences(engine.model, corpus.read_shards(tmp_path / "c"), progress=False,
+                     taps=(0, 1))
+    vocab = torch.arange(3, 60)
+
+    def run(ckpt, max_batches=None, net=None):
+        net = net or DraftNet.from_target(engine.model, arch="eagle3", num_layers=1,
+                                          vocab_ids=vocab)
+        s = stage_train(net, engine.model, seqs, epochs=3, lr=3e-3, max_len=16,
+                        batch_tokens=48, feat_weight=0.0, seed=1, time_budget_s=1e9,
+                        ttt_steps=3, checkpoint=ckpt, max_batches=max_batches)
+        return net, s
+
+    torch.manual_seed(0)
+    a, sa = run(tmp_path / "a.ckpt")
+    assert sa["steps"] == sa["planned_steps"] > 6
+    _, s1 = run(tmp_path / "b.ckpt", max_batches=4)
+    assert s1["steps"] == 4
+    b, sb = run(tmp_path / "b.ckpt")
+    assert sb["steps"] == sa["steps"]
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.allclose(va, vb, atol=1e-6), ka
+    (tmp_path / "b.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="b.ckpt: unreadable training checkpoint"):
+        run(tmp_path / "b.ckpt")
