@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import time
 import warnings
 from collections import deque
@@ -36,7 +37,8 @@ from specrt.acceptance import accept
 from specrt.request import Request, RequestOutput, StreamEvent
 from specrt.engine_config import EngineConfig
 from specrt.engine_stream import Stream
-from specrt.sampling import SamplingParams, logits_to_probs
+from specrt.sampling import (SEED_LIMIT, SamplingParams, logits_to_probs, position_uniform,
+                             sample_at)
 
 __all__ = ["Engine", "EngineConfig", "RequestOutput", "StreamEvent"]
 
@@ -349,13 +351,9 @@ class Engine:
         if len(ids) >= limit:
             raise ValueError(f"{where} has {len(ids)} tokens; the limit is {limit - 1} "
                              f"(context {ctx}, cache {limit} tokens)")
-        gen = None
-        if not p.greedy:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(p.seed if p.seed is not None else
-                            int(torch.randint(0, 2**62, (1,)).item()))
+        seed = p.seed if p.seed is not None else secrets.randbelow(SEED_LIMIT)
         spec = speculative and bool(self._drafters)
-        r = Request(-1, prompt, ids, p, min(p.max_tokens, limit - len(ids)), gen,
+        r = Request(-1, prompt, ids, p, min(p.max_tokens, limit - len(ids)), seed,
                     Detokenizer(self.tokenizer), self._eos_ids,
                     drafter=(drafter or self._default) if spec else None,
                     auto_route=spec and drafter is None and self._router is not None)
@@ -449,7 +447,7 @@ class Engine:
         if p.greedy:
             return int(logits.argmax())
         probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
-        return int(torch.multinomial(probs, 1, generator=r.generator))
+        return int(sample_at(probs, torch.tensor(position_uniform(r.seed, 0))))
 
     def _draft(self, reqs: list[Request]) -> tuple[list[Request], list[DraftTree]]:
         """Draft trees, batched per drafter; a root-only tree for plain decoding. A

@@ -70,7 +70,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     max_new: int
-    generator: torch.Generator | None
+    seed: int              # the sampling seed (params.seed, or a fresh random one)
     detok: Detokenizer
     eos_ids: frozenset
     drafter: str | None = None

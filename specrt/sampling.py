@@ -6,9 +6,13 @@ target distribution, so target and draft distributions both go through
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
+
+SEED_LIMIT = 2 ** 63
+"""Seeds are integers in ``[0, 2**63)``."""
 
 
 @dataclass
@@ -20,7 +24,11 @@ class SamplingParams:
         temperature: 0 means greedy (argmax); > 0 scales logits.
         top_k: keep the k most likely tokens (0 = all).
         top_p: keep the smallest set whose mass reaches top_p, in (0, 1].
-        seed: seed of the request's random generator (None: nondeterministic).
+        seed: seed of the request's random numbers, an integer in ``[0, 2**63)``
+            (None: a fresh random one). The numbers are keyed by (seed, output
+            position, purpose) (:func:`position_uniform`), so a seed reproduces the
+            same text whatever the draft lengths, the batch or the timing, and with
+            deterministic drafts speculative output equals plain output.
         stop: strings that end generation (not included in the output text).
         ignore_eos: keep going past the end-of-sequence token.
     """
@@ -50,6 +58,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(
+                self.seed, int) or not 0 <= self.seed < SEED_LIMIT):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -81,3 +92,31 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
         probs = torch.zeros_like(probs).scatter_(-1, idx, sp)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def position_uniform(seed: int, position: int, purpose: str = "token") -> float:
+    """The request's uniform random number in ``(0, 1)`` for output ``position`` and
+    ``purpose`` (``"token"``: which token the target emits there; ``"verify"``: the
+    acceptance tests of a sampled-draft tree verified from there): a hash of
+    (seed, position, purpose), so it does not depend on how many numbers were drawn
+    before (draft lengths, batch, timing)."""
+    d = hashlib.blake2b(f"{seed}:{position}:{purpose}".encode(), digest_size=8).digest()
+    return (int.from_bytes(d, "big") + 0.5) / 2.0 ** 64
+
+
+def position_uniforms(seed: int, position: int, n: int, purpose: str) -> torch.Tensor:
+    """``n`` uniforms ``[n]`` (float32) for ``purpose`` at output ``position``."""
+    return torch.tensor([position_uniform(seed, position, f"{purpose}.{i}") for i in range(n)],
+                        dtype=torch.float32)
+
+
+def sample_at(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws: ``probs`` ``[..., V]`` (normalised or not), uniforms ``u``
+    ``[...]`` in (0, 1) -> token ids ``[...]`` int64, the first token whose cumulative
+    mass (float64, vocabulary order) exceeds ``u`` x the total. A token of zero
+    probability is never drawn. The same distribution and uniform give the same token,
+    which is what couples speculative to plain sampling."""
+    cdf = probs.double().cumsum(-1)
+    x = (u.double().to(cdf.device) * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)

@@ -128,14 +128,35 @@ def test_kv_cache_equals_ar_cache(tiny_dir, reference):
             assert torch.allclose(la[:, :n], lb[:, :n], atol=1e-5), f"prompt {i}"
 
 
-@pytest.mark.parametrize("drafter", ["tree_q", "fused"])
+@pytest.mark.parametrize("drafter", ["tree_q", "fused", "chain"])
 def test_sampled_first_tokens_follow_target(tiny_dir, reference, drafter):
     """Chi-square: the 2nd emitted token (the first decided by verification) of
     speculative sampling follows the target's distribution at that position (sampled
-    draft trees, and fused trees of deterministic proposals)."""
+    draft trees: recursive rejection; fused trees and chains of deterministic
+    proposals: the coupled verification)."""
+    pval, n = _second_token_pvalue(make_engine(tiny_dir, reference, max_draft=3,
+                                               max_batch=64), drafter)
+    assert n > 200
+    assert pval > 1e-3, f"p={pval:.2e} n={n}"
+
+
+def test_chi_square_catches_a_wrong_coupled_sampler(tiny_dir, reference, monkeypatch):
+    """Negative control: the coupled verification drawing from u**1.6 instead of u (a
+    sampler biased towards low token ids) fails the same test."""
+    import specrt.acceptance as acc
+
+    real = acc.sample_at
+    monkeypatch.setattr(acc, "sample_at", lambda probs, u: real(probs, u ** 1.6))
+    pval, n = _second_token_pvalue(make_engine(tiny_dir, reference, max_draft=3,
+                                               max_batch=64), "chain")
+    assert n > 200 and pval < 1e-3, f"p={pval:.2e}: the test cannot see a biased sampler"
+
+
+def _second_token_pvalue(eng, drafter):
+    """(chi-square p-value, draws) of the second emitted token of 1500 seeded sampled
+    generations, against the target's distribution after the modal first token."""
     from specrt.sampling import logits_to_probs
 
-    eng = make_engine(tiny_dir, reference, max_draft=3, max_batch=64)
     prompt = "abcabcabc"
     # condition on the most frequent first token so one target row is the reference
     n_draws = 1500
@@ -164,8 +185,8 @@ def test_sampled_first_tokens_follow_target(tiny_dir, reference, drafter):
     chi2 = float(((obs - exp) ** 2 / exp).sum())
     df = len(support) - 1
     pval = float(torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(chi2 / 2.0)))
-    assert len(seconds) > 200 and set(seconds.tolist()) <= set(support.tolist())
-    assert pval > 1e-3, f"chi2={chi2:.1f} df={df} p={pval:.2e} n={len(seconds)}"
+    assert set(seconds.tolist()) <= set(support.tolist())
+    return pval, len(seconds)
 
 
 def test_recycling_matrix_learns_from_verification(tiny_dir, reference):

@@ -272,6 +272,15 @@ def teacher_forced_accuracy(net, target, seqs: list[dict], max_len: int = 256,
     return res
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _trainable_state(net) -> dict[str, torch.Tensor]:
     """The tensors training changes (the net's own parameters and LoRA factors)."""
     sd = {k: v.detach().clone() for k, v in net.named_parameters() if v.requires_grad}
@@ -304,7 +313,7 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
                 time_budget_s: float, ttt_steps: int = 1, ttt_decay: float = 0.8,
                 held: list[dict] | None = None, eval_every: int = 0, patience: int = 3,
                 checkpoint: Path | None = None, checkpoint_every_s: float = 120.0,
-                max_batches: int | None = None) -> dict:
+                max_batches: int | None = None, bf16: bool = False) -> dict:
     """Distil ``drafter_net`` (a :class:`specrt.draft.model.DraftNet`) on ``seqs``.
 
     Loss per position j (predicting token j+1): KL(target || drafter) over the reduced
@@ -318,7 +327,10 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
     after ``patience`` evaluations without a gain (early stopping). ``checkpoint``: a
     file written atomically every ``checkpoint_every_s`` seconds (state, optimiser,
     step, best); a rerun with the same file resumes from it. ``max_batches`` stops this
-    call after that many batches (as an interruption would; tests). Returns a summary.
+    call after that many batches (as an interruption would; tests). ``bf16``: the
+    drafter's forward and backward under bfloat16 autocast (weights, optimiser and the
+    target's distribution stay fp32; 2.4x faster on CPUs with AVX512-BF16, see
+    :func:`cpu_has_bf16`). Returns a summary.
     """
     from tqdm import tqdm
 
@@ -385,17 +397,19 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
             L = pos.shape[1]
             with torch.no_grad():
                 tp_all = F.log_softmax(F.linear(rms_norm(hid, norm_w, eps), head_sub), -1)
-            ys = _net_forward(net, toks[:, :L], pos, prev, steps_ttt)
-            loss, kls = 0.0, []
-            wsum = sum(ttt_decay ** s_ for s_ in range(len(ys)))
-            for s_, y in enumerate(ys):
-                m = mask.clone()
-                m[:, :s_] = False  # depth s + 1 needs s earlier positions in the window
-                tp = tp_all[m]
-                dp = F.log_softmax(net.logits(y)[m], -1)
-                kl = (tp.exp() * (tp - dp)).sum(-1).mean()
-                kls.append(kl)
-                loss = loss + (ttt_decay ** s_ / wsum) * kl
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                ys = _net_forward(net, toks[:, :L], pos, prev, steps_ttt)
+                loss, kls = 0.0, []
+                wsum = sum(ttt_decay ** s_ for s_ in range(len(ys)))
+                for s_, y in enumerate(ys):
+                    m = mask.clone()
+                    m[:, :s_] = False  # depth s + 1 needs s earlier positions in the window
+                    tp = tp_all[m]
+                    dp = F.log_softmax(net.logits(y)[m].float(), -1)
+                    kl = (tp.exp() * (tp - dp)).sum(-1).mean()
+                    kls.append(kl)
+                    loss = loss + (ttt_decay ** s_ / wsum) * kl
+            ys = [y.float() for y in ys]
             x = ys[0]
             feat = torch.zeros(())
             if net.arch == "eagle" and feat_weight > 0:
@@ -501,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=4096, help="reduced output vocabulary size")
     ap.add_argument("--ttt-steps", type=int, default=4,
                     help="eagle3: training-time-test steps (draft depths trained)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="train under bfloat16 autocast (default: when the CPU has "
+                         "AVX512-BF16/AMX)")
     ap.add_argument("--epochs", type=float, default=24.0)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--max-len", type=int, default=256, help="training window (positions)")
@@ -613,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
                           batch_tokens=a.batch_tokens, feat_weight=a.feat_weight, seed=a.seed,
                           time_budget_s=a.train_minutes * 60, ttt_steps=a.ttt_steps,
                           held=held, patience=a.patience,
-                          checkpoint=work / f"train_{a.name}_{a.kind}.ckpt")
+                          checkpoint=work / f"train_{a.name}_{a.kind}.ckpt",
+                          bf16=cpu_has_bf16() if a.bf16 is None else a.bf16)
     times["train_s"] = round(time.perf_counter() - t, 1)
     cover = _coverage(vocab, seqs)
     meta = {
