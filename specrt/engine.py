@@ -337,6 +337,11 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError(f"{where} is empty")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{where} is not valid text: {e.reason} at character "
+                                 f"{e.start} ({prompt[e.start]!r})") from None
             ids = self.tokenizer.encode_prompt(prompt, chat=chat)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             V = self.model.args.vocab_size
