@@ -47,7 +47,9 @@ def test_align_end_to_end_and_resume(setup):
     assert all(st[s] == "ran" for s in ("collect", "features", "partition", "align", "assign",
                                         "route", "write"))
     work = out / "work"
-    recs = [json.loads(x) for x in (work / "collect.jsonl").read_text().splitlines()]
+    from specrt.draft import corpus
+
+    recs = corpus.read_shards(work / "collect")
     train_ids = {r["id"] for r in split(_rows())[0]}
     assert recs and {r["id"] for r in recs} <= train_ids  # never the eval split
     part = json.loads((work / "partition.json").read_text())
@@ -84,12 +86,12 @@ def test_align_end_to_end_and_resume(setup):
         assert a.token_ids == b.token_ids
         assert a.stats["cluster"] in (0, 1) and a.stats["drafter"] in eng.drafters
 
-    # rerun: nothing recomputed, collect.jsonl untouched
-    mtime = (work / "collect.jsonl").stat().st_mtime_ns
+    # rerun: nothing recomputed, the collected shards untouched
+    mtime = [p.stat().st_mtime_ns for p in sorted((work / "collect").iterdir())]
     st2 = run_align(_cfg(tiny, pf, out))
     assert all(st2[s] == "skipped" for s in ("collect", "features", "partition", "align",
                                              "assign", "route", "write"))
-    assert (work / "collect.jsonl").stat().st_mtime_ns == mtime
+    assert [p.stat().st_mtime_ns for p in sorted((work / "collect").iterdir())] == mtime
     # a changed router option redoes only route and write
     st3 = run_align(_cfg(tiny, pf, out, router_threshold=0.3))
     assert st3["collect"] == st3["assign"] == "skipped" and st3["route"] == st3["write"] == "ran"
@@ -131,8 +133,9 @@ def test_align_lora_on_baseline(setup):
 
     cfg = _cfg(tiny, pf, out, baseline=str(d / "base.json"), align_lora=4)
     part = json.loads((out / "work" / "partition.json").read_text())
-    recs = {r["id"]: r for r in map(json.loads, (out / "work" / "collect.jsonl").read_text()
-                                                .splitlines())}
+    from specrt.draft import corpus
+
+    recs = {r["id"]: r for r in corpus.read_shards(out / "work" / "collect")}
     for c in ("0", "1"):
         assert "LoRA r4" in summ[c]["init"] and summ[c]["steps"] > 0
         h = summ[c]["heldout"]
@@ -165,10 +168,12 @@ def test_align_interrupted_collect_resumes(setup):
     tiny, pf, d = setup
     out = d / "pool_cut"
     st = run_align(_cfg(tiny, pf, out, collect_minutes=0.0, aligner="none", gen_batch=2))
-    n1 = len((out / "work" / "collect.jsonl").read_text().splitlines())
+    from specrt.draft import corpus
+
+    n1 = len(corpus.read_shards(out / "work" / "collect"))
     assert st["reports"]["collect"]["complete"] is False and n1 >= 2
     st = run_align(_cfg(tiny, pf, out, aligner="none", gen_batch=2))
-    n2 = len((out / "work" / "collect.jsonl").read_text().splitlines())
+    n2 = len(corpus.read_shards(out / "work" / "collect"))
     assert st["collect"] == "ran" and st["reports"]["collect"]["new"] == n2 - n1 > 0
     assert (out / "pool.json").is_file()
 
@@ -346,3 +351,31 @@ def test_candidate_tokens_name_fusions_and_skip_missing_drafters():
     f = got["ngram+aligned_3"]
     assert isinstance(f, FusedDrafter) and f.members == [ng, al] and f.split == "fill"
     assert candidate_drafters(["baseline"], have) == {}
+
+
+def test_budget_bounds_the_assign_stage(setup, monkeypatch):
+    """``--budget``: assign gets 15% of it; each cluster measures as many held-back
+    prompts as its share allows (at least one), at the seconds per prompt seen so far.
+    Without a budget every held-back prompt is measured."""
+    import time
+
+    import specrt.align.assign as assign_mod
+
+    real = assign_mod.measure_candidates
+
+    def slow(eng, rows, names, *a, **kw):  # 0.4 s per prompt measured
+        time.sleep(0.4 * len(rows))
+        return real(eng, rows, names, *a, **kw)
+
+    monkeypatch.setattr(assign_mod, "measure_candidates", slow)
+    tiny, pf, d = setup
+    held = {}
+    for name, budget in (("free", None), ("tight", 0.1)):
+        out = d / f"pool_budget_{name}"
+        run_align(_cfg(tiny, pf, out, aligner="none", assign_prompts=3, budget_minutes=budget,
+                       collect_minutes=1.0, align_minutes=0.05,
+                       candidates=("ngram", "recycling")))
+        a = json.loads((out / "work" / "assign.json").read_text())
+        held[name] = [len(v["held_back"]) for v in a["clusters"].values()]
+    assert min(held["free"]) >= 2          # the unbounded run measures them all
+    assert held["tight"] == [1, 1]         # 0.9 s for 2 clusters at 0.4 s per prompt

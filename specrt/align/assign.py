@@ -18,10 +18,18 @@ from specrt.measure import measure_candidates
 _measure = measure_candidates  # the name the tests and older callers use
 
 
-def stage_assign(ctx: Ctx, by_id: dict[str, dict]) -> dict:
+def stage_assign(ctx: Ctx, by_id: dict[str, dict], budget_s: float = float("inf")) -> dict:
     """Per cluster, measure every candidate drafter on the cluster's held-back TRAIN
     prompts (batch 1, greedy) and assign the best by ``assign_metric``; resumable per
-    cluster. Writes ``assign.json`` ``{clusters: {c: {candidates, drafter}}, default}``."""
+    cluster. Writes ``assign.json`` ``{clusters: {c: {candidates, drafter}}, default}``.
+
+    ``budget_s`` bounds the stage: each cluster measures as many of its held-back
+    prompts (at least one) as its share of the time left allows, at the seconds per
+    prompt measured so far (before any measurement: 40 ms per token and candidate)."""
+    import time
+
+    t_start = time.perf_counter()
+    per_prompt: list[float] = []
     cfg = ctx.cfg
     part = ctx.read("partition")
     k = part["k"]
@@ -57,9 +65,21 @@ def stage_assign(ctx: Ctx, by_id: dict[str, dict]) -> dict:
             raise ValueError(f"no candidate drafters among {cfg.candidates}")
         rows = [dict(r, prompt=shorten_prompt(r["prompt"], cfg.max_prompt_chars))
                 for r in rows]
+        if budget_s != float("inf"):
+            passes = 2 if cfg.assign_budget else 1
+            guess = per_prompt[-1] if per_prompt else \
+                0.04 * cfg.assign_tokens * len(cand) * passes
+            share = (budget_s - (time.perf_counter() - t_start)) / (k - c)
+            n = max(1, int(share / max(guess, 1e-9)))
+            if n < len(rows):
+                log(f"assign: cluster {c}: {n} of {len(rows)} held-back prompts fit the "
+                    f"time budget")
+                rows = rows[:n]
+        t0 = time.perf_counter()
         with eng.using(drafters=cand, max_batch=1):  # the first candidate is the default
             m = measure_candidates(eng, rows, list(cand), cfg.assign_tokens,
                                    fixed_budget=cfg.assign_budget)
+        per_prompt.append((time.perf_counter() - t0) / len(rows))
         best = pick_drafter(m, key, cfg.assign_margin)
         res["clusters"][str(c)] = {"candidates": m, "drafter": best,
                                    "held_back": [r["id"] for r in rows]}

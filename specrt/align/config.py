@@ -57,8 +57,9 @@ class AlignConfig:
     gen_batch: int = opt(16)
     device: str | None = opt(None)
     seed: int = opt(0)
-    budget_minutes: float | None = opt(None, "total minutes: collect gets 50%%, alignment 35%% "
-                                       "(unless set below)", flag="--budget", type=float)
+    budget_minutes: float | None = opt(None, "total minutes: collect gets 50%%, alignment 35%%, "
+                                       "assignment 15%% (unless set below)", flag="--budget",
+                                       type=float)
     collect_minutes: float | None = opt(None, type=float)
     align_minutes: float | None = opt(None, "alignment time over all clusters (default 30)",
                                       type=float)

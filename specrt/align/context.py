@@ -140,17 +140,17 @@ class Ctx:
             return None
         return self.model_drafter(self.baseline_cfg, "baseline")
 
+    @property
+    def collect_dir(self) -> Path:
+        """The collect stage's shards (:mod:`specrt.draft.corpus`)."""
+        return self.work / "collect"
+
     def read_collect(self) -> list[dict]:
-        p = self.work / "collect.jsonl"
-        out = []
-        if p.is_file():
-            for line in p.read_text().split("\n"):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError:  # a line cut by an interrupted write
-                        pass
-        return out
+        """The collected records, one per prompt (the greedy sample); a damaged shard
+        is refused naming its file (:func:`specrt.draft.corpus.read_shards`)."""
+        from specrt.draft import corpus
+
+        return [r for r in corpus.read_shards(self.collect_dir) if r["sample"] == 0]
 
     def read(self, name: str) -> dict:
         """A stage's JSON output in the work dir (``partition``, ``assign``, ``route``)."""

@@ -3,9 +3,10 @@
 Stages (outputs under ``OUT/work``; a stage whose output exists with the same
 parameters is skipped on a rerun, and redoing a stage redoes the ones after it):
 
-a. ``collect``  -- target outputs (greedy, through the engine with its default drafter,
-   batched) for a task-balanced subsample of the TRAIN split; appended to
-   ``collect.jsonl`` chunk by chunk, so an interrupted run resumes where it stopped.
+a. ``collect``  -- target outputs (greedy, plain batched decoding) for a task-balanced
+   subsample of the TRAIN split, in whole shards under ``work/collect/``
+   (:mod:`specrt.draft.corpus`, shared with the baseline trainer), so an interrupted run
+   resumes where it stopped.
 b. ``features`` -- router features of every collected prompt (mean final-normed target
    state over the chat-templated prompt, as the engine computes online):
    ``features.safetensors``.
@@ -45,6 +46,7 @@ the selection policy in :mod:`~specrt.align.policy`, measurements by
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from pathlib import Path
 
@@ -89,6 +91,7 @@ def run_align(cfg: AlignConfig) -> dict:
                  else (0.5 * total if total else float("inf")))
     align_s = (cfg.align_minutes * 60 if cfg.align_minutes is not None
                else (0.35 * total if total else 30 * 60))
+    assign_s = 0.15 * total if total else float("inf")
     ctx = Ctx(cfg)
     status: dict = {"reports": {}}
     man = ctx.manifest
@@ -122,9 +125,9 @@ def run_align(cfg: AlignConfig) -> dict:
     old = man.data.get("collect", {}).get("params")
     same_out = old is not None and all(old.get(k) == cp[k] for k in
                                        ("prompts", "target", "max_tokens", "max_prompt_chars"))
-    if old is not None and not same_out and (ctx.work / "collect.jsonl").is_file():
-        log("collect: parameters changed; discarding the old collect.jsonl")
-        (ctx.work / "collect.jsonl").unlink()
+    if old is not None and not same_out and ctx.collect_dir.is_dir():
+        log("collect: parameters changed; discarding the old collected shards")
+        shutil.rmtree(ctx.collect_dir)
     if man.done("collect", cp):
         status["collect"] = "skipped"
     else:
@@ -161,7 +164,7 @@ def run_align(cfg: AlignConfig) -> dict:
     step("features", lambda: stage_features(ctx, recs, by_id))
     step("partition", lambda: stage_partition(ctx))
     step("align", lambda: stage_align(ctx, align_s))
-    step("assign", lambda: stage_assign(ctx, by_id))
+    step("assign", lambda: stage_assign(ctx, by_id, assign_s))
     step("route", lambda: stage_route(ctx, by_id))
     step("write", lambda: stage_write(ctx))
     status["seconds"] = round(time.perf_counter() - t_all, 1)

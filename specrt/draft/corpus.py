@@ -130,8 +130,8 @@ def collect(engine, items: list[Item], out_dir: str | Path, *, max_tokens: int,
             stop_after_shards: int | None = None) -> dict:
     """Generate ``items`` with ``engine`` (plain decoding, at most ``batch`` requests in
     flight) into shards of ``out_dir`` (see the module docstring), skipping items already
-    collected. No new request starts after ``budget_s`` seconds (the shards in flight are
-    finished); ``stop_after_shards`` stops after writing that many new shards (tests).
+    collected. No new shard starts after ``budget_s`` seconds (the shards in flight, at
+    least one per call, are finished); ``stop_after_shards`` stops after writing that many new shards (tests).
 
     Returns ``{"items", "new", "complete", "output_tokens", "seconds", "tok_per_s"}``.
     The shard an item goes to is fixed by its place in ``items`` (shard ``c`` holds
@@ -159,8 +159,8 @@ def collect(engine, items: list[Item], out_dir: str | Path, *, max_tokens: int,
     qi, written, tokens, complete = 0, 0, 0, True
     try:
         while True:
-            if complete and qi < len(queue) and time.perf_counter() - t0 > budget_s:
-                # finish the shards already started, start no new one
+            if complete and 0 < qi < len(queue) and time.perf_counter() - t0 > budget_s:
+                # finish the shards already started (at least one), start no new one
                 last = max((c for c, _ in pending.values()), default=-1)
                 queue = queue[:qi] + [q for q in queue[qi:] if q[0] <= last]
                 complete = False
