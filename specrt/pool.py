@@ -50,6 +50,8 @@ from specrt.draft.registry import (KINDS, drafter_entry, drafter_from_entry,  # 
 
 POOL_FORMAT = "specrt-pool"
 POOL_VERSION = 1
+SHIPPED_POOL = Path(__file__).resolve().parent / "pools" / "default"
+"""The pool shipped for the default target (``Engine.from_pretrained()`` loads it)."""
 
 
 class PoolError(ValueError):
@@ -171,22 +173,127 @@ def write_pool(out_dir: str | Path, *, model, drafters: list[dict], default_draf
 
 
 # ----------------------------------------------------------------------------- load
+_FIELD_TYPES = (("target", dict, "an object"), ("drafters", list, "a list"),
+                ("default_drafter", str, "a string"), ("clusters", dict, "an object"),
+                ("router", dict, "an object"))
+
+
+def read_json_file(path: str | Path, what: str = "file"):
+    """The parsed JSON of ``path``; :class:`PoolError` naming the file (``what`` says
+    what it is) when it is missing, unreadable or not JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise PoolError(f"{what} missing: {p}")
+    try:
+        return json.loads(p.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PoolError(f"{p}: {what} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise PoolError(f"{p}: cannot read {what} ({e})") from None
+
+
+def check_safetensors(path: str | Path) -> None:
+    """:class:`PoolError` naming ``path`` unless it is a complete safetensors file: an
+    8-byte header length, a JSON header, and exactly the data bytes the header's
+    ``data_offsets`` cover (a truncated copy fails here, before any tensor is read)."""
+    p = Path(path)
+    size = p.stat().st_size
+    bad = f"{p}: not a complete safetensors file"
+    if size < 8:
+        raise PoolError(f"{bad} ({size} bytes; truncated?)")
+    with p.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            raise PoolError(f"{bad} (its header says {n} bytes, the file has {size}; "
+                            "truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise PoolError(f"{bad} (its header is not JSON)") from None
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                   if k != "__metadata__"), default=0)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError):
+        raise PoolError(f"{bad} (its header lists no valid data_offsets)") from None
+    if 8 + n + end != size:
+        raise PoolError(f"{bad} (its header needs {8 + n + end} bytes, the file has "
+                        f"{size}; truncated or damaged)")
+
+
+def _check_meta_shape(meta, p: Path) -> None:
+    """:class:`PoolError` naming ``p`` and the field when ``pool.json`` is not an object
+    or a top-level field or drafter entry has the wrong JSON type."""
+    if not isinstance(meta, dict):
+        raise PoolError(f"{p}: expected a JSON object, got {type(meta).__name__}")
+    for key, typ, spelled in _FIELD_TYPES:
+        if meta.get(key) is not None and not isinstance(meta[key], typ):
+            raise PoolError(f"{p}: field {key!r} must be {spelled}, got "
+                            f"{type(meta[key]).__name__}")
+    for i, e in enumerate(meta.get("drafters") or []):
+        where = f"{p}: field 'drafters'[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise PoolError(f"{where} must be an object with a string 'name'")
+        files = e.get("files", [])
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise PoolError(f"{where} ({e['name']!r}): 'files' must be a list of file names")
+        if not isinstance(e.get("config", {}), dict):
+            raise PoolError(f"{where} ({e['name']!r}): 'config' must be an object")
+
+
 def read_pool_meta(pool_dir: str | Path) -> dict:
-    """``pool.json`` of a pool directory, checked for format and version."""
+    """``pool.json`` of a pool directory, checked for format, version and the JSON
+    types of its fields (:class:`PoolError` naming the file and field otherwise)."""
     d = Path(pool_dir)
     p = d / "pool.json"
     if not p.is_file():
         raise PoolError(f"not a pool directory (no pool.json): {d}")
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise PoolError(f"{p}: not JSON ({e})") from None
+    meta = read_json_file(p, "pool.json")
+    _check_meta_shape(meta, p)
     if meta.get("format") != POOL_FORMAT:
         raise PoolError(f"{p}: not a specrt pool (format {meta.get('format')!r})")
-    if int(meta.get("version", 0)) > POOL_VERSION:
-        raise PoolError(f"{p}: pool version {meta.get('version')} is newer than this specrt "
+    version = meta.get("version", 0)
+    if not isinstance(version, int):
+        raise PoolError(f"{p}: field 'version' must be an integer, got {version!r}")
+    if version > POOL_VERSION:
+        raise PoolError(f"{p}: pool version {version} is newer than this specrt "
                         f"reads ({POOL_VERSION})")
     return meta
+
+
+def _check_drafter_config(p: Path, name: str, seen: set) -> None:
+    """A model drafter's config ``p``: JSON object naming a complete weights file, and
+    (LoRA drafters) a base config that passes the same check."""
+    if p in seen:
+        return
+    seen.add(p)
+    cfg = read_json_file(p, f"config of drafter {name!r}")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("weights"), str):
+        raise PoolError(f"{p}: config of drafter {name!r} must be a JSON object with a "
+                        "string field 'weights'")
+    w = p.parent / cfg["weights"]
+    if not w.is_file():
+        raise PoolError(f"{p}: field 'weights' names a missing file {cfg['weights']}")
+    check_safetensors(w)
+    if cfg.get("base"):
+        if not isinstance(cfg["base"], str):
+            raise PoolError(f"{p}: field 'base' must be a file name, got {cfg['base']!r}")
+        _check_drafter_config(p.parent / cfg["base"], name, seen)
+
+
+def check_drafter_files(entry: dict, pool_dir: str | Path) -> None:
+    """:class:`PoolError` naming the file when a file of a ``pool.json`` drafter entry
+    is missing, a safetensors file is incomplete, or a model drafter's config is not
+    JSON (checked before anything is built from them)."""
+    d, name = Path(pool_dir), entry.get("name")
+    for f in entry.get("files", []):
+        p = d / f
+        if not p.is_file():
+            raise PoolError(f"pool {d}: drafter {name!r} misses file {f}")
+        if p.suffix == ".safetensors":
+            check_safetensors(p)
+    files = entry.get("files", [])
+    if entry.get("kind") == "model" and files:
+        _check_drafter_config(d / files[0], name, set())
 
 
 def check_target(meta: dict, model, pool_dir: str | Path = "") -> None:
@@ -209,11 +316,10 @@ def load_pool(pool_dir: str | Path, model, *, check: bool = True):
     of :mod:`specrt.draft.base`), the :class:`specrt.route.MLPRouter` on the target's
     device, the default drafter's name, and the parsed ``pool.json``.
 
-    Raises :class:`PoolError` (a ``ValueError``) when the directory is not a pool, a file
-    is missing, or the pool was aligned to a different target (``check``).
+    Raises :class:`PoolError` (a ``ValueError``) naming the file (and field) when the
+    directory is not a pool, a file is missing, truncated or not JSON, a field has the
+    wrong type, or the pool was aligned to a different target (``check``). Reads only.
     """
-    from specrt.route import MLPRouter
-
     d = Path(pool_dir)
     meta = read_pool_meta(d)
     if check:
@@ -221,7 +327,9 @@ def load_pool(pool_dir: str | Path, model, *, check: bool = True):
     entries = meta.get("drafters") or []
     if not entries:
         raise PoolError(f"pool {d}: no drafters")
-    built = {e.get("name"): drafter_from_entry(e, d, model)
+    for e in entries:
+        check_drafter_files(e, d)
+    built = {e.get("name"): _build(e, d, model)
              for e in entries if e.get("kind") != "fused"}
     for e in entries:  # fused drafters last: their members are the pool's own drafters
         if e.get("kind") == "fused":
@@ -231,14 +339,41 @@ def load_pool(pool_dir: str | Path, model, *, check: bool = True):
     default = meta.get("default_drafter")
     if default not in names:
         raise PoolError(f"pool {d}: default drafter {default!r} not among {names}")
-    r = meta.get("router") or {}
-    rfile = d / r.get("file", "router.safetensors")
-    if not rfile.is_file():
-        raise PoolError(f"pool {d}: router file missing: {rfile.name}")
-    rcfg = d / r["config"] if r.get("config") and (d / r["config"]).is_file() else None
-    dev = next(model.parameters()).device
-    router = MLPRouter.load(rfile, rcfg, device=dev)
+    router = _load_router(d, meta.get("router") or {}, next(model.parameters()).device)
     bad = (set(router.cluster_drafter) | {router.default}) - set(names)
     if bad:
         raise PoolError(f"pool {d}: router names drafters not in the pool: {sorted(bad)}")
     return drafters, router, default, meta
+
+
+def _build(entry: dict, d: Path, model):
+    """:func:`drafter_from_entry`, with a damaged file's error naming the drafter and its
+    files (the files passed :func:`check_drafter_files`; this is the safety net)."""
+    from safetensors import SafetensorError
+
+    try:
+        return drafter_from_entry(entry, d, model)
+    except (SafetensorError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PoolError(f"pool {d}: drafter {entry.get('name')!r} cannot be built from "
+                        f"{', '.join(entry.get('files', [])) or 'its entry'}: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def _load_router(d: Path, r: dict, device):
+    """The pool's :class:`specrt.route.MLPRouter` from its ``router`` field (weights
+    file, optional JSON config), every damaged file named in a :class:`PoolError`."""
+    from specrt.route import MLPRouter
+
+    rname = r.get("file", "router.safetensors")
+    if not isinstance(rname, str):
+        raise PoolError(f"{d / 'pool.json'}: field 'router.file' must be a file name")
+    rfile = d / rname
+    if not rfile.is_file():
+        raise PoolError(f"pool {d}: router file missing: {rfile.name}")
+    check_safetensors(rfile)
+    rcfg = d / r["config"] if isinstance(r.get("config"), str) and \
+        (d / r["config"]).is_file() else None
+    try:
+        return MLPRouter.load(rfile, rcfg, device=device)
+    except ValueError as e:
+        raise PoolError(f"pool {d}: {e}") from None

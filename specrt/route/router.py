@@ -181,27 +181,82 @@ class MLPRouter(nn.Module):
     def load(cls, weights: str | Path, config: str | Path | dict | None = None,
              device: str | torch.device = "cpu") -> "MLPRouter":
         """Load a router saved by :meth:`save`; ``config`` (path or dict) overrides the
-        config stored in the weights file's metadata (e.g. an edited threshold)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        config stored in the weights file's metadata (e.g. an edited threshold).
 
+        ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file (and
+        key) for a damaged weights file, a config that is not a JSON object, or one
+        that misses keys or does not fit the weights."""
         weights = Path(weights)
         if not weights.is_file():
             raise FileNotFoundError(f"router weights not found: {weights}")
-        with safe_open(str(weights), "pt") as f:
-            meta = f.metadata() or {}
-        cfg = json.loads(meta["specrt_router"]) if "specrt_router" in meta else {}
+        cfg = _weights_config(weights)
         if isinstance(config, (str, Path)):
-            cfg.update(json.loads(Path(config).read_text()))
+            cfg.update(_config_file(Path(config)))
         elif isinstance(config, dict):
             cfg.update(config)
-        r = cls(cfg["dim"], cfg["n_clusters"], cfg["cluster_drafter"], cfg["default"],
-                hidden=cfg.get("hidden", 128), threshold=cfg.get("threshold", 0.5),
-                mode=cfg.get("mode", "mlp"), metric=cfg.get("metric", "cosine"),
-                tau=cfg.get("tau", 1.0))
-        r.load_state_dict(load_file(str(weights)))
+        where = f"{weights}" + (f" + {config}" if isinstance(config, (str, Path)) else "")
+        missing = [k for k in ("dim", "n_clusters", "cluster_drafter", "default")
+                   if k not in cfg]
+        if missing:
+            raise ValueError(f"router config ({where}) misses {', '.join(map(repr, missing))}")
+        try:
+            r = cls(cfg["dim"], cfg["n_clusters"], cfg["cluster_drafter"], cfg["default"],
+                    hidden=cfg.get("hidden", 128), threshold=cfg.get("threshold", 0.5),
+                    mode=cfg.get("mode", "mlp"), metric=cfg.get("metric", "cosine"),
+                    tau=cfg.get("tau", 1.0))
+            r.load_state_dict(_weights_tensors(weights))
+        except (TypeError, RuntimeError) as e:  # wrong types, shapes that do not fit
+            raise ValueError(f"router config ({where}) does not fit: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"router config ({where}): {e}") from None
         return r.to(device).eval()
 
+
+def _weights_config(weights: Path) -> dict:
+    """The config stored in a router weights file's metadata (``{}`` when none);
+    ``ValueError`` naming the file when it is not readable safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read router weights {weights}: truncated or not "
+                         f"safetensors ({e})") from None
+    if "specrt_router" not in meta:
+        return {}
+    try:
+        cfg = json.loads(meta["specrt_router"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{weights}: the router config in its metadata is not JSON ({e})"
+                         ) from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{weights}: the router config in its metadata is not an object")
+    return cfg
+
+
+def _config_file(path: Path) -> dict:
+    """A router config JSON file as a dict; ``ValueError`` naming it otherwise."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"router config {path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"router config {path} must be a JSON object, got "
+                         f"{type(cfg).__name__}")
+    return cfg
+
+
+def _weights_tensors(weights: Path) -> dict:
+    """All tensors of a router weights file; ``ValueError`` naming it when damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read router weights {weights}: truncated or not "
+                         f"safetensors ({e})") from None
 
 def router_latency(router: MLPRouter, dim: int, batch: int = 1, reps: int = 50,
                    device=None) -> float:
