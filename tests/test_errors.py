@@ -152,3 +152,40 @@ def test_damaged_pool_through_the_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("specrt: error:") and "baseline.safetensors" in err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------- device strings (issue 15)
+def test_unknown_device_is_refused_up_front(tiny_dir):
+    with pytest.raises(ValueError, match=r"unknown device 'tpu' \(use cpu or cuda\[:N\]\)"):
+        specrt.Engine.from_pretrained(str(tiny_dir), device="tpu")
+    with pytest.raises(ValueError, match="unknown device 'cuda:x'"):
+        specrt.Engine.from_pretrained(str(tiny_dir), device="cuda:x")
+
+
+def test_cuda_without_cuda_is_a_clear_error(tiny_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ValueError, match="device 'cuda' is not available: this torch build "
+                                         "has no CUDA"):
+        specrt.Engine.from_pretrained(str(tiny_dir), device="cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")  # a CUDA build on a GPU-less machine
+    with pytest.raises(ValueError, match="device 'cuda:1' is not available: no CUDA device"):
+        specrt.Engine.from_pretrained(str(tiny_dir), device="cuda:1")
+
+
+def test_cuda_index_beyond_the_devices(monkeypatch):
+    import torch
+
+    from specrt.model import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device 'cuda:2' is not available: 2 CUDA devices "
+                                         r"\(cuda:0\.\.cuda:1\)"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cuda")

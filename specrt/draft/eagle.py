@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specrt.draft.net import ArchDrafting, DraftNet
-from specrt.model.llama import Llama, ModelArgs
+from specrt.model.llama import Llama, ModelArgs, linear
 
 
 def feature_norm(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -50,7 +50,7 @@ class EagleNet(DraftNet):
         e = F.embedding(tokens, self.embed_weight)
         if prev is None:
             prev = torch.zeros_like(e)
-        return self.fc(torch.cat([e, feature_norm(prev.to(e.dtype))], dim=-1))
+        return linear(torch.cat([e, feature_norm(prev.to(e.dtype))], dim=-1), self.fc)
 
     def _init_from_target(self, target: Llama) -> None:
         """``fc`` starts as ``[I | 0]``: the embedding passes through, the hidden-state

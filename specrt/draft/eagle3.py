@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specrt.draft.eagle import EagleDrafting, EagleNet, feature_norm
-from specrt.model.llama import Llama, ModelArgs
+from specrt.model.llama import Llama, ModelArgs, linear
 
 
 def default_feature_layers(num_target_layers: int) -> tuple[int, ...]:
@@ -79,7 +79,7 @@ class Eagle3Net(EagleNet):
     def fuse_target(self, taps: torch.Tensor) -> torch.Tensor:
         """Target features ``[..., k, hidden]`` -> the fused state ``[..., hidden]``."""
         t = feature_norm(taps.to(self.fuse.weight.dtype))
-        return self.fuse(t.flatten(-2))
+        return linear(t.flatten(-2), self.fuse)
 
     def _init_from_target(self, target: Llama) -> None:
         """``fc`` as for eagle; ``fuse`` starts as the identity on the last tapped layer

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from specrt import ops
-from specrt.model.llama import Layer, Llama, ModelArgs, apply_rope, rms_norm, rope_inv_freq
+from specrt.ops.gemm import PackedLinear
+from specrt.model.llama import (Layer, Llama, ModelArgs, apply_rope, linear, rms_norm,
+                                rope_inv_freq)
 
 LORA_TARGETS = ("q", "k", "v", "qkv", "o", "gate_up", "down")
 ARCHS = ("lm", "eagle", "eagle3")
@@ -134,6 +136,7 @@ class DraftNet(nn.Module):
         self.register_buffer("vocab_ids", vocab_ids.clone())
         self.embed_weight = embed_weight.detach()              # shared, not saved
         self.head_sub = head_weight.detach()[vocab_ids].clone()   # derived, not saved
+        self._head_mm = PackedLinear()
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.lora: dict[str, dict] = {}       # "layer.target" -> {A, B, scale}
 
@@ -266,7 +269,7 @@ class DraftNet(nn.Module):
     def _linear(self, li: int, name: str, h: torch.Tensor) -> torch.Tensor:
         layer = self.layers[li]
         lin = getattr(layer, name)
-        out = lin(h)
+        out = linear(h, lin)  # the skinny GEMM when drafting on CPU (F.linear in training)
         if self.lora:
             targets = ("q", "k", "v", "qkv") if name == "qkv" else (name,)
             for t in targets:
@@ -308,7 +311,8 @@ class DraftNet(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-norm states ``[..., hidden]`` -> fp32 logits over the reduced vocabulary."""
-        return F.linear(rms_norm(x, self.norm, self.args.rms_norm_eps), self.head_sub).float()
+        return self._head_mm(rms_norm(x, self.norm, self.args.rms_norm_eps),
+                             self.head_sub).float()
 
     # ------------------------------------------------------------- forwards
     def train_forward(self, tokens: torch.Tensor, positions: torch.Tensor,
