@@ -153,10 +153,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = ap.parse_args(argv)
     try:
+        _check_device(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"specrt: error: {e}", file=sys.stderr)
         return 2
+
+
+def _check_device(args) -> None:
+    """Refuse a ``--device`` this machine lacks before any subcommand loads anything."""
+    if getattr(args, "device", None) is not None:
+        from specrt.model import resolve_device
+
+        resolve_device(args.device)
 
 
 if __name__ == "__main__":

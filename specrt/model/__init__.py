@@ -1,6 +1,7 @@
 """Llama-family models over the paged cache, their loaders and tokenizers."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -8,7 +9,44 @@ import torch
 from specrt.model.llama import Llama, ModelArgs
 from specrt.model.tokenizer import Detokenizer, Tokenizer
 
-__all__ = ["Llama", "ModelArgs", "Tokenizer", "Detokenizer", "load_model", "resolve_target"]
+__all__ = ["Llama", "ModelArgs", "Tokenizer", "Detokenizer", "load_model", "resolve_target",
+           "resolve_device"]
+
+
+_DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device ``device`` names, checked before anything is loaded: ``cpu``,
+    ``cuda`` or ``cuda:N`` (None: CUDA when available, else CPU).
+
+    ``ValueError`` for other names (``unknown device 'tpu' (use cpu or cuda[:N])``) and
+    for CUDA where this torch build or machine has none, or has no device N."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spelled = str(device).strip().lower()
+    m = _DEVICE.fullmatch(spelled)
+    if m is None or (m.group(1) == "cpu" and m.group(2) not in (None, "0")):
+        raise ValueError(f"unknown device {str(device)!r} (use cpu or cuda[:N])")
+    if m.group(1) == "cpu":
+        return torch.device("cpu")
+    index = None if m.group(2) is None else int(m.group(2))
+    _check_cuda(spelled, index)
+    return torch.device("cuda", index) if index is not None else torch.device("cuda")
+
+
+def _check_cuda(spelled: str, index: int | None) -> None:
+    """``ValueError`` unless CUDA device ``index`` (None: the current one) can be used."""
+    why = None
+    if torch.version.cuda is None and not torch.cuda.is_available():
+        why = "this torch build has no CUDA (install a CUDA build of torch)"
+    elif not torch.cuda.is_available():
+        why = "no CUDA device is visible to this torch build"
+    elif index is not None and index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        why = f"{n} CUDA device{'s' if n != 1 else ''} (cuda:0..cuda:{n - 1})"
+    if why is not None:
+        raise ValueError(f"device {spelled!r} is not available: {why}")
 
 
 def resolve_target(target: str | Path | None) -> Path:
@@ -49,10 +87,12 @@ def load_model(target: str | Path | None = None, dtype: torch.dtype | None = Non
     """Load a target (HF directory, GGUF file, or the default model when None).
 
     dtype defaults to fp32 on CPU and bf16 on CUDA; device to CUDA when available.
+    ``ValueError`` for a device this machine lacks (see :func:`resolve_device`), before
+    the target is read.
     """
     from specrt.model.hf import load_hf_model
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     d = resolve_target(target)
