@@ -23,12 +23,15 @@ def _generate(args) -> int:
                           "finish_reason": out.finish_reason, "stats": out.stats}))
         return 0
     final = None
-    for ev in engine.stream(args.prompt, params, **kw):
-        sys.stdout.write(ev.text)
+    try:
+        for ev in engine.stream(args.prompt, params, **kw):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+            if ev.finished:
+                final = ev.output
+    finally:  # Ctrl-C too: the partial text ends its line
+        sys.stdout.write("\n")
         sys.stdout.flush()
-        if ev.finished:
-            final = ev.output
-    sys.stdout.write("\n")
     if final is not None and args.stats:
         s = final.stats
         print(f"[{s['completion_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, "
@@ -90,7 +93,23 @@ def _bench_e2e(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``specrt`` command."""
+    """Entry point of the ``specrt`` command: runs a subcommand and returns its exit
+    status; errors print ``specrt: error: ...`` (status 2), Ctrl-C ``specrt:
+    interrupted`` (status 130), never a traceback."""
+    try:
+        args = _parser().parse_args(argv)
+        _check_device(args)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("specrt: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"specrt: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The ``specrt`` argument parser with every subcommand."""
     ap = argparse.ArgumentParser(prog="specrt", description="speculative-decoding runtime")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -151,13 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_serve(sub)
 
-    args = ap.parse_args(argv)
-    try:
-        _check_device(args)
-        return args.func(args)
-    except (ValueError, OSError) as e:
-        print(f"specrt: error: {e}", file=sys.stderr)
-        return 2
+    return ap
 
 
 def _check_device(args) -> None:
