@@ -352,7 +352,8 @@ def _add_drafters(sub) -> None:
 def _add_bench(sub) -> None:
     """``specrt bench``."""
     b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH",
+                            help="which benchmark")
     e = bsub.add_parser("e2e", help="tokens/s, acceptance, speedup per task and mode")
     e.add_argument("--prompts", required=True, help="JSONL with prompt and task fields")
     e.add_argument("--max-tokens", type=int, default=64, help="tokens per prompt")

@@ -90,8 +90,8 @@ class Engine:
     def from_pretrained(cls, target: str | None = None, pool: str | None = None, *,
                         device: str | None = None, dtype: torch.dtype | None = None,
                         **kwargs) -> "Engine":
-        """Load a target (HF directory, .gguf file, or the default model when None)
-        with its drafters.
+        """Load a target (HF directory, .gguf file, or the default model when None or
+        its own GGUF file) with its drafters.
 
         ``pool``: a pool directory (see :mod:`specrt.pool`): its drafters, routing head
         and default drafter are used (a ``ValueError`` when it was aligned to another
@@ -103,13 +103,16 @@ class Engine:
         ``default_drafter`` / ``router`` override the pool's; the rest are
         :class:`EngineConfig` fields).
         """
+        from specrt.model import is_default_target
+
+        if target is not None and is_default_target(target):
+            target = None  # the default model's own file: its pool and baseline too
         model, tok = load_model(target, dtype=dtype, device=device)
         if pool is None and target is None and "drafters" not in kwargs:
-            from pathlib import Path
+            from specrt.pool import SHIPPED_POOL
 
-            shipped = Path(__file__).resolve().parent / "pools" / "default"
-            if (shipped / "pool.json").is_file():
-                pool = str(shipped)
+            if (SHIPPED_POOL / "pool.json").is_file():
+                pool = str(SHIPPED_POOL)
         if pool is not None:
             from specrt.pool import load_pool
 

@@ -110,12 +110,13 @@ def test_every_option_of_every_subcommand_shows_its_default():
             assert "default" in fmt._get_help_string(a).lower(), (words, a.option_strings)
 
 
-def test_options_of_generate_drafters_and_bench_have_help_texts():
+def test_every_option_of_every_subcommand_has_a_help_text():
     from specrt.cli import _parser
 
     subs = dict(_subparsers(_parser()))
-    for words in [("generate",), ("drafters",), ("bench", "e2e")]:
-        for a in subs[words]._actions:
+    assert {("generate",), ("drafters",), ("bench", "e2e"), ("serve",), ("align",)} <= set(subs)
+    for words, sp in subs.items():
+        for a in sp._actions:
             assert a.help and a.help.strip(), (words, a.option_strings or a.dest)
 
 
@@ -256,3 +257,15 @@ def test_is_default_target(tmp_path, tiny_llama):
     assert is_default_target(None) and is_default_target(str(g)) and is_default_target(link)
     assert not is_default_target(other) and not is_default_target(tiny_llama)
     assert not is_default_target(tmp_path / "missing.gguf")
+
+
+@needs_default_model
+def test_from_pretrained_with_the_default_gguf_keeps_its_pool():
+    """The Python API too: the default model's own GGUF file as ``target`` loads the
+    shipped pool (router and drafters), as ``target=None`` does."""
+    from specrt.pool import SHIPPED_POOL, read_pool_meta
+
+    eng = specrt.Engine.from_pretrained(str(_default_gguf()), device="cpu")
+    meta = read_pool_meta(SHIPPED_POOL)
+    assert eng.router is not None
+    assert sorted(eng.drafters) == sorted(d["name"] for d in meta["drafters"])

@@ -47,20 +47,22 @@ class AlignConfig:
                              "model)")
     work: str | None = opt(None, "stage outputs (default OUT/work)")
     clusters: str | int = opt("auto", "K, or 'auto' (silhouette over --k-min..--k-max)")
-    k_min: int = opt(2)
-    k_max: int = opt(10)
-    metric: str = opt("cosine", choices=["cosine", "euclidean"])
+    k_min: int = opt(2, "smallest K tried by --clusters auto")
+    k_max: int = opt(10, "largest K tried by --clusters auto")
+    metric: str = opt("cosine", "k-means distance over the router features",
+                      choices=["cosine", "euclidean"])
     per_task: int = opt(24, "train prompts per task")
     max_tokens: int = opt(48, "target tokens per prompt (collect)")
     max_prompt_chars: int = opt(1500, "collect: longer prompts keep head 2/3 + tail 1/3 of "
                                 "this (0: off)")
-    gen_batch: int = opt(16)
-    device: str | None = opt(None)
-    seed: int = opt(0)
+    gen_batch: int = opt(16, "requests decoded together (collect)")
+    device: str | None = opt(None, "cpu or cuda[:N] (default: cuda if available)")
+    seed: int = opt(0, "seed of the prompt sample, partition and training")
     budget_minutes: float | None = opt(None, "total minutes: collect gets 50%%, alignment 35%%, "
                                        "assignment 15%% (unless set below)", flag="--budget",
                                        type=float)
-    collect_minutes: float | None = opt(None, type=float)
+    collect_minutes: float | None = opt(None, "collection time (default: half of --budget, "
+                                        "else unbounded)", type=float)
     align_minutes: float | None = opt(None, "alignment time over all clusters (default 30)",
                                       type=float)
     aligner: str = opt("distill", "aligner: distill or none", flag="--align")
@@ -68,16 +70,18 @@ class AlignConfig:
                                "for the default target; none otherwise)")
     align_kind: str = opt("eagle", "drafter kind when there is no baseline",
                           choices=["lm", "eagle"])
-    align_layers: int = opt(1)
-    align_vocab: int = opt(4096)
+    align_layers: int = opt(1, "decoder layers of a drafter built without a baseline")
+    align_vocab: int = opt(4096, "reduced vocabulary of a drafter built without a "
+                           "baseline")
     align_epochs: float = opt(30.0, "passes over each cluster's sequences")
     align_lr: float | None = opt(None, "learning rate (default 3e-3 with LoRA, 3e-4 full "
                                  "tuning)", type=float)
     align_lora: int = opt(16, "LoRA rank on the baseline drafter (0: tune all its weights)")
     hold_frac: float = opt(0.25, "held-back share of each cluster's train prompts")
     assign_prompts: int = opt(4, "held-back train prompts per cluster for assign/route")
-    assign_tokens: int = opt(48)
-    assign_metric: str = opt("goodput", choices=list(ASSIGN_METRICS))
+    assign_tokens: int = opt(48, "tokens generated per held-back prompt (assign)")
+    assign_metric: str = opt("goodput", "what assign maximises per cluster",
+                             choices=list(ASSIGN_METRICS))
     assign_margin: float = opt(0.02, "candidates within this relative margin of the best "
                                "metric tie; the longest mean accepted length among them wins")
     assign_budget: int | None = opt(3, "draft length at which candidates that tie on goodput "
@@ -90,10 +94,11 @@ class AlignConfig:
                             "tokens only), recycling, and fusions of them joined by + (one "
                             "merged draft tree per step, see specrt.draft.fused)",
                             type=str, parse=_split_list, show=",".join(CANDIDATES))
-    router_hidden: int = opt(128)
-    router_threshold: float = opt(0.5)
-    router_epochs: int = opt(300)
-    progress: bool = opt(True, negate="--no-progress")
+    router_hidden: int = opt(128, "hidden units of the routing MLP")
+    router_threshold: float = opt(0.5, "below this routing confidence the default drafter "
+                                  "serves")
+    router_epochs: int = opt(300, "training epochs of the routing MLP")
+    progress: bool = opt(True, "progress bars (--no-progress: none)", negate="--no-progress")
     extra: dict = opt({}, cli=False)
 
     def validate(self) -> None:

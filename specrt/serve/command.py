@@ -37,8 +37,10 @@ def run(args) -> int:
     kw = {"max_batch": args.max_batch}
     if args.cache_tokens is not None:
         kw["cache_tokens"] = args.cache_tokens
-    engine = specrt.Engine.from_pretrained(args.target, pool=args.pool, device=args.device,
-                                           **kw)
+    from specrt.cli import load_engine
+
+    engine = load_engine(args.target, args.pool, no_pool=args.no_pool, device=args.device,
+                         **kw)[0]
     return serve(engine, cfg)
 
 
@@ -49,6 +51,9 @@ def add_cli(sub) -> None:
     s.add_argument("--target", default=None,
                    help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     s.add_argument("--pool", default=None, help="drafter pool directory (specrt align --out)")
+    s.add_argument("--no-pool", action="store_true",
+                   help="no drafter pool: n-gram lookup, token recycling and the shipped "
+                        "baseline drafter, no routing")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
@@ -72,5 +77,6 @@ def add_cli(sub) -> None:
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM/SIGINT give running requests before exit")
     s.add_argument("--log-level", default="warning",
-                   choices=("critical", "error", "warning", "info", "debug"))
+                   choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level")
     s.set_defaults(func=run)
