@@ -542,8 +542,9 @@ class Engine:
             n = len(trees[i])
             r.drafted += n - 1
             r.accepted += len(paths[i]) - 1
-            self._lengths.observe_accept(r.drafter, r.rid, len(paths[i]) - 1,
-                                         max(trees[i].depths()))
+            depth = max(trees[i].depths())
+            r.count_step(depth, len(paths[i]) - 1)
+            self._lengths.observe_accept(r.drafter, r.rid, len(paths[i]) - 1, depth)
             r.seq.tokens = r.prompt_ids + r.out_ids + emitted[i]
             try:
                 self._drafters[r.drafter].update(r.seq, Verified(

@@ -139,7 +139,9 @@ def summarize(recs: list[Record], clock: str = "wall") -> dict:
     (goodput), ``accepted_per_s``, ``acceptance_rate`` (accepted / drafted),
     ``mean_accepted_length`` (completion tokens per target forward) and
     ``emitted_per_step`` (tokens the verification steps emitted per step, the engine's
-    own per-request figure, averaged over steps). ``clock``: ``"wall"`` -- seconds
+    own per-request figure, averaged over steps) and ``acceptance_by_depth`` (entry d:
+    of the steps whose tree reached draft depth d + 1, the share that accepted a draft
+    there). ``clock``: ``"wall"`` -- seconds
     around each ``generate`` call; ``"engine"`` -- the engine's own ``elapsed_s``."""
     if clock not in ("wall", "engine"):
         raise ValueError(f"clock must be 'wall' or 'engine', got {clock!r}")
@@ -149,6 +151,7 @@ def summarize(recs: list[Record], clock: str = "wall") -> dict:
     steps = sum(r.stats["steps"] for r in recs)
     emitted = sum(r.stats["mean_accepted_length"] * r.stats["steps"] for r in recs)
     el = sum(r.seconds if clock == "wall" else r.stats["elapsed_s"] for r in recs)
+    dd, ad = _depth_sums(recs, "drafted_by_depth"), _depth_sums(recs, "accepted_by_depth")
     return {
         "prompts": len(recs), "tokens": tok, "drafted_tokens": drafted,
         "accepted_tokens": acc, "steps": steps, "elapsed_s": el,
@@ -157,7 +160,18 @@ def summarize(recs: list[Record], clock: str = "wall") -> dict:
         "acceptance_rate": acc / drafted if drafted else 0.0,
         "mean_accepted_length": tok / steps if steps else 0.0,
         "emitted_per_step": emitted / steps if steps else 0.0,
+        "acceptance_by_depth": [a / d if d else 0.0 for a, d in zip(ad + [0] * len(dd), dd)],
     }
+
+
+def _depth_sums(recs: list[Record], key: str) -> list[int]:
+    out: list[int] = []
+    for r in recs:
+        v = r.stats.get(key, [])
+        out.extend([0] * (len(v) - len(out)))
+        for i, x in enumerate(v):
+            out[i] += x
+    return out
 
 
 def by_task(recs: list[Record], clock: str = "wall") -> dict[str, dict]:

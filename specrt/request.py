@@ -31,7 +31,10 @@ class RequestOutput:
     (the router's pick, None when not routed), steps (target forwards, prefill
     included), drafted_tokens, accepted_tokens, acceptance_rate (accepted / drafted),
     mean_accepted_length (tokens emitted per target forward, bonus included),
-    prompt_tokens, completion_tokens, elapsed_s, tokens_per_s.
+    drafted_by_depth / accepted_by_depth (entry d: verification steps whose tree reached
+    draft depth d + 1 / that accepted a draft at depth d + 1; their ratio is the
+    acceptance by draft position), prompt_tokens, completion_tokens, elapsed_s,
+    tokens_per_s.
     """
 
     prompt: str
@@ -85,6 +88,8 @@ class Request:
     emitted: int = 0  # tokens produced, a final EOS included
     drafted: int = 0
     accepted: int = 0
+    drafted_by_depth: list = field(default_factory=list)   # steps whose tree reached depth d+1
+    accepted_by_depth: list = field(default_factory=list)  # steps that accepted depth d+1
     cluster: int | None = None
     route_confidence: float | None = None
     seq: SeqState | None = None
@@ -93,6 +98,15 @@ class Request:
     @property
     def remaining(self) -> int:
         return self.max_new - len(self.out_ids)
+
+    def count_step(self, depth: int, accepted: int) -> None:
+        """Tally one verification step whose tree reached draft depth ``depth`` and
+        whose accepted path holds ``accepted`` drafts."""
+        for lst, n in ((self.drafted_by_depth, depth), (self.accepted_by_depth, accepted)):
+            if len(lst) < n:
+                lst.extend([0] * (n - len(lst)))
+            for d in range(n):
+                lst[d] += 1
 
     def emit(self, toks: list[int]) -> StreamEvent | None:
         """Append a step's tokens; apply EOS / stop strings / max_tokens. Returns the
@@ -148,6 +162,8 @@ class Request:
             "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
             "mean_accepted_length": self.emitted / self.steps if self.steps else 0.0,
+            "drafted_by_depth": list(self.drafted_by_depth),
+            "accepted_by_depth": list(self.accepted_by_depth),
             "prompt_tokens": len(self.prompt_ids), "completion_tokens": n,
             "elapsed_s": el, "tokens_per_s": n / el,
         }

@@ -209,3 +209,27 @@ def test_static_template_is_a_valid_tree_prefix():
     for i, (parent, rank) in enumerate(t):
         assert parent < i and 0 <= rank < 6
     assert len(set(t)) == len(t)
+
+
+@pytest.mark.parametrize("drafter", ["tree", "chain"])
+def test_acceptance_by_depth_counts_what_verification_kept(tiny_dir, reference, drafter):
+    """Per request, ``accepted_by_depth`` sums to the accepted drafts, never exceeds
+    ``drafted_by_depth`` and falls with depth; a drafter that always drafts the truth
+    accepts every depth, one that never does accepts none."""
+    from specrt.measure import Record, summarize
+
+    eng = make_engine(tiny_dir, reference, max_draft=4)
+    p = SamplingParams(max_tokens=N, ignore_eos=True)
+    outs = eng.generate(PROMPTS, p, drafter=drafter)
+    for o in outs:
+        d, a = o.stats["drafted_by_depth"], o.stats["accepted_by_depth"]
+        assert sum(a) == o.stats["accepted_tokens"]
+        assert len(a) <= len(d) and all(x <= y for x, y in zip(a, d))
+        assert all(x >= y for x, y in zip(a, a[1:])) and all(x >= y for x, y in zip(d, d[1:]))
+    ref, _ = reference
+    for p_true in (1.0, 0.0):  # random tokens hit the target's argmax 1 in 96 times
+        sure = ScriptedTreeDrafter("sure", ref, 96, seed=0, p_true=p_true, chain=True)
+        with eng.using(drafters=[sure]):
+            o = eng.generate(PROMPTS[0], p, drafter="sure")[0]
+        acc = summarize([Record("t", 1.0, o.stats)])["acceptance_by_depth"]
+        assert acc and (all(x == 1.0 for x in acc) if p_true else acc[0] < 0.2), acc
