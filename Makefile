@@ -2,7 +2,7 @@
 PY ?= python3
 # CPU build of torch from this machine's disk; GPU users: make run TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
-PROMPT ?= What is the capital of France?
+PROMPT ?= Write a Python function that checks whether a number is prime, with a docstring.
 
 .PHONY: install run test
 
@@ -12,7 +12,7 @@ install:
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 
 run: install
-	specrt generate "$(PROMPT)" --stats
+	specrt generate "$(PROMPT)" --compare --max-tokens 128
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

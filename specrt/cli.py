@@ -7,6 +7,7 @@ interrupted``. Neither prints a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -79,6 +80,10 @@ def _generate(args) -> int:
         kw.update(speculative=False, drafter=None)
     else:
         _force_drafter(engine, args.drafter)
+    if args.compare:
+        if args.no_spec:
+            raise ValueError("--compare runs both ways; drop --no-spec")
+        return _compare(engine, args.prompt, params, kw, as_json=args.json)
     if args.json:
         out = engine.generate(args.prompt, params, **kw)[0]
         print(json.dumps({"text": out.text, "token_ids": out.token_ids,
@@ -101,6 +106,34 @@ def _generate(args) -> int:
               + (f", cluster {s['cluster']} ({s['route_confidence']:.2f})"
                  if s.get("cluster") is not None else "") + "]",
               file=sys.stderr)
+    return 0
+
+
+def _compare(engine, prompt: str, params, kw: dict, as_json: bool = False) -> int:
+    """``generate --compare``: the prompt decoded plainly, then speculatively (after one
+    warm-up of each); the text once, then both rates, their ratio and who drafted."""
+    plain_kw = dict(kw, speculative=False, drafter=None)
+    warm = dataclasses.replace(params, max_tokens=4)
+    engine.generate(prompt, warm, **plain_kw)
+    engine.generate(prompt, warm, **kw)
+    plain = engine.generate(prompt, params, **plain_kw)[0]
+    spec = engine.generate(prompt, params, **kw)[0]
+    p, s = plain.stats, spec.stats
+    ratio = s["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else float("nan")
+    same = plain.token_ids == spec.token_ids
+    if as_json:
+        print(json.dumps({"text": spec.text, "plain": p, "speculative": s,
+                          "speedup": ratio, "same_tokens": same}))
+        return 0
+    print(spec.text)
+    route = (f", cluster {s['cluster']} ({s['route_confidence']:.2f})"
+             if s.get("cluster") is not None else "")
+    print(f"plain        {p['completion_tokens']:4d} tokens  {p['tokens_per_s']:6.1f} tok/s\n"
+          f"speculative  {s['completion_tokens']:4d} tokens  {s['tokens_per_s']:6.1f} tok/s  "
+          f"{ratio:.2f}x  ({s['mean_accepted_length']:.2f} tokens/step, drafter "
+          f"{s['drafter']}{route})\n"
+          + ("same tokens both ways" if same else
+             "outputs differ (sampling without --seed, or an fp32 tie)"))
     return 0
 
 
@@ -334,6 +367,9 @@ def _add_generate(sub) -> None:
                         "`specrt align`: rerun alignment on served traffic); default: off")
     g.add_argument("--json", action="store_true", help="print one JSON object with stats")
     g.add_argument("--stats", action="store_true", help="print speed stats to stderr")
+    g.add_argument("--compare", action="store_true",
+                   help="decode plainly and speculatively; print both rates, the ratio and "
+                        "the drafter that served")
     g.set_defaults(func=_generate)
 
 

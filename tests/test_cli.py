@@ -269,3 +269,24 @@ def test_from_pretrained_with_the_default_gguf_keeps_its_pool():
     meta = read_pool_meta(SHIPPED_POOL)
     assert eng.router is not None
     assert sorted(eng.drafters) == sorted(d["name"] for d in meta["drafters"])
+
+
+def test_generate_compare_prints_both_rates_the_ratio_and_the_drafter(capsys, tiny_llama):
+    """``make run``'s job: one prompt decoded plainly and speculatively."""
+    import json
+
+    base = ("generate", "abcabcabc abc", "--target", str(tiny_llama), "--device", "cpu",
+            "--max-tokens", "16", "--compare")
+    rc, out, err = _run(capsys, *base)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[-3].startswith("plain ") and "tok/s" in lines[-3]
+    assert lines[-2].startswith("speculative ") and "x  (" in lines[-2] and "drafter " in lines[-2]
+    assert lines[-1] == "same tokens both ways"
+    rc, out, _ = _run(capsys, *base, "--json")
+    rep = json.loads(out)
+    assert rc == 0 and rep["same_tokens"] and rep["speculative"]["drafter"] is not None
+    assert rep["speedup"] == pytest.approx(rep["speculative"]["tokens_per_s"]
+                                           / rep["plain"]["tokens_per_s"])
+    rc, _, err = _run(capsys, *base, "--no-spec")
+    assert rc == 2 and "drop --no-spec" in err
