@@ -105,10 +105,12 @@ def test_align_end_to_end_and_resume(setup):
     assert set(after) == set(before) and all(after[n] != before[n] for n in before)
 
 
-def test_align_lora_on_baseline(setup):
+@pytest.mark.parametrize("arch", ["eagle", "eagle3"])
+def test_align_lora_on_baseline(setup, arch):
     """With a baseline drafter, alignment trains LoRA adapters on it: the aligned files
     hold only adapters, held-back draft accuracy is reported before/after, and a pool
-    whose clusters get aligned drafters carries the base once and serves losslessly."""
+    whose clusters get aligned drafters carries the base once and serves losslessly
+    (an eagle3 baseline: its tapped target layers reach training and the engine)."""
     import torch
     from safetensors.torch import load_file
 
@@ -117,12 +119,15 @@ def test_align_lora_on_baseline(setup):
 
     tiny, pf, d = setup
     model, _ = load_model(str(tiny), device="cpu")
-    net = DraftNet.from_target(model, arch="eagle", num_layers=1, vocab_ids=torch.arange(64))
+    net = DraftNet.from_target(model, arch=arch, num_layers=1, vocab_ids=torch.arange(64))
+    d = d / arch
+    d.mkdir(exist_ok=True)
     net.save(d / "base.safetensors", d / "base.json", {"runtime": {"mode": "chain",
                                                                     "max_depth": 3}})
     out = d / "pool_lora"
     st = run_align(_cfg(tiny, pf, out, baseline=str(d / "base.json"), align_lora=4,
-                        align_minutes=1.0, align_epochs=2.0, candidates=("aligned",)))
+                        align_minutes=1.0, align_epochs=2.0, candidates=("aligned",),
+                        align_ttt=3))
     assert st["align"] == "ran"
     summ = json.loads((out / "work" / "align" / "summary.json").read_text())
     # held-back accuracy before/after: that of the baseline and of the saved aligned
@@ -131,7 +136,12 @@ def test_align_lora_on_baseline(setup):
     from specrt.align.context import Ctx
     from specrt.draft.train import teacher_forced_accuracy
 
-    cfg = _cfg(tiny, pf, out, baseline=str(d / "base.json"), align_lora=4)
+    cfg = _cfg(tiny, pf, out, baseline=str(d / "base.json"), align_lora=4, align_ttt=3)
+    from specrt.align.distill import _taps_of
+
+    taps = _taps_of(Ctx(cfg))
+    assert bool(taps) == (arch == "eagle3")
+    steps = 3 if arch == "eagle3" else 1
     part = json.loads((out / "work" / "partition.json").read_text())
     from specrt.draft import corpus
 
@@ -143,13 +153,16 @@ def test_align_lora_on_baseline(setup):
         held = [recs[i] for i, lab in zip(part["ids"], part["labels"])
                 if lab == int(c) and i in part["held"]]
         assert h["positions"] == sum(len(r["output_ids"]) for r in held)
-        seqs = Ctx(cfg).sequences(held)
+        seqs = Ctx(cfg).sequences(held, taps)
         base_net = DraftNet.load(d / "base.json", model)
         al_net = DraftNet.load(out / "work" / "align" / f"aligned_{c}.json", model)
-        want_b = teacher_forced_accuracy(base_net, model, seqs)
-        want_a = teacher_forced_accuracy(al_net, model, seqs)
+        want_b = teacher_forced_accuracy(base_net, model, seqs, steps=steps)
+        want_a = teacher_forced_accuracy(al_net, model, seqs, steps=steps)
         assert (h["baseline_top1"], h["baseline_top3"]) == (want_b["top1"], want_b["top3"])
         assert (h["aligned_top1"], h["aligned_top3"]) == (want_a["top1"], want_a["top3"])
+        if steps > 1:
+            assert (h["baseline_chain"], h["aligned_chain"]) == (
+                want_b["chain_accepted"], want_a["chain_accepted"])
         w = load_file(out / "work" / "align" / f"aligned_{c}.safetensors")
         assert w and all(k.startswith("lora.") for k in w)
     meta = json.loads((out / "pool.json").read_text())
@@ -379,3 +392,31 @@ def test_budget_bounds_the_assign_stage(setup, monkeypatch):
         held[name] = [len(v["held_back"]) for v in a["clusters"].values()]
     assert min(held["free"]) >= 2          # the unbounded run measures them all
     assert held["tight"] == [1, 1]         # 0.9 s for 2 clusters at 0.4 s per prompt
+
+
+def test_collect_from_an_earlier_collection_uses_its_samples(setup, tmp_path):
+    """``--collect-from DIR``: nothing is generated; the shards there (greedy outputs
+    and seeded samples, as the baseline trainer collects them) are the run's data, the
+    samples joining the alignment data."""
+    from specrt.draft import corpus
+
+    tiny, pf, d = setup
+    eng = specrt.Engine.from_pretrained(str(tiny), device="cpu", drafters=[])
+    from specrt.align.collect import select_rows
+
+    rows, _ = select_rows(_cfg(tiny, pf, tmp_path / "x"))
+    items = corpus.plan(rows, eng.tokenizer.encode_prompt, samples=1)
+    corpus.collect(eng, items, tmp_path / "corpus", max_tokens=6, batch=8, progress=False)
+    before = {p.name: p.read_bytes() for p in corpus.shard_paths(tmp_path / "corpus")}
+    out = tmp_path / "pool"
+    st = run_align(_cfg(tiny, pf, out, collect_from=str(tmp_path / "corpus"),
+                        candidates=("aligned", "ngram")))
+    assert st["reports"]["collect"]["from"] == str(tmp_path / "corpus")
+    assert not (out / "work" / "collect").exists()
+    assert {p.name: p.read_bytes() for p in corpus.shard_paths(tmp_path / "corpus")} == before
+    part = json.loads((out / "work" / "partition.json").read_text())
+    summ = json.loads((out / "work" / "align" / "summary.json").read_text())
+    for c in map(str, range(part["k"])):
+        members = [i for i, lab in zip(part["ids"], part["labels"])
+                   if lab == int(c) and i not in part["held"]]
+        assert summ[c]["sequences"] == 2 * len(members)   # greedy + one sample each

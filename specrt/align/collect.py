@@ -31,6 +31,10 @@ def stage_collect(ctx: Ctx, rows: list[dict], budget_s: float) -> dict:
     from specrt.draft import corpus
 
     cfg = ctx.cfg
+    if cfg.collect_from:  # a collection made before: read, never written
+        n = len(ctx.read_collect())
+        log(f"collect: {n} prompts collected in {cfg.collect_from} (--collect-from)")
+        return {"prompts": len(rows), "new": 0, "complete": True, "from": cfg.collect_from}
     eng = ctx.engine
     ctx_len = eng.model.args.max_position_embeddings
     texts = [dict(r, prompt=shorten_prompt(r["prompt"], cfg.max_prompt_chars)) for r in rows]
@@ -44,5 +48,6 @@ def stage_collect(ctx: Ctx, rows: list[dict], budget_s: float) -> dict:
     rep = corpus.collect(eng, items, ctx.collect_dir, max_tokens=cfg.max_tokens,
                          batch=cfg.gen_batch, shard_size=max(8, cfg.gen_batch * 2),
                          budget_s=budget_s, progress=cfg.progress)
+    ctx.forget_collect()
     return {"prompts": len(rows), "new": rep["new"], "complete": rep["complete"],
             "seconds": rep["seconds"], "tok_per_s": rep["tok_per_s"]}

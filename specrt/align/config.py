@@ -56,6 +56,9 @@ class AlignConfig:
     max_prompt_chars: int = opt(1500, "collect: longer prompts keep head 2/3 + tail 1/3 of "
                                 "this (0: off)")
     gen_batch: int = opt(16, "requests decoded together (collect)")
+    collect_from: str | None = opt(None, "use the shards of a collection made before (e.g. "
+                                   "the baseline trainer's WORK/corpus) instead of "
+                                   "collecting; its seeded samples become alignment data")
     device: str | None = opt(None, "cpu or cuda[:N] (default: cuda if available)")
     seed: int = opt(0, "seed of the prompt sample, partition and training")
     budget_minutes: float | None = opt(None, "total minutes: collect gets 50%%, alignment 35%%, "
@@ -69,7 +72,7 @@ class AlignConfig:
     baseline: str | None = opt(None, "baseline model drafter .json (default: the shipped one "
                                "for the default target; none otherwise)")
     align_kind: str = opt("eagle", "drafter kind when there is no baseline",
-                          choices=["lm", "eagle"])
+                          choices=["lm", "eagle", "eagle3"])
     align_layers: int = opt(1, "decoder layers of a drafter built without a baseline")
     align_vocab: int = opt(4096, "reduced vocabulary of a drafter built without a "
                            "baseline")
@@ -77,6 +80,8 @@ class AlignConfig:
     align_lr: float | None = opt(None, "learning rate (default 3e-3 with LoRA, 3e-4 full "
                                  "tuning)", type=float)
     align_lora: int = opt(16, "LoRA rank on the baseline drafter (0: tune all its weights)")
+    align_ttt: int = opt(4, "eagle3 drafters: training-time-test steps (depths trained); "
+                         "held-back chains of this length are measured")
     hold_frac: float = opt(0.25, "held-back share of each cluster's train prompts")
     assign_prompts: int = opt(4, "held-back train prompts per cluster for assign/route")
     assign_tokens: int = opt(48, "tokens generated per held-back prompt (assign)")

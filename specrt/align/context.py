@@ -101,6 +101,7 @@ class Ctx:
         self.manifest = Manifest(self.work / "manifest.json")
         self._engine = None
         self._seqs = None
+        self._recs = None
         self.baseline_cfg: Path | None = baseline_path(cfg)
         self.baseline_runtime: dict = dict(BASELINE_RUNTIME)
         if self.baseline_cfg is not None:
@@ -142,15 +143,24 @@ class Ctx:
 
     @property
     def collect_dir(self) -> Path:
-        """The collect stage's shards (:mod:`specrt.draft.corpus`)."""
-        return self.work / "collect"
+        """The collected shards (:mod:`specrt.draft.corpus`): ``--collect-from``'s
+        directory (a collection made before, e.g. by the baseline trainer), else the
+        collect stage's own ``work/collect``."""
+        return Path(self.cfg.collect_from) if self.cfg.collect_from else self.work / "collect"
 
-    def read_collect(self) -> list[dict]:
-        """The collected records, one per prompt (the greedy sample); a damaged shard
-        is refused naming its file (:func:`specrt.draft.corpus.read_shards`)."""
+    def forget_collect(self) -> None:
+        """Drop the records read so far (the collect stage wrote more)."""
+        self._recs = None
+
+    def read_collect(self, all_samples: bool = False) -> list[dict]:
+        """The collected records: one per prompt (its greedy output), or with
+        ``all_samples`` every record (the seeded samples too: more alignment data). A
+        damaged shard is refused naming its file (:func:`specrt.draft.corpus.read_shards`)."""
         from specrt.draft import corpus
 
-        return [r for r in corpus.read_shards(self.collect_dir) if r["sample"] == 0]
+        if self._recs is None:
+            self._recs = corpus.read_shards(self.collect_dir)
+        return [r for r in self._recs if all_samples or r["sample"] == 0]
 
     def read(self, name: str) -> dict:
         """A stage's JSON output in the work dir (``partition``, ``assign``, ``route``)."""
@@ -165,17 +175,11 @@ class Ctx:
             self._seqs = self.sequences(recs)
         return self._seqs
 
-    def sequences(self, recs: list[dict]) -> list[dict]:
+    def sequences(self, recs: list[dict], taps: tuple[int, ...] = ()) -> list[dict]:
         """Distillation sequences ``{tokens [n+1], hidden [n, H] fp16, prompt_len, task}``
-        (hidden = the target's pre-norm last-layer states, one teacher-forced prefill)."""
-        from specrt.align.features import target_hidden
+        (hidden = the target's pre-norm last-layer states, one teacher-forced prefill;
+        with ``taps``, an eagle3 drafter's layers, also ``feats``; see
+        :func:`specrt.draft.train.sequences`)."""
+        from specrt.draft.train import sequences
 
-        model = self.model
-        ctx_len = model.args.max_position_embeddings
-        toks = [(r["prompt_ids"] + r["output_ids"])[:ctx_len + 1] for r in recs]
-        keep = [i for i, t in enumerate(toks) if len(t) >= 2]
-        hs = target_hidden(model, [toks[i][:-1] for i in keep], progress=self.cfg.progress,
-                           reduce=lambda h, i: h.to(torch.float16).cpu().clone())
-        return [{"tokens": torch.tensor(toks[i]), "hidden": h,
-                 "prompt_len": len(recs[i]["prompt_ids"]), "task": recs[i]["task"]}
-                for i, h in zip(keep, hs)]
+        return sequences(self.model, recs, progress=self.cfg.progress, taps=taps)

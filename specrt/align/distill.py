@@ -24,7 +24,8 @@ def _align_distill(ctx: "Ctx", cluster: int, seqs: list[dict], out_stem: Path,
     summary dict, or None when the drafter machinery is unavailable."""
     try:
         from specrt.draft.model import DraftNet
-        from specrt.draft.train import stage_train, stage_vocab, teacher_forced_accuracy
+        from specrt.draft.train import (cpu_has_bf16, stage_train, stage_vocab,
+                                        teacher_forced_accuracy)
     except ImportError as e:  # the model drafter is optional machinery
         log(f"align: model drafter / distillation not available ({e}); skipping")
         return None
@@ -50,16 +51,21 @@ def _align_distill(ctx: "Ctx", cluster: int, seqs: list[dict], out_stem: Path,
         net.train_lora_only()
         init += f" + LoRA r{lora}"
     lr = cfg.align_lr if cfg.align_lr is not None else (3e-3 if lora > 0 else 3e-4)
-    before = teacher_forced_accuracy(net, model, held) if held else None
+    steps = cfg.align_ttt if net.arch == "eagle3" else 1
+    before = teacher_forced_accuracy(net, model, held, steps=steps) if held else None
     summary = stage_train(net, model, seqs, epochs=cfg.align_epochs, lr=lr,
-                          max_len=256, batch_tokens=4096,
+                          max_len=256, batch_tokens=4096 if steps == 1 else 2048,
                           feat_weight=0.1 if net.arch == "eagle" else 0.0, seed=cfg.seed,
-                          time_budget_s=time_budget_s)
+                          time_budget_s=time_budget_s, ttt_steps=steps, bf16=cpu_has_bf16())
     if held:
-        after = teacher_forced_accuracy(net, model, held)
+        after = teacher_forced_accuracy(net, model, held, steps=steps)
         summary["heldout"] = {"positions": after["positions"],
                               "baseline_top1": before["top1"], "aligned_top1": after["top1"],
                               "baseline_top3": before["top3"], "aligned_top3": after["top3"]}
+        if steps > 1:
+            summary["heldout"].update(chain_budget=steps,
+                                      baseline_chain=before["chain_accepted"],
+                                      aligned_chain=after["chain_accepted"])
         log(f"align: cluster {cluster}: held-back draft accuracy (teacher forced, top-1) "
              f"{before['top1']:.3f} -> {after['top1']:.3f} over {after['positions']} positions")
     meta = {"runtime": ctx.baseline_runtime, "aligned": {
@@ -67,6 +73,20 @@ def _align_distill(ctx: "Ctx", cluster: int, seqs: list[dict], out_stem: Path,
     net.save(out_stem.with_suffix(".safetensors"), out_stem.with_suffix(".json"), meta,
              base=ctx.baseline_cfg if lora > 0 else None)
     return {"init": init, "sequences": len(seqs), **summary}
+
+
+def _taps_of(ctx: "Ctx") -> tuple[int, ...]:
+    """The target layers the run's drafters read: an eagle3 baseline's (or a fresh eagle3
+    drafter's) feature layers plus the last, else none."""
+    if ctx.baseline_cfg is not None:
+        fl = json.loads(ctx.baseline_cfg.read_text()).get("feature_layers") or []
+    elif ctx.cfg.align_kind == "eagle3":
+        from specrt.draft.eagle3 import default_feature_layers
+
+        fl = default_feature_layers(ctx.model.args.num_hidden_layers)
+    else:
+        fl = []
+    return tuple(sorted(set(fl) | {ctx.model.args.num_hidden_layers - 1})) if fl else ()
 
 
 ALIGNERS = {"distill": _align_distill}
@@ -87,7 +107,9 @@ def stage_align(ctx: Ctx, budget_s: float) -> dict:
         raise ValueError(f"unknown aligner {cfg.aligner!r}; have {sorted(ALIGNERS)} or 'none'")
     part = ctx.read("partition")
     held = set(part["held"])
-    recs = {r["id"]: r for r in ctx.read_collect()}
+    recs: dict[str, list[dict]] = {}  # every collected record of a prompt (samples too)
+    for r in ctx.read_collect(all_samples=True):
+        recs.setdefault(r["id"], []).append(r)
     summ_p = ctx.work / "align" / "summary.json"
     summary = json.loads(summ_p.read_text()) if summ_p.is_file() else {}
     k = part["k"]
@@ -104,11 +126,13 @@ def stage_align(ctx: Ctx, budget_s: float) -> dict:
         if not mem:
             summary[str(c)] = None
             continue
-        seqs = ctx.sequences([recs[i] for i in mem])
+        taps = _taps_of(ctx)
+        seqs = ctx.sequences([x for i in mem for x in recs.get(i, [])], taps)
         hv = [i for i, lab in zip(part["ids"], part["labels"]) if lab == c and i in held
               and i in recs]
         s = ALIGNERS[cfg.aligner](ctx, c, seqs, stem, budget_s / k,
-                                  ctx.sequences([recs[i] for i in hv]) if hv else None)
+                                  ctx.sequences([x for i in hv for x in recs[i]
+                                                 if x["sample"] == 0], taps) if hv else None)
         if s is None:
             return {"skipped": True}
         summary[str(c)] = s

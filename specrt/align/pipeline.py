@@ -99,7 +99,8 @@ def run_align(cfg: AlignConfig) -> dict:
     params = {
         "collect": {"prompts": str(Path(cfg.prompts).resolve()), "target": tgt,
                     "per_task": cfg.per_task, "max_tokens": cfg.max_tokens,
-                    "max_prompt_chars": cfg.max_prompt_chars, "seed": cfg.seed},
+                    "max_prompt_chars": cfg.max_prompt_chars, "seed": cfg.seed,
+                    "collect_from": cfg.collect_from},
     }
     params["features"] = dict(params["collect"])
     base_p = baseline_path(cfg)
@@ -111,7 +112,8 @@ def run_align(cfg: AlignConfig) -> dict:
                            "assign_prompts": cfg.assign_prompts, "baseline": base_sig}
     params["align"] = {"aligner": cfg.aligner, "baseline": cfg.baseline, "kind": cfg.align_kind,
                        "layers": cfg.align_layers, "vocab": cfg.align_vocab,
-                       "epochs": cfg.align_epochs, "lr": cfg.align_lr, "lora": cfg.align_lora}
+                       "epochs": cfg.align_epochs, "lr": cfg.align_lr, "lora": cfg.align_lora,
+                       "ttt": cfg.align_ttt}
     params["assign"] = {"candidates": list(cfg.candidates), "tokens": cfg.assign_tokens,
                         "metric": cfg.assign_metric, "rates": "per-cluster",
                         "margin": cfg.assign_margin, "tie": "paired-t-5%", "cold": True,
@@ -125,7 +127,7 @@ def run_align(cfg: AlignConfig) -> dict:
     old = man.data.get("collect", {}).get("params")
     same_out = old is not None and all(old.get(k) == cp[k] for k in
                                        ("prompts", "target", "max_tokens", "max_prompt_chars"))
-    if old is not None and not same_out and ctx.collect_dir.is_dir():
+    if old is not None and not same_out and ctx.collect_dir.is_dir() and not cfg.collect_from:
         log("collect: parameters changed; discarding the old collected shards")
         shutil.rmtree(ctx.collect_dir)
     if man.done("collect", cp):
