@@ -147,3 +147,32 @@ def test_training_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_en
     (tmp_path / "b.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="b.ckpt: unreadable training checkpoint"):
         run(tmp_path / "b.ckpt")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "no_file", "config"])
+def test_damaged_drafter_file_is_refused_naming_it(engine, tmp_path, damage):
+    net = DraftNet.from_target(engine.model, arch="eagle3", num_layers=1,
+                               vocab_ids=torch.arange(3, 60))
+    net.save(tmp_path / "d.safetensors", tmp_path / "d.json")
+    w, c = tmp_path / "d.safetensors", tmp_path / "d.json"
+    if damage == "truncate":
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    elif damage == "garbage":
+        w.write_bytes(b"\x00" * 64)
+    elif damage == "no_file":
+        w.unlink()
+    else:
+        c.write_text("{ not json")
+    err = FileNotFoundError if damage == "no_file" else ValueError
+    with pytest.raises(err, match="d.json" if damage == "config" else "d.safetensors"):
+        DraftNet.load(c, engine.model)
+
+
+def test_samples_naming_an_unknown_task_is_refused(tmp_path):
+    from specrt.draft.train import main
+
+    pf = tmp_path / "p.jsonl"
+    pf.write_text(json.dumps({"id": "a", "task": "chat", "prompt": "hi"}) + "\n")
+    with pytest.raises(ValueError, match="--samples: unknown task 'chta'.*chat"):
+        main(["--out", str(tmp_path / "o"), "--prompts", str(pf), "--samples", "chta=2",
+              "--target", "/nonexistent"])

@@ -440,10 +440,15 @@ class DraftNet(nn.Module):
     def load(cls, config: str | Path, target: Llama) -> "DraftNet":
         """Load a drafter saved by :meth:`save` against ``target`` (shape-checked), as
         the subclass of the architecture its config names (see :func:`saved_arch`)."""
-        from safetensors.torch import load_file
-
         config = Path(config)
-        cfg = json.loads(config.read_text())
+        if not config.is_file():
+            raise FileNotFoundError(f"drafter config not found: {config}")
+        try:
+            cfg = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config}: not a drafter config (not JSON: {e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{config}: not a drafter config (a JSON object is needed)")
         ta = target.args
         ts = cfg.get("target_shape", {})
         for k, v in ts.items():
@@ -462,14 +467,14 @@ class DraftNet(nn.Module):
             if own in ARCHS and own != net.arch:
                 raise ValueError(f"{config}: {own} adapters over the {net.arch} base "
                                  f"drafter {bpath}")
-            sd = load_file(str(config.parent / cfg["weights"]))
+            sd = _load_weights(config, cfg)
             for key, meta in cfg.get("lora", {}).items():
                 li, t = key.split(".")
                 net._lora_site(net.layers[int(li)], t)  # checks the site exists
                 net.lora[key] = {"A": sd[f"lora.{key}.A"].to(dt), "B": sd[f"lora.{key}.B"].to(dt),
                                  "scale": float(meta["scale"])}
             return net
-        sd = load_file(str(config.parent / cfg["weights"]))
+        sd = _load_weights(config, cfg)
         a = copy.deepcopy(ta)
         a.num_hidden_layers = int(cfg["layers"])
         impl = net_class(saved_arch(cfg, config))
@@ -491,3 +496,23 @@ class DraftNet(nn.Module):
             net.lora[key] = {"A": lora[f"lora.{key}.A"].to(dt), "B": lora[f"lora.{key}.B"].to(dt),
                              "scale": float(meta["scale"])}
         return net.to(dt).eval()
+
+
+def _load_weights(config: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a drafter config's weights file; ``FileNotFoundError`` /
+    ``ValueError`` naming the file when it is missing, truncated or not safetensors."""
+    from safetensors.torch import load_file
+
+    if not isinstance(cfg.get("weights"), str):
+        raise ValueError(f"{config}: field 'weights' must name the weights file")
+    path = config.parent / cfg["weights"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{config}: drafter weights not found: {path}")
+    try:
+        sd = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError, ...
+        raise ValueError(f"{path}: unreadable drafter weights, truncated or not "
+                         f"safetensors ({type(e).__name__}: {e})") from None
+    if "vocab_ids" not in sd and not cfg.get("base"):
+        raise ValueError(f"{path}: not drafter weights (no 'vocab_ids' tensor)")
+    return sd
