@@ -3,8 +3,10 @@
 Greedy, batch 1, on task-balanced EVAL-split prompts: tokens/s of the target alone and
 of each drafter configuration, acceptance rate, tokens per target forward (mean
 accepted length, bonus included), and the split of wall time between drafting and the
-rest (target verify + bookkeeping). Configurations are interleaved prompt by prompt so
-that load changes on a shared machine hit all of them alike.
+rest (target verify + bookkeeping), milliseconds per drafted token, acceptance by draft
+position, and per task the mean accepted length (with its average over tasks).
+Configurations are interleaved prompt by prompt so that load changes on a shared machine
+hit all of them alike.
 
     python bench/bench_drafters.py --per-task 2 --max-tokens 64 \\
         --configs ar ngram:5 chain:5 tree:8 --drafter specrt/pools/default/baseline.json
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -73,10 +76,20 @@ class _Config:
 
     def summary(self, recs) -> dict:
         """The configuration's figures over its records so far (engine-timed)."""
+        from specrt.measure import by_task
+
         s = summarize(recs, clock="engine")
         el = s["elapsed_s"]
         steps = max(s["steps"], 1)
+        tasks = {t: v for t, v in by_task(recs, clock="engine").items() if t != "all"}
         return {
+            "by_task": {t: {"mean_accepted_length": round(v["emitted_per_step"], 3),
+                            "tokens_per_s": round(v["tokens_per_s"], 2)}
+                        for t, v in tasks.items()},
+            "mean_accepted_length_task_avg": round(
+                sum(v["emitted_per_step"] for v in tasks.values()) / max(len(tasks), 1), 3),
+            "acceptance_by_depth": [round(x, 3) for x in s["acceptance_by_depth"]],
+            "ms_per_drafted_token": round(1000 * self.draft_s / max(s["drafted_tokens"], 1), 2),
             "config": self.spec, "tokens_per_s": round(s["tokens_per_s"], 2),
             "acceptance_rate": round(s["acceptance_rate"], 3),
             "mean_accepted_length": round(s["emitted_per_step"], 3),
@@ -97,6 +110,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--drafter", default=str(DEFAULT), help="model drafter config (.json)")
     ap.add_argument("--configs", nargs="+", default=["ar", "ngram:5", "chain:5", "tree:8"])
+    ap.add_argument("--json", default=None, help="write the summaries here")
     ap.add_argument("--topk", type=int, default=3, help="tree branching")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -116,6 +130,10 @@ def main(argv=None) -> list[dict]:
            for c in cfgs]
     for o in out:
         print(json.dumps(o), flush=True)
+    if a.json:
+        from specrt.measure import machine
+
+        Path(a.json).write_text(json.dumps({"machine": machine(), "configs": out}, indent=1))
     return out
 
 

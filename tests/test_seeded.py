@@ -92,3 +92,55 @@ def test_same_seed_reproduces_alone_and_in_a_mixed_batch(plain):
 def test_bad_seed_is_refused(seed):
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
         SamplingParams(seed=seed)
+
+
+def _coupled(impl, P, tokens, parents, lens, depth, u, monkeypatch):
+    """The engine's coupled verification (specrt.acceptance) on one backend: greedy
+    verify over one-hot rows of each node's inverse-CDF choice with its depth's uniform."""
+    from specrt.ops import verify_tree
+    from specrt.sampling import sample_at
+
+    B, T, V = P.shape
+    choice = torch.zeros(B, T, V)
+    pick = sample_at(P, u.gather(1, depth))                       # [B, T]
+    choice.scatter_(2, pick[..., None], 1.0)
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", impl)
+    try:
+        return verify_tree(choice, tokens, parents, lens, greedy=True)
+    finally:
+        monkeypatch.delenv("SPECRT_OPS_BACKEND")
+
+
+@pytest.mark.parametrize("impl,B", [("cpu", 4000), ("triton", 300)] +
+                         ([("cuda", 4000)] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("bug", [False, True])
+def test_coupled_verification_is_exact_on_every_backend(impl, B, bug, monkeypatch):
+    """A fixed tree (root; children a, b; a's child c) over a fixed target: the first
+    emitted token follows P[root] and, after a, the second follows P[a] (chi-square);
+    each row's first token is the one plain sampling with that uniform draws. Negative
+    control (bug): uniforms u**1.6 are caught."""
+    from tests.test_verify import chi2_pvalue
+    from specrt.sampling import sample_at
+
+    g = torch.Generator().manual_seed(5)
+    V, T = 6, 4
+    P1 = torch.softmax(torch.randn(T, V, generator=g) * 1.5, -1)
+    P = P1.expand(B, T, V).contiguous()
+    tokens = torch.tensor([[0, 1, 2, 3]]).expand(B, T).contiguous()
+    parents = torch.tensor([[-1, 0, 0, 1]]).expand(B, T).contiguous()
+    depth = torch.tensor([[0, 1, 1, 2]]).expand(B, T).contiguous()
+    lens = torch.full((B,), T)
+    u = torch.rand(B, 3, generator=g, dtype=torch.float64)
+    if bug:
+        u = u ** 1.6
+    path, plen, nxt = _coupled(impl, P, tokens, parents, lens, depth, u.float(), monkeypatch)
+    first = torch.where(plen > 1, tokens.gather(1, path[:, 1:2].clamp(min=0))[:, 0], nxt)
+    assert torch.equal(first, sample_at(P[:, 0], u[:, 0].float()))  # = plain sampling
+    p_first = chi2_pvalue(torch.bincount(first, minlength=V), P1[0])
+    after_a = (plen > 1) & (path[:, 1] == 1)          # token 1 accepted: next from P[a]
+    second = torch.where(plen[after_a] > 2, torch.full_like(nxt[after_a], 3), nxt[after_a])
+    p_second = chi2_pvalue(torch.bincount(second, minlength=V), P1[1])
+    if bug:
+        assert min(p_first, p_second) < 1e-3
+    else:
+        assert p_first > 1e-3 and p_second > 1e-3, (p_first, p_second)
