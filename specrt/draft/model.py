@@ -1,12 +1,15 @@
 """Model drafter: a small network with its own paged KV cache, the target's embedding and
 LM head shared, and a reduced-vocabulary head.
 
-The network is a :class:`~specrt.draft.net.DraftNet` of one of two architectures, each in
-its own module:
+The network is a :class:`~specrt.draft.net.DraftNet` of one of three architectures, each
+in its own module:
 
 * ``lm`` (:mod:`specrt.draft.lm`): a small causal LM over token embeddings;
 * ``eagle`` (:mod:`specrt.draft.eagle`): an EAGLE-style head over the target's hidden
-  states.
+  states;
+* ``eagle3`` (:mod:`specrt.draft.eagle3`): the EAGLE head over a fusion of low, middle
+  and high target layers (``feature_layers``, which the engine hands it), trained with
+  training-time test.
 
 :class:`ModelDrafter` implements the :class:`~specrt.draft.base.Drafter` protocol for
 both and picks the architecture from the net (:meth:`ModelDrafter.load` from the saved

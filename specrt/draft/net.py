@@ -12,7 +12,9 @@ steps (:meth:`DraftNet.drafting`, an :class:`ArchDrafting`):
 
 * ``"lm"`` (:class:`specrt.draft.lm.LMNet`): a small causal LM over token embeddings;
 * ``"eagle"`` (:class:`specrt.draft.eagle.EagleNet`): an EAGLE-style head whose input
-  mixes the token embedding with the target's hidden state of the previous position.
+  mixes the token embedding with the target's hidden state of the previous position;
+* ``"eagle3"`` (:class:`specrt.draft.eagle3.Eagle3Net`): the same over a fusion of
+  several target layers, trained with training-time test.
 
 The saved config records the architecture as ``"arch"`` (``"kind"`` is the pool kind,
 always ``"model"``); :meth:`DraftNet.load` builds the matching subclass.
