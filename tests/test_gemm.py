@@ -114,6 +114,16 @@ def test_packed_linear_picks_the_kernel_or_f_linear_and_repacks_changed_weights(
     assert x.grad is not None
 
 
+def test_packed_linear_runs_the_kernel_in_chunks_past_max_rows(monkeypatch):
+    lin = torch.nn.Linear(24, 40, bias=True)
+    pl = gemm.PackedLinear()
+    x = torch.randn(2 * gemm.MAX_ROWS + 3, 24)
+    with torch.no_grad():
+        want = lin(x)
+        monkeypatch.setattr(gemm.F, "linear", None)   # the kernel only
+        assert torch.allclose(pl(x, lin.weight, lin.bias), want, atol=1e-5)
+
+
 def test_packed_linear_takes_inference_mode_weights():
     with torch.inference_mode():
         w, x = torch.randn(40, 24), torch.randn(3, 24)

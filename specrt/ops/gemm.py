@@ -12,8 +12,8 @@ OpenMP over panels).
 * :func:`pack_weight` ``[N, K]`` -> ``[ceil(N / 32), K, 32]`` (host work, once).
 * :func:`skinny_mm` ``x [M, K]`` with a packed weight -> ``[M, N]``; also
   ``torch.ops.specrt.skinny_mm`` (CPU kernel and a fake implementation).
-* :class:`PackedLinear` picks, per call, the kernel or ``F.linear`` by the row count
-  (:data:`MAX_ROWS`, from measurement): the model's linear layers use it.
+* :class:`PackedLinear` runs the kernel on CPU fp32 without autograd (in chunks of
+  :data:`MAX_ROWS` rows), ``F.linear`` otherwise: the model's linear layers use it.
 """
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ __all__ = ["pack_weight", "skinny_mm", "PackedLinear", "MAX_ROWS", "gemm_isa"]
 
 #: Panel width of the packed layout (outputs per panel).
 PANEL = 32
-#: Rows up to which :class:`PackedLinear` runs the kernel; above it ``F.linear`` (BLAS).
-#: Measured on the project's AMD EPYC (bench/bench_gemm.py, 2026-12-02): the kernel is
-#: 1.2x ``F.linear`` at 1 row and about 2x from 2 to 2048 rows (the largest measured),
-#: so prefill runs it too.
-MAX_ROWS = 4096
+#: Rows per kernel call of :class:`PackedLinear`; more rows run as blocks of this many
+#: (each block's rows stay in cache while every weight panel streams past). Measured on
+#: the project's AMD EPYC (2026-12-02): the kernel is 1.2x ``F.linear`` at 1 row and about
+#: 2x from 2 to 2048 rows (bench/bench_gemm.py); for 4800 rows x [3072, 576] one call took
+#: 85 ms, blocks of 4096 / 1024 / 512 / 256 rows 99 / 79 / 72 / 73 ms, ``F.linear`` 119 ms.
+MAX_ROWS = 512
 
 
 def gemm_isa() -> str:
@@ -109,10 +110,10 @@ def skinny_mm(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class PackedLinear:
-    """``F.linear(x, weight, bias)`` that runs :func:`skinny_mm` on CPU fp32 for up to
-    :data:`MAX_ROWS` rows, from a copy of ``weight`` packed on first use (and packed
-    again if the weight is changed in place). ``F.linear`` everywhere else (more rows,
-    other devices or dtypes)."""
+    """``F.linear(x, weight, bias)`` that runs :func:`skinny_mm` on CPU fp32 (in chunks
+    of :data:`MAX_ROWS` rows), from a copy of ``weight`` packed on first use (and packed
+    again if the weight is changed in place). ``F.linear`` everywhere else (other
+    devices or dtypes, autograd)."""
 
     def __init__(self):
         self._packed: torch.Tensor | None = None
@@ -138,9 +139,16 @@ class PackedLinear:
             return F.linear(x, weight, bias)
         K = x.shape[-1]
         rows = x.numel() // K if K else 0
-        if not 0 < rows <= MAX_ROWS:
+        if rows <= 0:
             return F.linear(x, weight, bias)
-        y = _skinny_mm_op(x.reshape(rows, K), self.packed(weight), weight.shape[0])
+        wp, N = self.packed(weight), weight.shape[0]
+        x2 = x.reshape(rows, K)
+        if rows <= MAX_ROWS:
+            y = _skinny_mm_op(x2, wp, N)
+        else:  # prefill: row blocks that stay in cache, written into one output
+            y = x2.new_empty(rows, N)
+            for i in range(0, rows, MAX_ROWS):
+                y[i:i + MAX_ROWS] = _skinny_mm_op(x2[i:i + MAX_ROWS], wp, N)
         if bias is not None:
             y += bias
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y.view(*x.shape[:-1], N)
