@@ -65,21 +65,27 @@ def stage_assign(ctx: Ctx, by_id: dict[str, dict], budget_s: float = float("inf"
             raise ValueError(f"no candidate drafters among {cfg.candidates}")
         rows = [dict(r, prompt=shorten_prompt(r["prompt"], cfg.max_prompt_chars))
                 for r in rows]
+        tokens, fixed = cfg.assign_tokens, cfg.assign_budget
         if budget_s != float("inf"):
-            passes = 2 if cfg.assign_budget else 1
-            guess = per_prompt[-1] if per_prompt else \
-                0.04 * cfg.assign_tokens * len(cand) * passes
-            share = (budget_s - (time.perf_counter() - t_start)) / (k - c)
+            passes = 2 if fixed else 1
+            guess = per_prompt[-1] if per_prompt else 0.04 * tokens * len(cand) * passes
+            share = max(0.0, budget_s - (time.perf_counter() - t_start)) / (k - c)
             n = max(1, int(share / max(guess, 1e-9)))
             if n < len(rows):
                 log(f"assign: cluster {c}: {n} of {len(rows)} held-back prompts fit the "
                     f"time budget")
                 rows = rows[:n]
+            if share < guess:  # not even one prompt: the fixed-budget pass goes, then
+                if fixed:      # the prompt is cut to what fits (at least 8 tokens)
+                    fixed, share, guess = None, share, guess / 2
+                tokens = max(8, min(tokens, int(tokens * share / max(guess, 1e-9))))
+                log(f"assign: cluster {c}: {tokens} tokens per prompt"
+                    f"{'' if fixed else ', no fixed-budget pass'} to fit the time budget")
         t0 = time.perf_counter()
         with eng.using(drafters=cand, max_batch=1):  # the first candidate is the default
-            m = measure_candidates(eng, rows, list(cand), cfg.assign_tokens,
-                                   fixed_budget=cfg.assign_budget)
-        per_prompt.append((time.perf_counter() - t0) / len(rows))
+            m = measure_candidates(eng, rows, list(cand), tokens, fixed_budget=fixed)
+        per_prompt.append((time.perf_counter() - t0) / len(rows) * cfg.assign_tokens
+                          / tokens * ((2 if cfg.assign_budget else 1) / (2 if fixed else 1)))
         best = pick_drafter(m, key, cfg.assign_margin)
         res["clusters"][str(c)] = {"candidates": m, "drafter": best,
                                    "held_back": [r["id"] for r in rows]}

@@ -61,8 +61,9 @@ class AlignConfig:
                                    "collecting; its seeded samples become alignment data")
     device: str | None = opt(None, "cpu or cuda[:N] (default: cuda if available)")
     seed: int = opt(0, "seed of the prompt sample, partition and training")
-    budget_minutes: float | None = opt(None, "total minutes: collect gets 50%%, alignment 35%%, "
-                                       "assignment 15%% (unless set below)", flag="--budget",
+    budget_minutes: float | None = opt(None, "total minutes for the run: collect gets 40%%, "
+                                       "alignment up to 30%% of what is left, assignment "
+                                       "the rest (unless set below)", flag="--budget",
                                        type=float)
     collect_minutes: float | None = opt(None, "collection time (default: half of --budget, "
                                         "else unbounded)", type=float)

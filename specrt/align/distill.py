@@ -7,6 +7,7 @@ accuracy on the cluster's held-back prompts before/after: ``align/aligned_<c>.*`
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -97,7 +98,9 @@ summary | None`` writing a model drafter (``DraftNet.save`` format) to
 
 def stage_align(ctx: Ctx, budget_s: float) -> dict:
     """Per cluster, align a model drafter on the cluster's non-held sequences with the
-    configured aligner; resumable per cluster. Writes ``align/summary.json``."""
+    configured aligner; resumable per cluster. ``budget_s`` bounds the stage: each
+    cluster gets its share of the time left, its sequences' target states and held-back
+    evaluation included. Writes ``align/summary.json``."""
     cfg = ctx.cfg
     (ctx.work / "align").mkdir(exist_ok=True)
     if cfg.aligner == "none":
@@ -118,6 +121,7 @@ def stage_align(ctx: Ctx, budget_s: float) -> dict:
         from tqdm import tqdm
 
         clusters = tqdm(clusters, desc="d) align", unit="cluster")
+    t0 = time.perf_counter()
     for c in clusters:
         stem = ctx.work / "align" / f"aligned_{c}"
         if stem.with_suffix(".json").is_file() and str(c) in summary:
@@ -126,13 +130,19 @@ def stage_align(ctx: Ctx, budget_s: float) -> dict:
         if not mem:
             summary[str(c)] = None
             continue
+        # this cluster's share of the time left; its data's target states and the
+        # held-back evaluation (before and after, about as long as the states) come out
+        # of it, the training gets the rest
+        t_c = time.perf_counter()
+        share = max(0.0, budget_s - (t_c - t0)) / (k - c)
         taps = _taps_of(ctx)
         seqs = ctx.sequences([x for i in mem for x in recs.get(i, [])], taps)
         hv = [i for i, lab in zip(part["ids"], part["labels"]) if lab == c and i in held
               and i in recs]
-        s = ALIGNERS[cfg.aligner](ctx, c, seqs, stem, budget_s / k,
-                                  ctx.sequences([x for i in hv for x in recs[i]
-                                                 if x["sample"] == 0], taps) if hv else None)
+        held_seqs = ctx.sequences([x for i in hv for x in recs[i] if x["sample"] == 0],
+                                  taps) if hv else None
+        spent = time.perf_counter() - t_c
+        s = ALIGNERS[cfg.aligner](ctx, c, seqs, stem, max(0.0, share - 2 * spent), held_seqs)
         if s is None:
             return {"skipped": True}
         summary[str(c)] = s

@@ -88,10 +88,22 @@ def run_align(cfg: AlignConfig) -> dict:
         resolve_target(cfg.target)  # unknown target: FileNotFoundError now
     total = (cfg.budget_minutes or 0) * 60 or None
     collect_s = (cfg.collect_minutes * 60 if cfg.collect_minutes is not None
-                 else (0.5 * total if total else float("inf")))
-    align_s = (cfg.align_minutes * 60 if cfg.align_minutes is not None
-               else (0.35 * total if total else 30 * 60))
-    assign_s = 0.15 * total if total else float("inf")
+                 else (0.4 * total if total else float("inf")))
+
+    def left(reserve: float) -> float:
+        """Seconds of the total budget left, less ``reserve`` x the total for the
+        stages after this one (inf without a budget)."""
+        if not total:
+            return float("inf")
+        return max(0.0, total - (time.perf_counter() - t_all) - reserve * total)
+
+    def align_s() -> float:  # at most its 30%, and what the later stages leave it
+        if cfg.align_minutes is not None:
+            return cfg.align_minutes * 60
+        return min(0.3 * total, left(0.2)) if total else 30 * 60
+
+    def assign_s() -> float:  # what is left but a little for routing and writing
+        return left(0.05)
     ctx = Ctx(cfg)
     status: dict = {"reports": {}}
     man = ctx.manifest
@@ -165,8 +177,8 @@ def run_align(cfg: AlignConfig) -> dict:
 
     step("features", lambda: stage_features(ctx, recs, by_id))
     step("partition", lambda: stage_partition(ctx))
-    step("align", lambda: stage_align(ctx, align_s))
-    step("assign", lambda: stage_assign(ctx, by_id, assign_s))
+    step("align", lambda: stage_align(ctx, align_s()))
+    step("assign", lambda: stage_assign(ctx, by_id, assign_s()))
     step("route", lambda: stage_route(ctx, by_id))
     step("write", lambda: stage_write(ctx))
     status["seconds"] = round(time.perf_counter() - t_all, 1)
