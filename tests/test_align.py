@@ -456,4 +456,6 @@ def test_budget_bounds_alignment_including_its_data(setup, monkeypatch):
                    budget_minutes=0.1, align_minutes=None, candidates=("aligned",)))
     man = json.loads((out / "work" / "manifest.json").read_text())
     assert len(given) == 2 and min(given) > 0
-    assert man["align"]["seconds"] <= 0.3 * total + 0.5, man["align"]
+    # the stage's own work past the training (evaluating after it, saving) is small but
+    # noisy on a loaded machine: a second of slack
+    assert man["align"]["seconds"] <= 0.3 * total + 1.5, man["align"]
