@@ -54,12 +54,11 @@ def clusters_of(engine, recs: list[dict]) -> list[int]:
     return [by[tuple(r["prompt_ids"])] for r in recs]
 
 
-def take(seqs: list[dict], positions: int, seed: int) -> list[dict]:
-    """Sequences (shuffled by ``seed``) until ``positions`` target-labelled positions."""
-    order = list(seqs)
-    random.Random(seed).shuffle(order)
+def take(seqs: list[dict], positions: int) -> list[dict]:
+    """The first sequences (already shuffled) until ``positions`` target-labelled
+    positions."""
     out, n = [], 0
-    for s in order:
+    for s in seqs:
         if n >= positions:
             break
         out.append(s)
@@ -126,10 +125,19 @@ def main() -> int:
         tasks = sorted({r["task"] for r in er})
         held_r = [r for r in tr if _held_out(r["id"], 0.05)]
         tr = [r for r in tr if not _held_out(r["id"], 0.05)]
-        seqs = sequences(model, tr, progress=False, taps=taps)
+        # target states only for the records the largest run uses (shuffled once; each
+        # smaller run takes a prefix of the same order)
+        random.Random(c).shuffle(tr)
+        need, n_pos, keep = max(sizes), 0, []
+        for r in tr:
+            if n_pos >= need:
+                break
+            keep.append(r)
+            n_pos += len(r["prompt_ids"]) + len(r["output_ids"]) - 1
+        seqs = sequences(model, keep, progress=False, taps=taps)
         held = sequences(model, held_r, progress=False, taps=taps) if held_r else None
         evs = sequences(model, er, progress=False, taps=taps)
-        avail = sum(s["hidden"].shape[0] for s in seqs)
+        avail = sum(len(r["prompt_ids"]) + len(r["output_ids"]) - 1 for r in tr)
         entry = {"tasks": tasks, "train_positions": avail, "eval_records": len(er),
                  "generic": evaluate(generic, model, evs, a.budget), "aligned": {}}
         print(f"cluster {c} ({', '.join(tasks)}): {avail} train positions, generic "
@@ -146,7 +154,7 @@ def main() -> int:
         if a.lora:
             runs.append((runs[-1][0], f"lora{a.lora}"))
         for n, how in runs:
-            data = take(seqs, n, seed=c)
+            data = take(seqs, n)
             net = copy.deepcopy(generic)
             lr = a.lr
             if how.startswith("lora"):
