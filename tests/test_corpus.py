@@ -176,3 +176,15 @@ def test_samples_naming_an_unknown_task_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--samples: unknown task 'chta'.*chat"):
         main(["--out", str(tmp_path / "o"), "--prompts", str(pf), "--samples", "chta=2",
               "--target", "/nonexistent"])
+
+
+def test_training_with_no_time_left_stops_cleanly(engine, tmp_path):
+    """A zero time budget (what a spent ``--budget`` leaves) trains nothing, raises nothing."""
+    items = corpus.plan(ROWS[:3], engine.tokenizer.encode_prompt)
+    corpus.collect(engine, items, tmp_path, max_tokens=8, batch=3, progress=False)
+    seqs = sequences(engine.model, corpus.read_shards(tmp_path), progress=False)
+    net = DraftNet.from_target(engine.model, arch="eagle", num_layers=1,
+                               vocab_ids=torch.arange(3, 60))
+    s = stage_train(net, engine.model, seqs, epochs=1, lr=1e-3, max_len=16, batch_tokens=48,
+                    feat_weight=0.0, seed=0, time_budget_s=0.0)
+    assert s["steps"] == 0

@@ -141,8 +141,9 @@ def stage_align(ctx: Ctx, budget_s: float) -> dict:
               and i in recs]
         held_seqs = ctx.sequences([x for i in hv for x in recs[i] if x["sample"] == 0],
                                   taps) if hv else None
-        spent = time.perf_counter() - t_c
-        s = ALIGNERS[cfg.aligner](ctx, c, seqs, stem, max(0.0, share - 2 * spent), held_seqs)
+        spent = time.perf_counter() - t_c  # the training keeps at least a quarter
+        s = ALIGNERS[cfg.aligner](ctx, c, seqs, stem, max(0.25 * share, share - 2 * spent),
+                                  held_seqs)
         if s is None:
             return {"skipped": True}
         summary[str(c)] = s

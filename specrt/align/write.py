@@ -18,6 +18,7 @@ def stage_write(ctx: Ctx) -> dict:
     from specrt.route import MLPRouter
 
     cfg = ctx.cfg
+    ctx.out.mkdir(parents=True, exist_ok=True)  # --work may lie elsewhere
     part, asg, route = ctx.read("partition"), ctx.read("assign"), ctx.read("route")
     model = ctx.model
     router = MLPRouter.load(ctx.work / "router.safetensors")

@@ -400,7 +400,7 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
         epoch, skip = divmod(step, per_epoch)
         groups = _batches(seqs, max_len, batch_tokens, random.Random(seed * 7919 + epoch))
         for g in groups[skip:]:
-            frac = max(step / total, (time.perf_counter() - t0) / time_budget_s)
+            frac = max(step / total, (time.perf_counter() - t0) / max(time_budget_s, 1e-9))
             if frac >= 1.0:
                 stop = True
                 break
