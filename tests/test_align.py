@@ -391,7 +391,8 @@ def test_budget_bounds_the_assign_stage(setup, monkeypatch):
         a = json.loads((out / "work" / "assign.json").read_text())
         held[name] = [len(v["held_back"]) for v in a["clusters"].values()]
     assert min(held["free"]) >= 2          # the unbounded run measures them all
-    assert held["tight"] == [1, 1]         # < 1.8 s for 2 clusters at 0.4 s per prompt
+    # 1.8 s in all, at 0.4 s per prompt measured: fewer prompts, at least one per cluster
+    assert min(held["tight"]) >= 1 and sum(held["tight"]) < sum(held["free"])
 
 
 def test_collect_from_an_earlier_collection_uses_its_samples(setup, tmp_path):

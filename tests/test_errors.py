@@ -101,7 +101,7 @@ def _truncate(p):
 
 
 DAMAGE = {
-    "truncated drafter weights": ("aligned_3.safetensors", _truncate),
+    "truncated drafter weights": ("aligned_4.safetensors", _truncate),
     "truncated base weights": ("baseline.safetensors", _truncate),
     "truncated router weights": ("router.safetensors", _truncate),
     "router weights of 2 bytes": ("router.safetensors", lambda p: p.write_bytes(b"12")),
@@ -110,7 +110,7 @@ DAMAGE = {
         '{"format": "specrt-pool", "version": 1, "drafters": "ngram"}')),
     "router.json not JSON": ("router.json", lambda p: p.write_text("{oops")),
     "router.json a list": ("router.json", lambda p: p.write_text("[1]")),
-    "drafter config not JSON": ("aligned_2.json", lambda p: p.write_text("{oops")),
+    "drafter config not JSON": ("aligned_4.json", lambda p: p.write_text("{oops")),
 }
 
 
