@@ -190,7 +190,7 @@ def main() -> int:
              "pool_speedup_geomean": g["pool"], "pool_speedup_min_task": min(sp_pool.values()),
              "geomean_by_mode": g, "best_single_drafter": best_single,
              "pool_over_best_single": g["pool"] / g[best_single]}
-    print(f"mean accepted length over tasks: " + ", ".join(f"{m} {v:.3f}" for m, v in mean.items()))
+    print("mean accepted length over tasks: " + ", ".join(f"{m} {v:.3f}" for m, v in mean.items()))
     print(f"pool speedup over plain, geometric mean over {len(tasks)} tasks: {g['pool']:.3f} "
           f"(target >= 1.6); lowest task {min(sp_pool, key=sp_pool.get)} "
           f"{min(sp_pool.values()):.3f} (target >= 1.05); best single drafter {best_single} "

@@ -54,7 +54,8 @@ def accept(reqs, trees, logits, tokens, parents, tl):
                                         r.params.top_k, r.params.top_p)
                 first = len(r.out_ids)         # output position after the root
                 depth = trees[i].depths()
-                u = torch.tensor([position_uniform(r.seed, first + d) for d in depth])
+                per_depth = [position_uniform(r.seed, first + d) for d in range(max(depth) + 1)]
+                u = torch.tensor(per_depth)[torch.tensor(depth)]   # one uniform per node
                 choice[j, torch.arange(n_i), sample_at(probs, u).to(dev)] = 1.0
             p, n, x = ops.verify_tree(choice, tokens[sel].to(dev), parents[sel].to(dev),
                                       tl[sel].to(dev), greedy=True)

@@ -49,20 +49,24 @@ def shorten_prompt(prompt: str, max_chars: int) -> str:
     return prompt[:h] + "\n...\n" + prompt[-(max_chars - h):]
 
 
+def in_share(key: str, fraction: float) -> bool:
+    """Fixed membership of ``key`` in a ``fraction`` of all keys, by its sha256 hash (the
+    one rule behind the eval split, the reserve and the trainer's early-stopping split;
+    each salts its keys apart)."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return (h % 10_000) < fraction * 10_000
+
+
 def is_eval(row: dict, eval_fraction: float = 0.2) -> bool:
     """Fixed membership in the evaluation split, by a hash of the row's id."""
-    h = int.from_bytes(hashlib.sha256(str(row["id"]).encode()).digest()[:8], "big")
-    return (h % 10_000) < eval_fraction * 10_000
+    return in_share(str(row["id"]), eval_fraction)
 
 
 def is_reserved(row: dict, fraction: float) -> bool:
     """Fixed membership in the *reserve* of the train split (a hash of the id, salted
     apart from :func:`is_eval`): prompts a shipped baseline drafter was not trained on,
     so that ``specrt align`` can measure drafters on prompts none of them has seen."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha256(f"reserve:{row['id']}".encode()).digest()[:8], "big")
-    return (h % 10_000) < fraction * 10_000
+    return fraction > 0 and in_share(f"reserve:{row['id']}", fraction)
 
 
 def split(rows: list[dict], eval_fraction: float = 0.2) -> tuple[list[dict], list[dict]]:

@@ -7,8 +7,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
 from specrt.align.config import STAGES, AlignConfig
 
 BASELINE_RUNTIME = {"mode": "chain", "max_depth": 8, "threshold": 0.2}

@@ -69,15 +69,21 @@ class EagleDrafting(ArchDrafting):
 
     state_keys = ("hprev",)
 
+    def incoming(self, h: torch.Tensor) -> torch.Tensor:
+        """The target states the engine hands over -> the stored predecessor states
+        ``[n, hidden]`` (eagle: the last layer's, as they are)."""
+        return h.detach()
+
     def begin(self, st: dict, prompt_hidden: torch.Tensor | None) -> None:
         """Keep the target's prompt states: the predecessors of tokens[0:] are none
         (zeros) for token 0, then ``h_0 .. h_{P-1}``."""
         if prompt_hidden is None:
             raise ValueError("an eagle drafter needs the target's prompt hidden states")
+        prompt_hidden = self.incoming(prompt_hidden)
         H = self.net.args.hidden_size
         st["hprev"] = torch.cat([torch.zeros(1, H, dtype=prompt_hidden.dtype,
                                              device=prompt_hidden.device),
-                                 prompt_hidden.detach()])
+                                 prompt_hidden])
 
     def chunk_prev(self, states: list[dict], lens: list[int], T: int) -> torch.Tensor:
         """The pending ``hprev`` of each request, padded to ``[B, T, hidden]``."""
@@ -110,5 +116,5 @@ class EagleDrafting(ArchDrafting):
         the new tokens, which the next :meth:`~specrt.draft.model.ModelDrafter.propose`
         runs."""
         st = seq.state
-        hp = result.target_hidden[result.path].detach().to(st["hprev"].dtype)
+        hp = self.incoming(result.target_hidden[result.path]).to(st["hprev"].dtype)
         st["hprev"] = torch.cat([st["hprev"], hp])

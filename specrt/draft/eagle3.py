@@ -150,9 +150,7 @@ class Eagle3Drafting(EagleDrafting):
             raise ValueError("an eagle3 drafter needs the target's tapped prompt states "
                              "[P, k, hidden] (the engine passes them for its "
                              "feature_layers)")
-        super().begin(st, self.net.fuse_target(prompt_hidden))
+        super().begin(st, prompt_hidden)
 
-    def update(self, drafter, seq, result) -> None:
-        st = seq.state
-        taps = result.target_hidden[result.path]
-        st["hprev"] = torch.cat([st["hprev"], self.net.fuse_target(taps).to(st["hprev"].dtype)])
+    def incoming(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net.fuse_target(h.detach())

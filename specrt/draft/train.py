@@ -65,24 +65,25 @@ def parse_samples(spec: str) -> dict[str, int]:
 
 
 def stage_collect(engine, rows: list[dict], work: Path, *, max_tokens: int, batch: int,
-                  samples: dict[str, int], temperature: float,
-                  budget_s: float = float("inf"), generate: bool = True) -> list[dict]:
+                  samples: dict[str, int] | None = None, temperature: float = 0.8,
+                  budget_s: float = float("inf"), generate: bool = True,
+                  name: str = "corpus") -> list[dict]:
     """The target's outputs for ``rows`` through the shared collector
-    (:func:`specrt.draft.corpus.collect`, shards under ``work/corpus``; resumable): each
+    (:func:`specrt.draft.corpus.collect`, shards under ``work/name``; resumable): each
     row's greedy output, plus ``samples[task]`` seeded samples at ``temperature``.
     ``generate`` False: only what is collected already. Returns the collected records
     (:data:`specrt.draft.corpus.RECORD_FIELDS`) of ``rows``."""
     from specrt.draft import corpus
 
     ctx = engine.model.args.max_position_embeddings
-    items = corpus.plan(rows, engine.tokenizer.encode_prompt, samples=samples,
+    items = corpus.plan(rows, engine.tokenizer.encode_prompt, samples=samples or {},
                         temperature=temperature, max_prompt_tokens=ctx - max_tokens - 1)
     if generate:
-        rep = corpus.collect(engine, items, work / "corpus", max_tokens=max_tokens,
+        rep = corpus.collect(engine, items, work / name, max_tokens=max_tokens,
                              batch=batch, budget_s=budget_s)
-        _log(f"collect: {rep}")
+        _log(f"{name}: {rep}")
     want = {it.key for it in items}
-    return [r for r in corpus.read_shards(work / "corpus") if (r["id"], r["sample"]) in want]
+    return [r for r in corpus.read_shards(work / name) if (r["id"], r["sample"]) in want]
 
 
 def sequences(model, recs: list[dict], progress: bool = True,
@@ -250,15 +251,16 @@ def teacher_forced_accuracy(net, target, seqs: list[dict], max_len: int = 256,
         ys = _net_forward(net, toks[:, :L], pos, prev, steps)
         want = toks[:, 1:L + 1]
         ok = []
-        for s_, y in enumerate(ys):
-            am = net.vocab_ids[net.logits(y).argmax(-1)]          # [B, L]
+        lg = [net.logits(y) for y in ys]                          # [B, L, V'] per step
+        for s_ in range(len(ys)):
+            am = net.vocab_ids[lg[s_].argmax(-1)]                  # [B, L]
             okk = am == want
             ok.append(okk)
             v = sel.clone()
             v[:, :s_] = False
             depth_hits[s_] += int((okk & v).sum())
             depth_n[s_] += int(v.sum())
-        dl = net.logits(ys[0])[sel]
+        dl = lg[0][sel]
         top = net.vocab_ids[dl.topk(min(3, dl.shape[-1]), -1).indices]
         w = want[sel]
         hits1 += int((top[:, 0] == w).sum())
@@ -411,13 +413,15 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
                 tp_all = F.log_softmax(F.linear(rms_norm(hid, norm_w, eps), head_sub), -1)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 ys = _net_forward(net, toks[:, :L], pos, prev, steps_ttt)
-                loss, kls = 0.0, []
+                loss, kls, dl0 = 0.0, [], None
                 wsum = sum(ttt_decay ** s_ for s_ in range(len(ys)))
                 for s_, y in enumerate(ys):
                     m = mask.clone()
                     m[:, :s_] = False  # depth s + 1 needs s earlier positions in the window
                     tp = tp_all[m]
-                    dp = F.log_softmax(net.logits(y)[m].float(), -1)
+                    dl = net.logits(y)[m].float()
+                    dl0 = dl if s_ == 0 else dl0     # step 0: m is mask
+                    dp = F.log_softmax(dl, -1)
                     kl = (tp.exp() * (tp - dp)).sum(-1).mean()
                     kls.append(kl)
                     loss = loss + (ttt_decay ** s_ / wsum) * kl
@@ -434,8 +438,8 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
             step += 1
             if max_batches is not None and step - step0 >= max_batches:
                 stop = True
-            with torch.no_grad():
-                acc = (net.logits(x[mask]).argmax(-1) == tp_all[mask].argmax(-1)).float().mean().item()
+            with torch.no_grad():  # this batch's top-1 match, from the loss's own logits
+                acc = (dl0.argmax(-1) == tp_all[mask].argmax(-1)).float().mean().item()
             cur = (kls[0].item(), kls[-1].item(), feat.item(), acc)
             ema = cur if ema is None else tuple(0.95 * a + 0.05 * b for a, b in zip(ema, cur))
             bar.set_postfix(kl=f"{ema[0]:.3f}", kl_last=f"{ema[1]:.3f}", top1=f"{ema[3]:.3f}")
@@ -488,10 +492,9 @@ def stage_eval(engine, drafter, rows: list[dict], max_tokens: int, max_draft: in
 
 def _held_out(rid: str, fraction: float) -> bool:
     """Fixed membership of a train prompt in the early-stopping split (hash of its id)."""
-    import hashlib
+    from specrt.data import in_share
 
-    h = int.from_bytes(hashlib.sha256(f"early-stop:{rid}".encode()).digest()[:8], "big")
-    return (h % 10_000) < fraction * 10_000
+    return in_share(f"early-stop:{rid}", fraction)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -557,7 +560,6 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     import specrt
-    from specrt.draft import corpus
 
     rows = load_prompts(a.prompts or default_prompts_path())  # bad files fail first
     samples = parse_samples(a.samples)
@@ -593,13 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         ev_rows = [dict(r, prompt=shorten_prompt(r["prompt"], a.max_prompt_chars))
                    for r in interleave_tasks(balanced_sample(eval_rows, a.eval_collect,
                                                              seed=a.seed + 1))]
-        items = corpus.plan(ev_rows, engine.tokenizer.encode_prompt,
-                            max_prompt_tokens=engine.model.args.max_position_embeddings
-                            - a.max_tokens - 1)
-        _log(f"eval collect: {corpus.collect(engine, items, work / 'corpus_eval', max_tokens=a.max_tokens, batch=a.gen_batch)}")
-        keys = {it.key for it in items}
-        ev_recs = [r for r in corpus.read_shards(work / "corpus_eval")
-                   if (r["id"], r["sample"]) in keys]
+        ev_recs = stage_collect(engine, ev_rows, work, max_tokens=a.max_tokens,
+                                batch=a.gen_batch, name="corpus_eval")
     times["collect_s"] = round(time.perf_counter() - t, 1)
     if a.stop_after == "collect":
         return 0
