@@ -535,8 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="train under bfloat16 autocast (default: when the CPU has "
                          "AVX512-BF16/AMX)")
-    ap.add_argument("--epochs", type=float, default=24.0)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--epochs", type=float, default=24.0, help="passes over the training data")
+    ap.add_argument("--lr", type=float, default=1.5e-3,
+                    help="peak learning rate (warm-up, then cosine to 10%%)")
     ap.add_argument("--max-len", type=int, default=256, help="training window (positions)")
     ap.add_argument("--batch-tokens", type=int, default=2048, help="positions per batch")
     ap.add_argument("--feat-weight", type=float, default=0.1,
@@ -548,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="early stopping: evaluations without held-out gain")
     ap.add_argument("--eval-prompts", type=int, default=1,
                     help="eval prompts per task for the engine acceptance check (0: skip)")
-    ap.add_argument("--eval-tokens", type=int, default=48)
+    ap.add_argument("--eval-tokens", type=int, default=48,
+                    help="tokens per prompt of the engine acceptance check")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: torch default; 1 is much faster on a busy "
                          "shared CPU, where extra threads oversubscribe the cores)")
