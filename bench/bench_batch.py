@@ -2,7 +2,9 @@
 larger batches (all prompts at once), plain and speculative, interleaved round by round.
 
 Eval-split prompts (``--per-task`` per task), ``--max-tokens`` each with EOS ignored,
-greedy. Every batched run must give the same tokens as batch 1 (checked).
+greedy. Every batched run must give the same tokens as batch 1 (checked). Modes:
+``plain``, ``spec`` (the default engine), and ``plain_ops`` / ``spec_ops``, the same
+with the model run op by op from Python (the path before the native decoder).
 
     python bench/bench_batch.py [--per-task 2] [--max-tokens 64] [--batches 1,16]
         [--rounds 2] [--json F]
@@ -13,14 +15,30 @@ import argparse
 import datetime
 import json
 import time
+from contextlib import contextmanager
 
 import torch
 
 import specrt
 from specrt.data import balanced_sample, default_prompts_path, load_prompts, split
 from specrt.measure import machine
+from specrt.model import llama
 
-MODES = {"plain": dict(speculative=False), "spec": dict()}
+MODES = {"plain": dict(speculative=False), "spec": dict(),
+         "plain_ops": dict(speculative=False), "spec_ops": dict()}
+
+
+@contextmanager
+def path(mode: str):
+    """``*_ops`` modes run the model op by op from Python (the path before the native
+    decoder, csrc/decoder_cpu.cpp); the others the shipped path."""
+    fusable = llama.Llama._fusable
+    if mode.endswith("_ops"):
+        llama.Llama._fusable = lambda *a: False
+    try:
+        yield
+    finally:
+        llama.Llama._fusable = fusable
 
 
 def run(engine, prompts, batch, params, kw):
@@ -53,16 +71,18 @@ def main() -> int:
           f"max_tokens {args.max_tokens}  rounds {args.rounds}")
     run(engine, prompts[:2], 2, params, {})                  # warm-up (packs the weights)
     secs = {(m, b): 0.0 for m in modes for b in batches}
-    ref, same, stats = None, {}, {}
+    ref, same, stats = {}, {}, {}
     for r in range(args.rounds):
         order = [(m, b) for m in modes for b in batches]
         order = order[r % len(order):] + order[:r % len(order)]
         for m, b in order:
-            s, outs = run(engine, prompts, b, params, MODES[m])
+            with path(m):
+                s, outs = run(engine, prompts, b, params, MODES[m])
             secs[(m, b)] += s
             toks = [o.token_ids for o in outs]
-            ref = toks if ref is None else ref
-            same[(m, b)] = same.get((m, b), True) and toks == ref
+            key = m.endswith("_ops")          # each arithmetic path against itself
+            ref.setdefault(key, toks)
+            same[(m, b)] = same.get((m, b), True) and toks == ref[key]
             stats[(m, b)] = sum(o.stats["mean_accepted_length"] for o in outs) / len(outs)
     n = len(prompts) * args.max_tokens * args.rounds
     res = []

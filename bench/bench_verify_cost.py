@@ -1,9 +1,11 @@
 """Cost of one speculative step of the default target against tree size T (batch 1):
 target forward (body), LM head, verification and KV commit, as ratios to T = 1.
 
-Two configurations, interleaved size by size: ``specrt`` (the skinny GEMM for the linear
-layers and the head, the CPU attention kernel over the paged blocks) and ``torch``
-(``F.linear`` everywhere, gather + SDPA attention: what the model ran before).
+Three configurations, interleaved size by size: ``specrt`` (the shipped path: every
+decoder layer in one native call, csrc/decoder_cpu.cpp, with the skinny GEMM and the CPU
+attention kernel; the head through the skinny GEMM), ``ops`` (the same kernels called op
+by op from Python: the path before the native decoder) and ``torch`` (``F.linear``
+everywhere, gather + SDPA attention).
 
     python bench/bench_verify_cost.py [--prefix 300] [--runs 9] [--target PATH] [--json F]
 """
@@ -21,21 +23,29 @@ import torch
 import specrt
 from specrt import ops
 from specrt.measure import machine
+from specrt.model import llama
 from specrt.ops import gemm
 
 
 @contextmanager
 def config(name: str):
-    """``specrt``: the shipped CPU path; ``torch``: F.linear and gather + SDPA."""
-    rows = gemm.MAX_ROWS
+    """``specrt``: the shipped CPU path; ``ops``: its kernels op by op; ``torch``:
+    F.linear and gather + SDPA."""
+    rows, fusable = gemm.MAX_ROWS, llama.Llama._fusable
     if name == "torch":
         gemm.MAX_ROWS = 0
+    if name == "ops":
+        llama.Llama._fusable = lambda *a: False
     try:
         with ops.using_backend("torch" if name == "torch" else
                                os.environ.get("SPECRT_OPS_BACKEND", "auto")):
             yield
     finally:
         gemm.MAX_ROWS = rows
+        llama.Llama._fusable = fusable
+
+
+CONFIGS = ("specrt", "ops", "torch")
 
 
 def med(f, runs):
@@ -72,7 +82,7 @@ def main():
     print(f"device: {machine()}  date: {datetime.date.today()}  prefix {args.prefix}  "
           f"median of {args.runs}  threads {torch.get_num_threads()}  isa {gemm.gemm_isa()}")
     print(f"{'T':>3} {'cfg':>6} {'body ms':>8} {'head ms':>8} {'verify ms':>9} "
-          f"{'commit ms':>9} {'total ms':>9} {'x T=1':>6} {'torch/specrt':>12}")
+          f"{'commit ms':>9} {'total ms':>9} {'x T=1':>6} {'ops/specrt':>10} {'torch/specrt':>12}")
     base, rows = {}, []
     L, NB = c.kv.shape[:2]
     kv = c.kv.view(L * NB, *c.kv.shape[2:])
@@ -84,7 +94,7 @@ def main():
         tl = torch.tensor([T])
         path = torch.arange(T)[None].repeat(L, 1)
         got = {}
-        for name in ("specrt", "torch"):
+        for name in CONFIGS:
             with config(name):
                 body = med(lambda: m(toks, pos, c.kv, bt, P, norm=False), args.runs)
                 hn = m.final_norm(m(toks, pos, c.kv, bt, P, norm=False))
@@ -98,13 +108,14 @@ def main():
             got[name] = dict(T=T, config=name, body_ms=body * 1e3, head_ms=head * 1e3,
                              verify_ms=ver * 1e3, commit_ms=com * 1e3, total_ms=tot * 1e3,
                              x_T1=tot / base[name])
-        for name in ("specrt", "torch"):
+        for name in CONFIGS:
             r = got[name]
             r["torch_over_specrt"] = got["torch"]["total_ms"] / got["specrt"]["total_ms"]
+            r["ops_over_specrt"] = got["ops"]["total_ms"] / got["specrt"]["total_ms"]
             rows.append(r)
             print(f"{T:3d} {name:>6} {r['body_ms']:8.1f} {r['head_ms']:8.1f} "
                   f"{r['verify_ms']:9.2f} {r['commit_ms']:9.2f} {r['total_ms']:9.1f} "
-                  f"{r['x_T1']:6.2f} {r['torch_over_specrt']:12.2f}")
+                  f"{r['x_T1']:6.2f} {r['ops_over_specrt']:10.2f} {r['torch_over_specrt']:12.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": machine(), "date": str(datetime.date.today()),

@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu_kernels.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -57,27 +59,6 @@ struct Ctx {
   int64_t T, Hq, Hkv, G, bs, maxb;
   float sc;
 };
-
-__attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
-  // e^x (Cephes expf: x = n ln2 + r, e^r by a degree-6 polynomial, 2^n by scalef);
-  // x below -87 (and -inf) gives 0
-  const __m512 lo = _mm512_set1_ps(-87.f);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-  p = _mm512_add_ps(p, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
-}
 
 // Visible keys of query row t among chunk positions c0 .. c0+n-1, as bits.
 inline uint32_t visible_bits(const Ctx& c, int64_t b, int64_t t, int64_t c0, int64_t n,
@@ -155,7 +136,7 @@ __attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int
       const float mc = std::max(m[i], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
       const float corr = std::exp(m[i] - mc);  // 0 when m was -inf
       const __m512 mcv = _mm512_set1_ps(mc);
-      const __m512 p0 = exp512(_mm512_sub_ps(s0, mcv)), p1 = exp512(_mm512_sub_ps(s1, mcv));
+      const __m512 p0 = specrt::exp512(_mm512_sub_ps(s0, mcv)), p1 = specrt::exp512(_mm512_sub_ps(s1, mcv));
       l[i] = l[i] * corr + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
       _mm512_store_ps(pbuf, p0);
       _mm512_store_ps(pbuf + 16, p1);
@@ -183,6 +164,71 @@ __attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int
       for (int64_t d = 0; d < D; ++d) o[d] = acc[i * D + d] * inv;
     }
   }
+}
+
+// The portable path (any D; AVX2+FMA code where the CPU has it, baseline x86-64
+// otherwise): per query: running max, running sum, accumulator [D]; scores of one chunk
+// of keys.
+constexpr int64_t GCH = 64;
+
+__attribute__((target_clones("arch=haswell", "default")))
+void generic_item(const Ctx& c, int64_t D, int64_t b, int64_t h, float* m, float* l,
+                  float* acc, float* s, const float** vrow) {
+  const int64_t T = c.T, Hq = c.Hq, Hkv = c.Hkv, G = c.G, bs = c.bs, maxb = c.maxb;
+  const int64_t pre = c.P[b], tl = c.L[b], nql = tl * G, nq = T * G;
+  const bool has_mask = c.M != nullptr;
+  std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + nq, 0.f);
+  std::fill(acc, acc + nq * D, 0.f);
+  const float* qb = c.Q + (b * T * Hq + h * G) * D;  // query (t, g) at qb + (t Hq + g) D
+  for (int64_t c0 = 0; c0 < pre + tl; c0 += GCH) {
+    const int64_t n = std::min(GCH, pre + tl - c0);
+    // scores of every query against the chunk's keys (-inf where not visible)
+    for (int64_t x = 0; x < n; ++x) {
+      const int64_t pos = c0 + x, j = pos - pre;
+      const int64_t blk = c.BT[b * maxb + pos / bs], off = pos % bs;
+      const float* k = c.C + (((blk * 2 + 0) * bs + off) * Hkv + h) * D;
+      vrow[x] = c.C + (((blk * 2 + 1) * bs + off) * Hkv + h) * D;
+      for (int64_t t = 0; t < tl; ++t) {
+        const bool vis = j < 0 || (has_mask ? c.M[(b * T + t) * T + j] != 0 : j <= t);
+        for (int64_t g = 0; g < G; ++g)
+          s[(t * G + g) * GCH + x] =
+              vis ? dot(qb + (t * Hq + g) * D, k, D) * c.sc
+                  : -std::numeric_limits<float>::infinity();
+      }
+    }
+    // online softmax over the chunk, one rescale per query
+    for (int64_t qi = 0; qi < nql; ++qi) {
+      float* sr = s + qi * GCH;
+      float mc = m[qi];
+      for (int64_t x = 0; x < n; ++x) mc = std::max(mc, sr[x]);
+      if (mc == -std::numeric_limits<float>::infinity()) continue;  // nothing visible yet
+      float* a = acc + qi * D;
+      const float corr = std::exp(m[qi] - mc);  // 0 when m was -inf
+      float sum = 0.f;
+      for (int64_t x = 0; x < n; ++x) {
+        sr[x] = std::exp(sr[x] - mc);
+        sum += sr[x];
+      }
+      l[qi] = l[qi] * corr + sum;
+      for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+      for (int64_t x = 0; x < n; ++x)
+        if (sr[x] != 0.f) axpy(a, sr[x], vrow[x], D);
+      m[qi] = mc;
+    }
+  }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      float* o = c.O + ((b * T + t) * Hq + h * G + g) * D;
+      const int64_t qi = t * G + g;
+      if (t >= tl || l[qi] == 0.f) {
+        std::memset(o, 0, sizeof(float) * D);
+      } else {
+        const float inv = 1.f / l[qi];
+        const float* a = acc + qi * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
+      }
+    }
 }
 
 using ItemFn = void (*)(const Ctx&, int64_t, int64_t, int64_t, int64_t, float*);
@@ -244,8 +290,22 @@ void tree_attention_cpu(f32 q, f32 cache, i32 bt, i64 prefix, u8 mask, i64 lens,
       if (BT[b * maxb + i] < 0 || BT[b * maxb + i] >= NB)
         throw std::out_of_range("tree_attention_cpu: block id out of range");
   }
-  const float sc = static_cast<float>(scale);
   py::gil_scoped_release nogil;
+  specrt::tree_attention_raw(Q, C, BT, maxb, P, L, M, O, B, T, Hq, Hkv, D, bs, scale, threads);
+}
+
+}  // namespace
+
+namespace specrt {
+// The kernel without checks (tree_attention_cpu validates; decoder_cpu.cpp calls this
+// directly with a forward's plan).
+void tree_attention_raw(const float* Q, const float* C, const int32_t* BT, int64_t maxb,
+                        const int64_t* P, const int64_t* L, const uint8_t* M, float* O,
+                        int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs,
+                        double scale, int threads) {
+  const float sc = static_cast<float>(scale);
+  const bool has_mask = M != nullptr;
+  const int64_t G = Hq / Hkv;
   if (ItemFn fn = avx512_item_for(D)) {
     const Ctx c{Q, C, BT, P, L, M, O, T, Hq, Hkv, G, bs, maxb, sc};
     const int64_t nqb = (T * G + QB - 1) / QB, items = B * Hkv * nqb;
@@ -262,76 +322,21 @@ void tree_attention_cpu(f32 q, f32 cache, i32 bt, i64 prefix, u8 mask, i64 lens,
     }
     return;
   }
+  const Ctx c{Q, C, BT, P, L, M, O, T, Hq, Hkv, G, bs, maxb, sc};
   const int64_t work = B * Hkv;
   const bool par = threads > 1 && work > 1;
 #pragma omp parallel num_threads(std::max(1, threads)) if (par)
   {
-    // per query: running max, running sum, accumulator [D]; scores of one chunk of keys
-    constexpr int64_t CH = 64;
     const int64_t nq = T * G;
-    std::vector<float> m(nq), l(nq), acc(nq * D), s(nq * CH);
-    std::vector<const float*> vrow(CH);
+    std::vector<float> m(nq), l(nq), acc(nq * D), s(nq * GCH);
+    std::vector<const float*> vrow(GCH);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < work; ++w) {
-      const int64_t b = w / Hkv, h = w % Hkv;
-      const int64_t pre = P[b], tl = L[b], nql = tl * G;
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const float* qb = Q + (b * T * Hq + h * G) * D;  // query (t, g) at qb + (t Hq + g) D
-      for (int64_t c0 = 0; c0 < pre + tl; c0 += CH) {
-        const int64_t n = std::min(CH, pre + tl - c0);
-        // scores of every query against the chunk's keys (-inf where not visible)
-        for (int64_t x = 0; x < n; ++x) {
-          const int64_t pos = c0 + x, j = pos - pre;
-          const int64_t blk = BT[b * maxb + pos / bs], off = pos % bs;
-          const float* k = C + (((blk * 2 + 0) * bs + off) * Hkv + h) * D;
-          vrow[x] = C + (((blk * 2 + 1) * bs + off) * Hkv + h) * D;
-          for (int64_t t = 0; t < tl; ++t) {
-            const bool vis = j < 0 || (has_mask ? M[(b * T + t) * T + j] != 0 : j <= t);
-            for (int64_t g = 0; g < G; ++g)
-              s[(t * G + g) * CH + x] =
-                  vis ? dot(qb + (t * Hq + g) * D, k, D) * sc
-                      : -std::numeric_limits<float>::infinity();
-          }
-        }
-        // online softmax over the chunk, one rescale per query
-        for (int64_t qi = 0; qi < nql; ++qi) {
-          float* sr = s.data() + qi * CH;
-          float mc = m[qi];
-          for (int64_t x = 0; x < n; ++x) mc = std::max(mc, sr[x]);
-          if (mc == -std::numeric_limits<float>::infinity()) continue;  // nothing visible yet
-          float* a = acc.data() + qi * D;
-          const float corr = std::exp(m[qi] - mc);  // 0 when m was -inf
-          float sum = 0.f;
-          for (int64_t x = 0; x < n; ++x) {
-            sr[x] = std::exp(sr[x] - mc);
-            sum += sr[x];
-          }
-          l[qi] = l[qi] * corr + sum;
-          for (int64_t d = 0; d < D; ++d) a[d] *= corr;
-          for (int64_t x = 0; x < n; ++x)
-            if (sr[x] != 0.f) axpy(a, sr[x], vrow[x], D);
-          m[qi] = mc;
-        }
-      }
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t g = 0; g < G; ++g) {
-          float* o = O + ((b * T + t) * Hq + h * G + g) * D;
-          const int64_t qi = t * G + g;
-          if (t >= tl || l[qi] == 0.f) {
-            std::memset(o, 0, sizeof(float) * D);
-          } else {
-            const float inv = 1.f / l[qi];
-            const float* a = acc.data() + qi * D;
-            for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
-          }
-        }
-    }
+    for (int64_t w = 0; w < work; ++w)
+      generic_item(c, D, w / Hkv, w % Hkv, m.data(), l.data(), acc.data(), s.data(), vrow.data());
   }
 }
 
-}  // namespace
+}  // namespace specrt
 
 void bind_attention(py::module_& m) {
   m.def("tree_attention_cpu", &tree_attention_cpu,

@@ -23,6 +23,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu_kernels.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -91,6 +93,8 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Args& a, int64_t p, int
   const float* xr[MR];
   for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.ldx;
   for (int64_t k = 0; k < a.K; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF) * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF) * NR + 16), _MM_HINT_T0);
     __m256 wv[4];
     for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + k * NR + 8 * j);
     for (int i = 0; i < MR; ++i) {
@@ -103,6 +107,38 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Args& a, int64_t p, int
     alignas(32) float buf[NR];
     for (int j = 0; j < 4; ++j) _mm256_store_ps(buf + 8 * j, acc[i][j]);
     store_row(a.y + (m0 + i) * a.ldy + n0, buf, ncols);
+  }
+}
+
+// Few rows (M <= 2) on AVX2: two adjacent panels at once (two weight streams in flight
+// per thread, the weights used straight from memory operands).
+template <int MR>
+__attribute__((target("avx2,fma"))) void tile2_avx2(const Args& a, int64_t p) {
+  const float* wa = a.wp + p * a.K * NR;
+  const float* wb = wa + a.K * NR;
+  __m256 acc[MR][8];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 8; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < a.K; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(wa + (k + PF) * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wa + (k + PF) * NR + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wb + (k + PF) * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wb + (k + PF) * NR + 16), _MM_HINT_T0);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_broadcast_ss(a.x + i * a.ldx + k);
+      for (int j = 0; j < 4; ++j) {
+        acc[i][j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wa + k * NR + 8 * j), acc[i][j]);
+        acc[i][4 + j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wb + k * NR + 8 * j), acc[i][4 + j]);
+      }
+    }
+  }
+  for (int q = 0; q < 2; ++q) {
+    const int64_t n0 = (p + q) * NR, ncols = std::min<int64_t>(NR, a.N - n0);
+    for (int i = 0; i < MR; ++i) {
+      alignas(32) float buf[NR];
+      for (int j = 0; j < 4; ++j) _mm256_store_ps(buf + 8 * j, acc[i][4 * q + j]);
+      store_row(a.y + i * a.ldy + n0, buf, ncols);
+    }
   }
 }
 
@@ -190,6 +226,16 @@ void run_avx2(const Args& a, int64_t p) {
   }
 }
 
+// Panels p and p + 1 (p even) for M <= 2 on AVX2; a last odd panel alone.
+void run_avx2_pair(const Args& a, int64_t p) {
+  if ((p + 1) * NR >= a.N) return run_avx2(a, p);
+  switch (a.M) {
+    case 2: tile2_avx2<2>(a, p); break;
+    case 1: tile2_avx2<1>(a, p); break;
+    default: run_avx2(a, p); run_avx2(a, p + 1); break;
+  }
+}
+
 void run_scalar(const Args& a, int64_t p) {
   for (int64_t m = 0; m < a.M; m += 4) tile_scalar(a, p, m, static_cast<int>(std::min<int64_t>(4, a.M - m)));
 }
@@ -221,6 +267,26 @@ Isa parse_isa(const std::string& s) {
 
 using f32arr = py::array_t<float, py::array::c_style>;
 
+void run_gemm(const Args& a, int64_t P, Isa which, int threads) {
+  void (*run)(const Args&, int64_t) =
+      which == Isa::avx512 ? run_avx512 : which == Isa::avx2 ? run_avx2 : run_scalar;
+  if (a.M == 0) return;
+  // threads only pay when each gets a few hundred KB of weights to stream
+  const bool par = threads > 1 && P * a.K * NR >= (int64_t(1) << 16);
+  if ((which == Isa::avx512 && a.M <= 4) || (which == Isa::avx2 && a.M <= 2)) {
+    void (*pair)(const Args&, int64_t) = which == Isa::avx512 ? run_avx512_pair : run_avx2_pair;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, threads)) if (par)
+#endif
+    for (int64_t p = 0; p < P; p += 2) pair(a, p);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 2) num_threads(std::max(1, threads)) if (par)
+#endif
+  for (int64_t p = 0; p < P; ++p) run(a, p);
+}
+
 // x [M, K] (row stride ldx given by the array), wp [P, K, 32], y [M, N] written in full.
 void skinny_mm(py::array x, f32arr wp, py::array y, int64_t n, int threads,
                const std::string& isa) {
@@ -238,25 +304,22 @@ void skinny_mm(py::array x, f32arr wp, py::array y, int64_t n, int threads,
   if (y.shape(0) != a.M || y.shape(1) != n || P * NR < n || (P - 1) * NR >= n)
     throw std::invalid_argument("skinny_mm: y must be [M, N] with N in (32 (P-1), 32 P]");
   const Isa which = parse_isa(isa);
-  void (*run)(const Args&, int64_t) =
-      which == Isa::avx512 ? run_avx512 : which == Isa::avx2 ? run_avx2 : run_scalar;
-  if (a.M == 0) return;
   py::gil_scoped_release nogil;
-  // threads only pay when each gets a few hundred KB of weights to stream
-  const bool par = threads > 1 && P * a.K * NR >= (int64_t(1) << 16);
-  if (which == Isa::avx512 && a.M <= 4) {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, threads)) if (par)
-#endif
-    for (int64_t p = 0; p < P; p += 2) run_avx512_pair(a, p);
-    return;
-  }
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 2) num_threads(std::max(1, threads)) if (par)
-#endif
-  for (int64_t p = 0; p < P; ++p) run(a, p);
+  run_gemm(a, P, which, threads);
 }
 
+}  // namespace
+
+namespace specrt {
+void skinny_mm_raw(const float* x, int64_t ldx, const float* wp, float* y, int64_t ldy,
+                   int64_t M, int64_t K, int64_t N, int threads) {
+  static const Isa which = best_isa();
+  const Args a{x, ldx, wp, y, ldy, M, K, N};
+  run_gemm(a, (N + NR - 1) / NR, which, threads);
+}
+}  // namespace specrt
+
+namespace {
 }  // namespace
 
 void bind_gemm(py::module_& m) {

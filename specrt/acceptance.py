@@ -43,7 +43,10 @@ def accept(reqs, trees, logits, tokens, parents, tl):
     dev = logits.device
     for key, idx in groups.items():
         sel = torch.tensor(idx)
-        if key[0] == "greedy":
+        if key[0] == "greedy" and len(idx) == B:   # the whole batch: no copies
+            p, n, x = ops.verify_tree(logits, tokens.to(dev), parents.to(dev), tl.to(dev),
+                                      greedy=True)
+        elif key[0] == "greedy":
             p, n, x = ops.verify_tree(logits[sel.to(dev)], tokens[sel].to(dev),
                                       parents[sel].to(dev), tl[sel].to(dev), greedy=True)
         elif not key[1]:

@@ -89,9 +89,14 @@ def test_batched_ragged_prefill_matches_hf(tiny):
 
 @torch.no_grad()
 def test_forward_plans_once_and_runs_each_layer(tiny, monkeypatch):
-    """One tree-attention plan per forward, run once per layer with q and that layer's
-    cache through torch.ops.specrt; the removed ``layers=`` argument is rejected."""
+    """The op-by-op path (autograd, other dtypes, the torch backend; CPU fp32 inference
+    runs every layer in one native call, tests/test_decoder_native.py): one tree-attention
+    plan per forward, run once per layer with q and that layer's cache through
+    torch.ops.specrt; the removed ``layers=`` argument is rejected."""
     from specrt import ops
+    from specrt.model import llama
+
+    monkeypatch.setattr(llama.Llama, "_fusable", lambda *a: False)
 
     d, ref = tiny
     model = load_hf_model(d)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specrt import ops
+from specrt.ops import gemm
 from specrt.ops.gemm import PackedLinear
 
 
@@ -106,6 +107,20 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     if mm is None:
         mm = layer.__dict__["_specrt_mm"] = PackedLinear()
     return mm(x, layer.weight, layer.bias)
+
+
+def _packed(layer: nn.Linear) -> torch.Tensor:
+    """The packed copy of ``layer.weight`` that :func:`linear` uses (made on first use)."""
+    mm = layer.__dict__.get("_specrt_mm")
+    if mm is None:
+        mm = layer.__dict__["_specrt_mm"] = PackedLinear()
+    return mm.packed(layer._parameters["weight"])
+
+
+def _native():
+    from specrt.ops._backend import native
+
+    return native()
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -216,6 +231,19 @@ class Llama(nn.Module):
         if taps and (list(taps) != sorted(set(taps)) or not 0 <= taps[0] <= taps[-1] < len(self.layers)):
             raise ValueError(f"taps {taps} must be ascending layer indices below "
                              f"{len(self.layers)}")
+        if self._fusable(x, kv, plan):
+            rows = (torch.arange(B * T) if sel is None else sel).to(torch.int64)
+            nt = len(taps)
+            tap_out = x.new_empty((x.shape[0], nt, a.hidden_size) if nt else (0, 0, 0))
+            _native().decoder_layers_cpu(
+                x.numpy(), self._fused_table().numpy(), Hq, Hkv, a.intermediate_size,
+                cos.reshape(-1, Dh).contiguous().numpy(), sin.reshape(-1, Dh).contiguous().numpy(),
+                kv.numpy(), bt.numpy(), prefix.numpy(), plan.byte_mask.numpy(), lens.numpy(),
+                rows.numpy(), T, a.rms_norm_eps, 1.0 / math.sqrt(Dh),
+                torch.tensor(list(taps), dtype=torch.int64).numpy(), tap_out.numpy(),
+                torch.get_num_threads())
+            out = padded(self.final_norm(x) if norm else x)
+            return out if not taps else (out, padded(tap_out))
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
             q, k, v = linear(h, layer.qkv).split((qd, kvd, kvd), dim=-1)
@@ -234,6 +262,39 @@ class Llama(nn.Module):
         if not taps:
             return out
         return out, padded(torch.stack(tapped, 1))
+
+    def _fusable(self, x: torch.Tensor, kv: torch.Tensor, plan) -> bool:
+        """Whether this forward runs as one native call (csrc/decoder_cpu.cpp): CPU fp32
+        inference on the CPU attention backend with the skinny GEMM on (the op-by-op path
+        below is the same arithmetic and serves every other case: autograd, other
+        dtypes and devices, the ``torch`` backend)."""
+        return (plan.backend == "cpu" and x.dtype is torch.float32 and kv.dtype is torch.float32
+                and x.is_cpu and kv.is_contiguous() and gemm.MAX_ROWS > 0
+                and not torch.is_grad_enabled()
+                and self.head_weight.dtype is torch.float32)
+
+    def _fused_table(self) -> torch.Tensor:
+        """``[L, 7]`` int64 addresses of each layer's weights for the native decoder:
+        attn_norm, packed Wqkv, qkv bias (0: none), packed Wo, mlp_norm, packed Wgu,
+        packed Wd. Rebuilt when a packed copy is (a weight replaced or changed in place);
+        the tensors stay alive in the layers and their :class:`PackedLinear` caches."""
+        held = []
+        for layer in self.layers._modules.values():   # (plain dict reads: once per forward)
+            lp, mods = layer._parameters, layer._modules
+            qkv = mods["qkv"]
+            held += [lp["attn_norm"], _packed(qkv), qkv._parameters["bias"], _packed(mods["o"]),
+                     lp["mlp_norm"], _packed(mods["gate_up"]), _packed(mods["down"])]
+        cached = self.__dict__.get("_fused")
+        if cached is not None and len(cached[0]) == len(held) and all(
+                p is q for p, q in zip(cached[0], held)):
+            return cached[1]
+        for t in held:
+            if t is not None and (t.dtype is not torch.float32 or not t.is_contiguous()):
+                raise ValueError("the native decoder needs contiguous fp32 weights")
+        table = torch.tensor([0 if t is None else t.data_ptr() for t in held],
+                             dtype=torch.int64).view(len(self.layers), 7)
+        self.__dict__["_fused"] = (held, table)
+        return table
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The final RMSNorm (for states returned with ``norm=False``)."""

@@ -1,0 +1,45 @@
+// The CPU kernels' raw entry points, shared between the op files (no checks: the
+// pybind11 wrappers and decoder_cpu.cpp validate before calling).
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace specrt {
+
+// y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T, W packed as [ceil(N/32), K, 32]
+// (gemm_cpu.cpp). The best SIMD path of this CPU; OpenMP over output panels.
+void skinny_mm_raw(const float* x, int64_t ldx, const float* wp, float* y, int64_t ldy,
+                   int64_t M, int64_t K, int64_t N, int threads);
+
+// Tree attention over the paged cache (attention_cpu.cpp): Q, O [B, T, Hq, D], cache
+// [NB, 2, bs, Hkv, D], BT [B, maxb], P / L [B] prefix and tree lengths, M [B, T, T] or
+// nullptr (causal).
+void tree_attention_raw(const float* Q, const float* C, const int32_t* BT, int64_t maxb,
+                        const int64_t* P, const int64_t* L, const uint8_t* M, float* O,
+                        int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs,
+                        double scale, int threads);
+
+// e^x on 16 lanes (AVX-512F).
+__attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
+  // e^x (Cephes expf: x = n ln2 + r, e^r by a degree-6 polynomial, 2^n by scalef);
+  // x below -87 (and -inf) gives 0
+  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+}  // namespace specrt
