@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -166,6 +167,129 @@ __attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int
   }
 }
 
+// ------------------------------------------------------------------ AVX2 fast path
+// The AVX-512 item above on 8-lane registers: the same work split (one sequence, one KV
+// head, a block of at most QB queries), K transposed once per chunk for many queries,
+// a vectorised exp, P V accumulated in registers.
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline float hmax256(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// lanes of an 8-bit visibility mask as an all-ones / zero float mask
+__attribute__((target("avx2,fma"))) inline __m256 lane_mask(uint32_t bits8) {
+  const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i b = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits8)), lanes);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lanes));
+}
+
+template <int DV>
+__attribute__((target("avx2,fma"))) void item_avx2(const Ctx& c, int64_t b, int64_t h,
+                                                  int64_t q0, int64_t q1, float* kt) {
+  constexpr int64_t D = DV * 8;
+  const int64_t pre = c.P[b], tl = c.L[b], npos = pre + tl;
+  const int64_t nq = q1 - q0;
+  const bool outer = nq >= 8;
+  float m[QB], l[QB];
+  alignas(64) float acc[QB * D];
+  alignas(64) float pbuf[CH];
+  const float* vrow[CH];
+  const float* krow[CH];
+  for (int64_t i = 0; i < nq; ++i) {
+    m[i] = -std::numeric_limits<float>::infinity();
+    l[i] = 0.f;
+  }
+  std::memset(acc, 0, sizeof(float) * nq * D);
+  const __m256 scv = _mm256_set1_ps(c.sc);
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t c0 = 0; c0 < npos; c0 += CH) {
+    const int64_t n = std::min<int64_t>(CH, npos - c0);
+    for (int64_t x = 0; x < n; ++x) {
+      const int64_t pos = c0 + x;
+      const int64_t blk = c.BT[b * c.maxb + pos / c.bs], off = pos % c.bs;
+      krow[x] = c.C + (((blk * 2 + 0) * c.bs + off) * c.Hkv + h) * D;
+      vrow[x] = c.C + (((blk * 2 + 1) * c.bs + off) * c.Hkv + h) * D;
+    }
+    if (outer) {
+      for (int64_t x = 0; x < CH; ++x)
+        for (int64_t d = 0; d < D; ++d) kt[d * CH + x] = x < n ? krow[x][d] : 0.f;
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
+      if (t >= tl) continue;
+      const uint32_t bits = visible_bits(c, b, t, c0, n, pre, tl);
+      if (!bits) continue;
+      const float* q = c.Q + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
+      __m256 sv[4];
+      if (outer) {
+        for (int j = 0; j < 4; ++j) sv[j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; ++d) {
+          const __m256 qd = _mm256_set1_ps(q[d]);
+          for (int j = 0; j < 4; ++j)
+            sv[j] = _mm256_fmadd_ps(qd, _mm256_load_ps(kt + d * CH + 8 * j), sv[j]);
+        }
+      } else {
+        __m256 qv[DV];
+        for (int v = 0; v < DV; ++v) qv[v] = _mm256_loadu_ps(q + 8 * v);
+        alignas(32) float sb[CH];
+        for (int64_t x = 0; x < n; ++x) {
+          __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(krow[x]));
+          for (int v = 1; v < DV; ++v) a = _mm256_fmadd_ps(qv[v], _mm256_loadu_ps(krow[x] + 8 * v), a);
+          sb[x] = hsum256(a);
+        }
+        for (int64_t x = n; x < CH; ++x) sb[x] = 0.f;
+        for (int j = 0; j < 4; ++j) sv[j] = _mm256_load_ps(sb + 8 * j);
+      }
+      __m256 mx = ninf;
+      for (int j = 0; j < 4; ++j) {
+        sv[j] = _mm256_blendv_ps(ninf, _mm256_mul_ps(sv[j], scv), lane_mask((bits >> (8 * j)) & 0xff));
+        mx = _mm256_max_ps(mx, sv[j]);
+      }
+      const float mc = std::max(m[i], hmax256(mx));
+      const float corr = std::exp(m[i] - mc);  // 0 when m was -inf
+      const __m256 mcv = _mm256_set1_ps(mc);
+      __m256 ps = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        const __m256 pj = specrt::exp256(_mm256_sub_ps(sv[j], mcv));
+        ps = _mm256_add_ps(ps, pj);
+        _mm256_store_ps(pbuf + 8 * j, pj);
+      }
+      l[i] = l[i] * corr + hsum256(ps);
+      float* ai = acc + i * D;
+      __m256 a[DV];
+      const __m256 cv = _mm256_set1_ps(corr);
+      for (int v = 0; v < DV; ++v) a[v] = _mm256_mul_ps(_mm256_load_ps(ai + 8 * v), cv);
+      for (int64_t x = 0; x < n; ++x) {
+        if (!((bits >> x) & 1u)) continue;
+        const __m256 px = _mm256_set1_ps(pbuf[x]);
+        for (int v = 0; v < DV; ++v)
+          a[v] = _mm256_fmadd_ps(px, _mm256_loadu_ps(vrow[x] + 8 * v), a[v]);
+      }
+      for (int v = 0; v < DV; ++v) _mm256_store_ps(ai + 8 * v, a[v]);
+      m[i] = mc;
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
+    float* o = c.O + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
+    if (t >= tl || l[i] == 0.f) {
+      std::memset(o, 0, sizeof(float) * D);
+    } else {
+      const float inv = 1.f / l[i];
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[i * D + d] * inv;
+    }
+  }
+}
+
 // The portable path (any D; AVX2+FMA code where the CPU has it, baseline x86-64
 // otherwise): per query: running max, running sum, accumulator [D]; scores of one chunk
 // of keys.
@@ -233,16 +357,33 @@ void generic_item(const Ctx& c, int64_t D, int64_t b, int64_t h, float* m, float
 
 using ItemFn = void (*)(const Ctx&, int64_t, int64_t, int64_t, int64_t, float*);
 
+// The vector item for head dim D on this CPU (AVX-512F, else AVX2+FMA), or nullptr: the
+// portable path. SPECRT_ATTN_ISA=avx2|portable caps it (tests run every path).
 ItemFn avx512_item_for(int64_t D) {
   __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512f")) return nullptr;
-  switch (D) {
-    case 16: return item_avx512<1>;
-    case 32: return item_avx512<2>;
-    case 64: return item_avx512<4>;
-    case 128: return item_avx512<8>;
-    default: return nullptr;
+  const char* cap = std::getenv("SPECRT_ATTN_ISA");
+  const std::string want = cap ? cap : "";
+  if (want == "portable") return nullptr;
+  if (__builtin_cpu_supports("avx512f") && want != "avx2") {
+    switch (D) {
+      case 16: return item_avx512<1>;
+      case 32: return item_avx512<2>;
+      case 64: return item_avx512<4>;
+      case 128: return item_avx512<8>;
+      default: return nullptr;
+    }
   }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    switch (D) {
+      case 8: return item_avx2<1>;
+      case 16: return item_avx2<2>;
+      case 32: return item_avx2<4>;
+      case 64: return item_avx2<8>;
+      case 128: return item_avx2<16>;
+      default: return nullptr;
+    }
+  }
+  return nullptr;
 }
 
 using f32 = py::array_t<float, py::array::c_style>;

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import random
 
+import os
+
 import pytest
 import torch
 
@@ -215,11 +217,20 @@ def test_cpu_kernel_prefix_zero_empty_tree_and_bad_tables(monkeypatch):
     assert (out == 7.0).all()
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def _cpu_flags():
+    return open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+
+
+@pytest.mark.parametrize("impl", ["cpu", "cpu_avx2", "cpu_portable", "torch"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_cpu_paths_vs_reference(monkeypatch, name, impl):
-    """CPU tensors: specrt._C's kernel over the blocks (the default) and torch's
-    gather + SDPA path, both against the float64 reference."""
+    """CPU tensors: specrt._C's kernel over the blocks (the default: its best vector
+    path; then capped to the AVX2 path and to the portable one with SPECRT_ATTN_ISA)
+    and torch's gather + SDPA path, all against the float64 reference."""
+    if impl == "cpu_avx2" and "avx2" not in _cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("SPECRT_ATTN_ISA", impl[4:] if impl.startswith("cpu_") else "")
+    impl = "cpu" if impl.startswith("cpu") else impl
     monkeypatch.setenv("SPECRT_OPS_BACKEND", "auto" if impl == "cpu" else "torch")
     B, T, Hq, Hkv, D, dtype, bs, mp, kind, ragged = CASES[name]
     inp, seed = _case(B, T, Hq, Hkv, D, dtype, bs, mp, kind, ragged, "cpu")
