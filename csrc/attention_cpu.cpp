@@ -43,10 +43,12 @@ inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_
 
 // ---------------------------------------------------------------- AVX-512 fast path
 // Work item: one sequence b, one KV head h, a block of at most QB of its G*T queries
-// (query qi = t * G + g). Keys go in chunks of CH; scores of a query against a chunk are
-// either CH dot products (few queries) or, for many queries, an outer-product pass
-// over the chunk's K transposed once ([D][CH]) and shared by the block's queries. The
-// softmax weights come from a vectorised exp; P V accumulates in registers.
+// (query qi = t * G + g). Keys go in chunks of CH; a query's scores against a chunk are
+// one outer-product pass over the chunk's K transposed once ([D][CH]) and shared by the
+// block's queries, summed over d in order whatever the block holds: a query's result
+// does not depend on how many queries share its item (batch and tree invariance; a
+// dot-product form for few queries was faster but summed in another order). The softmax
+// weights come from a vectorised exp; P V accumulates in registers.
 constexpr int QB = 16, CH = 32;
 
 struct Ctx {
@@ -80,7 +82,6 @@ __attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int
   constexpr int64_t D = DV * 16;
   const int64_t pre = c.P[b], tl = c.L[b], npos = pre + tl;
   const int64_t nq = q1 - q0;
-  const bool outer = nq >= 8;  // enough queries to pay for transposing K
   float m[QB], l[QB];
   alignas(64) float acc[QB * D];
   alignas(64) float pbuf[CH];
@@ -100,36 +101,19 @@ __attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int
       krow[x] = c.C + (((blk * 2 + 0) * c.bs + off) * c.Hkv + h) * D;
       vrow[x] = c.C + (((blk * 2 + 1) * c.bs + off) * c.Hkv + h) * D;
     }
-    if (outer) {
-      for (int64_t x = 0; x < CH; ++x)
-        for (int64_t d = 0; d < D; ++d) kt[d * CH + x] = x < n ? krow[x][d] : 0.f;
-    }
+    for (int64_t x = 0; x < CH; ++x)
+      for (int64_t d = 0; d < D; ++d) kt[d * CH + x] = x < n ? krow[x][d] : 0.f;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
       if (t >= tl) continue;
       const uint32_t bits = visible_bits(c, b, t, c0, n, pre, tl);
       if (!bits) continue;
       const float* q = c.Q + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
-      __m512 s0, s1;
-      if (outer) {
-        s0 = s1 = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; ++d) {
-          const __m512 qd = _mm512_set1_ps(q[d]);
-          s0 = _mm512_fmadd_ps(qd, _mm512_load_ps(kt + d * CH), s0);
-          s1 = _mm512_fmadd_ps(qd, _mm512_load_ps(kt + d * CH + 16), s1);
-        }
-      } else {
-        __m512 qv[DV];
-        for (int v = 0; v < DV; ++v) qv[v] = _mm512_loadu_ps(q + 16 * v);
-        alignas(64) float sb[CH];
-        for (int64_t x = 0; x < n; ++x) {
-          __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(krow[x]));
-          for (int v = 1; v < DV; ++v) a = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(krow[x] + 16 * v), a);
-          sb[x] = _mm512_reduce_add_ps(a);
-        }
-        for (int64_t x = n; x < CH; ++x) sb[x] = 0.f;
-        s0 = _mm512_load_ps(sb);
-        s1 = _mm512_load_ps(sb + 16);
+      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 qd = _mm512_set1_ps(q[d]);
+        s0 = _mm512_fmadd_ps(qd, _mm512_load_ps(kt + d * CH), s0);
+        s1 = _mm512_fmadd_ps(qd, _mm512_load_ps(kt + d * CH + 16), s1);
       }
       const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       s0 = _mm512_mask_mul_ps(ninf, static_cast<__mmask16>(bits & 0xffff), s0, scv);
@@ -192,13 +176,44 @@ __attribute__((target("avx2,fma"))) inline __m256 lane_mask(uint32_t bits8) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lanes));
 }
 
+// kt[d * CH + x] = krow[x][d] for x < n (0 past n), D a multiple of 8: 8 x 8 blocks
+// transposed in registers.
+__attribute__((target("avx2,fma"))) void transpose_chunk_avx2(const float* const* krow,
+                                                             int64_t n, int64_t D, float* kt) {
+  alignas(32) static const float zeros[8] = {0};  // the row of every key past n
+  for (int64_t x0 = 0; x0 < CH; x0 += 8) {
+    const float* r[8];
+    for (int i = 0; i < 8; ++i) r[i] = x0 + i < n ? krow[x0 + i] : zeros;
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+      __m256 a[8];
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(r[i] + (r[i] == zeros ? 0 : d0));
+      const __m256 t0 = _mm256_unpacklo_ps(a[0], a[1]), t1 = _mm256_unpackhi_ps(a[0], a[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(a[2], a[3]), t3 = _mm256_unpackhi_ps(a[2], a[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(a[4], a[5]), t5 = _mm256_unpackhi_ps(a[4], a[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(a[6], a[7]), t7 = _mm256_unpackhi_ps(a[6], a[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* o = kt + d0 * CH + x0;
+      _mm256_store_ps(o + 0 * CH, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_store_ps(o + 1 * CH, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_store_ps(o + 2 * CH, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_store_ps(o + 3 * CH, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_store_ps(o + 4 * CH, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_store_ps(o + 5 * CH, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_store_ps(o + 6 * CH, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_store_ps(o + 7 * CH, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+}
+
 template <int DV>
 __attribute__((target("avx2,fma"))) void item_avx2(const Ctx& c, int64_t b, int64_t h,
                                                   int64_t q0, int64_t q1, float* kt) {
   constexpr int64_t D = DV * 8;
   const int64_t pre = c.P[b], tl = c.L[b], npos = pre + tl;
   const int64_t nq = q1 - q0;
-  const bool outer = nq >= 8;
   float m[QB], l[QB];
   alignas(64) float acc[QB * D];
   alignas(64) float pbuf[CH];
@@ -219,10 +234,7 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Ctx& c, int64_t b, int6
       krow[x] = c.C + (((blk * 2 + 0) * c.bs + off) * c.Hkv + h) * D;
       vrow[x] = c.C + (((blk * 2 + 1) * c.bs + off) * c.Hkv + h) * D;
     }
-    if (outer) {
-      for (int64_t x = 0; x < CH; ++x)
-        for (int64_t d = 0; d < D; ++d) kt[d * CH + x] = x < n ? krow[x][d] : 0.f;
-    }
+    transpose_chunk_avx2(krow, n, D, kt);
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
       if (t >= tl) continue;
@@ -230,24 +242,11 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Ctx& c, int64_t b, int6
       if (!bits) continue;
       const float* q = c.Q + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
       __m256 sv[4];
-      if (outer) {
-        for (int j = 0; j < 4; ++j) sv[j] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; ++d) {
-          const __m256 qd = _mm256_set1_ps(q[d]);
-          for (int j = 0; j < 4; ++j)
-            sv[j] = _mm256_fmadd_ps(qd, _mm256_load_ps(kt + d * CH + 8 * j), sv[j]);
-        }
-      } else {
-        __m256 qv[DV];
-        for (int v = 0; v < DV; ++v) qv[v] = _mm256_loadu_ps(q + 8 * v);
-        alignas(32) float sb[CH];
-        for (int64_t x = 0; x < n; ++x) {
-          __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(krow[x]));
-          for (int v = 1; v < DV; ++v) a = _mm256_fmadd_ps(qv[v], _mm256_loadu_ps(krow[x] + 8 * v), a);
-          sb[x] = hsum256(a);
-        }
-        for (int64_t x = n; x < CH; ++x) sb[x] = 0.f;
-        for (int j = 0; j < 4; ++j) sv[j] = _mm256_load_ps(sb + 8 * j);
+      for (int j = 0; j < 4; ++j) sv[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; ++d) {
+        const __m256 qd = _mm256_set1_ps(q[d]);
+        for (int j = 0; j < 4; ++j)
+          sv[j] = _mm256_fmadd_ps(qd, _mm256_load_ps(kt + d * CH + 8 * j), sv[j]);
       }
       __m256 mx = ninf;
       for (int j = 0; j < 4; ++j) {
