@@ -594,6 +594,9 @@ def run(args):
           f"max_tokens {N} (EOS ignored)  greedy  batch sizes {sizes}  rounds {args.rounds}")
 
     b = Bench(args)
+    # SIGTERM ends the run through the finally below: the workers (stopped ones too) are
+    # continued and shut down instead of being left behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         # specrt first: its tokenizer (chat template included) makes every engine's ids
         specrt_modes = {m: FAMILIES["specrt"][1][m] for m in modes if FAMILY_OF[m] == "specrt"}
