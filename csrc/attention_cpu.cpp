@@ -417,19 +417,7 @@ void tree_attention_cpu(f32 q, f32 cache, i32 bt, i64 prefix, u8 mask, i64 lens,
   const uint8_t* M = has_mask ? mask.data() : nullptr;
   float* O = out.mutable_data();
   const int64_t G = Hq / Hkv;
-  // validate block ids and lengths before any work (an error leaves out untouched)
-  for (int64_t b = 0; b < B; ++b) {
-    if (P[b] < 0 || L[b] < 0 || L[b] > T)
-      throw std::invalid_argument("tree_attention_cpu: bad prefix_lens / tree_lens");
-    const int64_t need = (P[b] + L[b] + bs - 1) / bs;
-    if (need > maxb)
-      throw std::out_of_range("tree_attention_cpu: sequence " + std::to_string(b) +
-                              " needs " + std::to_string(need) + " blocks, its table has " +
-                              std::to_string(maxb));
-    for (int64_t i = 0; i < need; ++i)
-      if (BT[b * maxb + i] < 0 || BT[b * maxb + i] >= NB)
-        throw std::out_of_range("tree_attention_cpu: block id out of range");
-  }
+  specrt::check_paged_plan("tree_attention_cpu", BT, maxb, NB, P, L, B, T, bs);
   py::gil_scoped_release nogil;
   specrt::tree_attention_raw(Q, C, BT, maxb, P, L, M, O, B, T, Hq, Hkv, D, bs, scale, threads);
 }
@@ -437,6 +425,23 @@ void tree_attention_cpu(f32 q, f32 cache, i32 bt, i64 prefix, u8 mask, i64 lens,
 }  // namespace
 
 namespace specrt {
+void check_paged_plan(const char* op, const int32_t* BT, int64_t maxb, int64_t NB,
+                      const int64_t* P, const int64_t* L, int64_t B, int64_t T, int64_t bs) {
+  const std::string name(op);
+  for (int64_t b = 0; b < B; ++b) {
+    if (P[b] < 0 || L[b] < 0 || L[b] > T)
+      throw std::invalid_argument(name + ": bad prefix_lens / tree_lens");
+    const int64_t need = (P[b] + L[b] + bs - 1) / bs;
+    if (need > maxb)
+      throw std::out_of_range(name + ": sequence " + std::to_string(b) + " needs " +
+                              std::to_string(need) + " blocks, its table has " +
+                              std::to_string(maxb));
+    for (int64_t i = 0; i < need; ++i)
+      if (BT[b * maxb + i] < 0 || BT[b * maxb + i] >= NB)
+        throw std::out_of_range(name + ": block id out of range");
+  }
+}
+
 // The kernel without checks (tree_attention_cpu validates; decoder_cpu.cpp calls this
 // directly with a forward's plan).
 void tree_attention_raw(const float* Q, const float* C, const int32_t* BT, int64_t maxb,

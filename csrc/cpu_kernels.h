@@ -20,6 +20,12 @@ void tree_attention_raw(const float* Q, const float* C, const int32_t* BT, int64
                         int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs,
                         double scale, int threads);
 
+// Checks a paged plan before any work, so that an error leaves outputs and the cache
+// untouched: per sequence 0 <= L[b] <= T, P[b] >= 0, enough table entries for
+// P[b] + L[b] positions, block ids in [0, NB). Throws naming ``op`` (attention_cpu.cpp).
+void check_paged_plan(const char* op, const int32_t* BT, int64_t maxb, int64_t NB,
+                      const int64_t* P, const int64_t* L, int64_t B, int64_t T, int64_t bs);
+
 // e^x on 16 lanes (AVX-512F).
 __attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
   // e^x (Cephes expf: x = n ln2 + r, e^r by a degree-6 polynomial, 2^n by scalef);

@@ -127,18 +127,7 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
       throw std::invalid_argument("decoder_layers_cpu: taps must be ascending layer ids");
   const int32_t* BT = bt.data();
   const int64_t *P = prefix.data(), *LN = lens.data(), *R = rows.data();
-  for (int64_t b = 0; b < B; ++b) {
-    if (P[b] < 0 || LN[b] < 0 || LN[b] > T)
-      throw std::invalid_argument("decoder_layers_cpu: bad prefix_lens / tree_lens");
-    const int64_t need = (P[b] + LN[b] + bs - 1) / bs;
-    if (need > maxb)
-      throw std::out_of_range("decoder_layers_cpu: sequence " + std::to_string(b) + " needs " +
-                              std::to_string(need) + " blocks, its table has " +
-                              std::to_string(maxb));
-    for (int64_t i = 0; i < need; ++i)
-      if (BT[b * maxb + i] < 0 || BT[b * maxb + i] >= NB)
-        throw std::out_of_range("decoder_layers_cpu: block id out of range");
-  }
+  specrt::check_paged_plan("decoder_layers_cpu", BT, maxb, NB, P, LN, B, T, bs);
   for (int64_t r = 0; r < N; ++r) {
     const int64_t b = R[r] / T, t = R[r] % T;
     if (R[r] < 0 || b >= B || t >= LN[b])

@@ -84,28 +84,16 @@ __attribute__((target("avx512f"))) void tile_avx512(const Args& a, int64_t p, in
   }
 }
 
-// Rows m0 .. m0 + MR - 1 of panel p over k0 <= k < k1: the accumulators start from y's
-// partial sums when k0 > 0 (a stored and reloaded fp32 value is exact, so a caller that
-// blocks K keeps every output's summation order, and its bits; blocking K by 128 for L1
-// was measured slower here, 2026-12-02, so run_avx2 takes K whole).
 template <int MR>
-__attribute__((target("avx2,fma"))) void tile_avx2(const Args& a, int64_t p, int64_t m0,
-                                                  int64_t k0, int64_t k1) {
+__attribute__((target("avx2,fma"))) void tile_avx2(const Args& a, int64_t p, int64_t m0) {
   const float* w = a.wp + p * a.K * NR;
   const int64_t n0 = p * NR, ncols = std::min<int64_t>(NR, a.N - n0);
   __m256 acc[MR][4];
-  for (int i = 0; i < MR; ++i) {
-    if (k0 == 0) {
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
-    } else {
-      alignas(32) float buf[NR] = {0};
-      std::memcpy(buf, a.y + (m0 + i) * a.ldy + n0, sizeof(float) * ncols);
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_load_ps(buf + 8 * j);
-    }
-  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
   const float* xr[MR];
   for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.ldx;
-  for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t k = 0; k < a.K; ++k) {
     _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF) * NR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF) * NR + 16), _MM_HINT_T0);
     __m256 wv[4];
@@ -233,9 +221,9 @@ void run_avx512_pair(const Args& a, int64_t p) {
 void run_avx2(const Args& a, int64_t p) {
   const int64_t threes = a.M % 3 == 1 && a.M > 1 ? a.M / 3 - 1 : a.M / 3;
   int64_t m = 0;
-  for (int64_t i = 0; i < threes; ++i, m += 3) tile_avx2<3>(a, p, m, 0, a.K);
-  for (; m + 2 <= a.M; m += 2) tile_avx2<2>(a, p, m, 0, a.K);
-  if (m < a.M) tile_avx2<1>(a, p, m, 0, a.K);
+  for (int64_t i = 0; i < threes; ++i, m += 3) tile_avx2<3>(a, p, m);
+  for (; m + 2 <= a.M; m += 2) tile_avx2<2>(a, p, m);
+  if (m < a.M) tile_avx2<1>(a, p, m);
 }
 
 // Panels p and p + 1 (p even) for M <= 2 on AVX2; a last odd panel alone.
@@ -330,9 +318,6 @@ void skinny_mm_raw(const float* x, int64_t ldx, const float* wp, float* y, int64
   run_gemm(a, (N + NR - 1) / NR, which, threads);
 }
 }  // namespace specrt
-
-namespace {
-}  // namespace
 
 void bind_gemm(py::module_& m) {
   m.def("skinny_mm", &skinny_mm,

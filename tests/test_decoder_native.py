@@ -96,7 +96,7 @@ def test_native_decoder_equals_float64_reference(model, T, ragged, tree, monkeyp
                 calls.append(name)
             return getattr(native(), name)
 
-    monkeypatch.setattr(llama, "_native", lambda: Spy())
+    monkeypatch.setattr(llama, "native", lambda: Spy())
     (h, tapped), cache, bt, P = run(model, torch.float32, tokens, prefixes, mask, lens, taps)
     assert len(calls) == 4, "the fp32 forwards (3 prefills, 1 tree) ran the native decoder"
     (h64, tapped64), cache64, _, _ = run(fp64_copy(model), torch.float64, tokens, prefixes,

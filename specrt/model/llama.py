@@ -17,6 +17,7 @@ from torch import nn
 
 from specrt import ops
 from specrt.ops import gemm
+from specrt.ops._backend import native
 from specrt.ops.gemm import PackedLinear
 
 
@@ -103,24 +104,20 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """``layer(x)``; on CPU (fp32, up to :data:`specrt.ops.gemm.MAX_ROWS` rows) through
     the skinny GEMM (:class:`specrt.ops.gemm.PackedLinear`), which streams the weight
     once from a copy packed on first use."""
+    return _mm(layer)(x, layer.weight, layer.bias)
+
+
+def _mm(layer: nn.Linear) -> PackedLinear:
+    """``layer``'s :class:`PackedLinear` (made on first use)."""
     mm = layer.__dict__.get("_specrt_mm")
     if mm is None:
         mm = layer.__dict__["_specrt_mm"] = PackedLinear()
-    return mm(x, layer.weight, layer.bias)
+    return mm
 
 
 def _packed(layer: nn.Linear) -> torch.Tensor:
-    """The packed copy of ``layer.weight`` that :func:`linear` uses (made on first use)."""
-    mm = layer.__dict__.get("_specrt_mm")
-    if mm is None:
-        mm = layer.__dict__["_specrt_mm"] = PackedLinear()
-    return mm.packed(layer._parameters["weight"])
-
-
-def _native():
-    from specrt.ops._backend import native
-
-    return native()
+    """The packed copy of ``layer.weight`` that :func:`linear` uses."""
+    return _mm(layer).packed(layer._parameters["weight"])
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -235,7 +232,7 @@ class Llama(nn.Module):
             rows = (torch.arange(B * T) if sel is None else sel).to(torch.int64)
             nt = len(taps)
             tap_out = x.new_empty((x.shape[0], nt, a.hidden_size) if nt else (0, 0, 0))
-            _native().decoder_layers_cpu(
+            native().decoder_layers_cpu(
                 x.numpy(), self._fused_table().numpy(), Hq, Hkv, a.intermediate_size,
                 cos.reshape(-1, Dh).contiguous().numpy(), sin.reshape(-1, Dh).contiguous().numpy(),
                 kv.numpy(), bt.numpy(), prefix.numpy(), plan.byte_mask.numpy(), lens.numpy(),
