@@ -31,6 +31,12 @@
 
 namespace py = pybind11;
 
+// Unroll the row and column loops of a tile before GCC's scalar replacement runs. Left
+// to its later complete unrolling, GCC 12 keeps the accumulator array in memory as well
+// as in registers and stores every accumulator once per k step: one store per FMA,
+// which capped every compute-bound call (trees, batches, prefill) at about half speed.
+#define UNROLL _Pragma("GCC unroll 16")
+
 namespace {
 
 constexpr int NR = 32;
@@ -53,24 +59,25 @@ inline void store_row(float* dst, const float* src, int64_t ncols) {
 template <int MR>
 __attribute__((target("avx512f"))) void tile_avx512(const Args& a, int64_t p, int64_t m0) {
   const float* w = a.wp + p * a.K * NR;
+  const int64_t K = a.K;
   __m512 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  UNROLL for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   const float* xr[MR];
-  for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.ldx;
-  for (int64_t k = 0; k < a.K; ++k) {
+  UNROLL for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.ldx;
+  for (int64_t k = 0; k < K; ++k) {
     // the panel streams from memory once: fetch ~8 KB ahead (both lines of a k-step)
     _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF) * NR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF) * NR + 16), _MM_HINT_T0);
     const __m512 w0 = _mm512_loadu_ps(w + k * NR);
     const __m512 w1 = _mm512_loadu_ps(w + k * NR + 16);
-    for (int i = 0; i < MR; ++i) {
+    UNROLL for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_set1_ps(xr[i][k]);
       acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
     }
   }
   const int64_t n0 = p * NR, ncols = std::min<int64_t>(NR, a.N - n0);
-  for (int i = 0; i < MR; ++i) {
+  UNROLL for (int i = 0; i < MR; ++i) {
     float* dst = a.y + (m0 + i) * a.ldy + n0;
     if (ncols == NR) {
       _mm512_storeu_ps(dst, acc[i][0]);
@@ -87,25 +94,26 @@ __attribute__((target("avx512f"))) void tile_avx512(const Args& a, int64_t p, in
 template <int MR>
 __attribute__((target("avx2,fma"))) void tile_avx2(const Args& a, int64_t p, int64_t m0) {
   const float* w = a.wp + p * a.K * NR;
+  const int64_t K = a.K;
   const int64_t n0 = p * NR, ncols = std::min<int64_t>(NR, a.N - n0);
   __m256 acc[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  UNROLL for (int i = 0; i < MR; ++i)
+    UNROLL for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
   const float* xr[MR];
-  for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.ldx;
-  for (int64_t k = 0; k < a.K; ++k) {
+  UNROLL for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.ldx;
+  for (int64_t k = 0; k < K; ++k) {
     _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF) * NR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF) * NR + 16), _MM_HINT_T0);
     __m256 wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + k * NR + 8 * j);
-    for (int i = 0; i < MR; ++i) {
+    UNROLL for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + k * NR + 8 * j);
+    UNROLL for (int i = 0; i < MR; ++i) {
       const __m256 xv = _mm256_broadcast_ss(xr[i] + k);
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+      UNROLL for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
+  UNROLL for (int i = 0; i < MR; ++i) {
     alignas(32) float buf[NR];
-    for (int j = 0; j < 4; ++j) _mm256_store_ps(buf + 8 * j, acc[i][j]);
+    UNROLL for (int j = 0; j < 4; ++j) _mm256_store_ps(buf + 8 * j, acc[i][j]);
     store_row(a.y + (m0 + i) * a.ldy + n0, buf, ncols);
   }
 }
@@ -116,27 +124,28 @@ template <int MR>
 __attribute__((target("avx2,fma"))) void tile2_avx2(const Args& a, int64_t p) {
   const float* wa = a.wp + p * a.K * NR;
   const float* wb = wa + a.K * NR;
+  const int64_t K = a.K;
   __m256 acc[MR][8];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 8; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < a.K; ++k) {
+  UNROLL for (int i = 0; i < MR; ++i)
+    UNROLL for (int j = 0; j < 8; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
     _mm_prefetch(reinterpret_cast<const char*>(wa + (k + PF) * NR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wa + (k + PF) * NR + 16), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wb + (k + PF) * NR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wb + (k + PF) * NR + 16), _MM_HINT_T0);
-    for (int i = 0; i < MR; ++i) {
+    UNROLL for (int i = 0; i < MR; ++i) {
       const __m256 xv = _mm256_broadcast_ss(a.x + i * a.ldx + k);
-      for (int j = 0; j < 4; ++j) {
+      UNROLL for (int j = 0; j < 4; ++j) {
         acc[i][j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wa + k * NR + 8 * j), acc[i][j]);
         acc[i][4 + j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wb + k * NR + 8 * j), acc[i][4 + j]);
       }
     }
   }
-  for (int q = 0; q < 2; ++q) {
+  UNROLL for (int q = 0; q < 2; ++q) {
     const int64_t n0 = (p + q) * NR, ncols = std::min<int64_t>(NR, a.N - n0);
-    for (int i = 0; i < MR; ++i) {
+    UNROLL for (int i = 0; i < MR; ++i) {
       alignas(32) float buf[NR];
-      for (int j = 0; j < 4; ++j) _mm256_store_ps(buf + 8 * j, acc[i][4 * q + j]);
+      UNROLL for (int j = 0; j < 4; ++j) _mm256_store_ps(buf + 8 * j, acc[i][4 * q + j]);
       store_row(a.y + i * a.ldy + n0, buf, ncols);
     }
   }
@@ -144,12 +153,13 @@ __attribute__((target("avx2,fma"))) void tile2_avx2(const Args& a, int64_t p) {
 
 void tile_scalar(const Args& a, int64_t p, int64_t m0, int mr) {
   const float* w = a.wp + p * a.K * NR;
+  const int64_t K = a.K;
   const int64_t n0 = p * NR, ncols = std::min<int64_t>(NR, a.N - n0);
   for (int i = 0; i < mr; ++i) {
     float acc[NR] = {0};
     const float* xr = a.x + (m0 + i) * a.ldx;
     for (int64_t k = 0; k < a.K; ++k)
-      for (int j = 0; j < NR; ++j) acc[j] += xr[k] * w[k * NR + j];
+      UNROLL for (int j = 0; j < NR; ++j) acc[j] += xr[k] * w[k * NR + j];
     store_row(a.y + (m0 + i) * a.ldy + n0, acc, ncols);
   }
 }
@@ -175,17 +185,18 @@ template <int MR>
 __attribute__((target("avx512f"))) void tile2_avx512(const Args& a, int64_t p) {
   const float* wa = a.wp + p * a.K * NR;
   const float* wb = wa + a.K * NR;
+  const int64_t K = a.K;
   __m512 acc[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < a.K; ++k) {
+  UNROLL for (int i = 0; i < MR; ++i)
+    UNROLL for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
     _mm_prefetch(reinterpret_cast<const char*>(wa + (k + PF) * NR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wa + (k + PF) * NR + 16), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wb + (k + PF) * NR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wb + (k + PF) * NR + 16), _MM_HINT_T0);
     const __m512 w0 = _mm512_loadu_ps(wa + k * NR), w1 = _mm512_loadu_ps(wa + k * NR + 16);
     const __m512 w2 = _mm512_loadu_ps(wb + k * NR), w3 = _mm512_loadu_ps(wb + k * NR + 16);
-    for (int i = 0; i < MR; ++i) {
+    UNROLL for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_set1_ps(a.x[i * a.ldx + k]);
       acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
@@ -193,9 +204,9 @@ __attribute__((target("avx512f"))) void tile2_avx512(const Args& a, int64_t p) {
       acc[i][3] = _mm512_fmadd_ps(xv, w3, acc[i][3]);
     }
   }
-  for (int q = 0; q < 2; ++q) {
+  UNROLL for (int q = 0; q < 2; ++q) {
     const int64_t n0 = (p + q) * NR, ncols = std::min<int64_t>(NR, a.N - n0);
-    for (int i = 0; i < MR; ++i) {
+    UNROLL for (int i = 0; i < MR; ++i) {
       alignas(64) float buf[NR];
       _mm512_store_ps(buf, acc[i][2 * q]);
       _mm512_store_ps(buf + 16, acc[i][2 * q + 1]);
