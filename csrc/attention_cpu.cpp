@@ -26,6 +26,9 @@
 
 namespace py = pybind11;
 
+// Unroll register-array loops before GCC's scalar replacement (see gemm_cpu.cpp).
+#define UNROLL _Pragma("GCC unroll 16")
+
 namespace {
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -68,6 +71,10 @@ inline uint32_t visible_bits(const Ctx& c, int64_t b, int64_t t, int64_t c0, int
                              int64_t pre, int64_t tl) {
   uint32_t bits = n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
   if (c0 + n <= pre) return bits;  // all prefix: visible to every query
+  if (!c.M) {  // causal (t < tl): positions up to pre + t
+    const int64_t lim = pre + t + 1 - c0;
+    return lim <= 0 ? 0u : lim >= n ? bits : ((1u << lim) - 1u);
+  }
   for (int64_t x = std::max<int64_t>(0, pre - c0); x < n; ++x) {
     const int64_t j = c0 + x - pre;
     const bool vis = j < tl && (c.M ? c.M[(b * c.T + t) * c.T + j] != 0 : j <= t);
@@ -76,11 +83,20 @@ inline uint32_t visible_bits(const Ctx& c, int64_t b, int64_t t, int64_t c0, int
   return bits;
 }
 
+// Where an item's chunk loop can stop: causal queries see nothing past pre + t, so a
+// block of queries up to row t_max ends there (a prefill's upper triangle is skipped);
+// a tree mask may show any node, so all of it. Chunks start at multiples of CH whatever
+// the item, and chunks a query cannot see never touch its state: stopping early changes
+// no query's arithmetic.
+inline int64_t item_end(const Ctx& c, int64_t q1, int64_t pre, int64_t tl) {
+  return c.M ? pre + tl : pre + std::min(tl, (q1 - 1) / c.G + 1);
+}
+
 template <int DV>
 __attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int64_t h,
                                                      int64_t q0, int64_t q1, float* kt) {
   constexpr int64_t D = DV * 16;
-  const int64_t pre = c.P[b], tl = c.L[b], npos = pre + tl;
+  const int64_t pre = c.P[b], tl = c.L[b], npos = item_end(c, q1, pre, tl);
   const int64_t nq = q1 - q0;
   float m[QB], l[QB];
   alignas(64) float acc[QB * D];
@@ -208,15 +224,52 @@ __attribute__((target("avx2,fma"))) void transpose_chunk_avx2(const float* const
   }
 }
 
+// s[x] = sum_d q[d] kt[d * CH + x] for the CH keys of a chunk, summed over d in order
+// (one FMA chain per lane): the same bits whether a query is scored alone or in a pair.
+__attribute__((target("avx2,fma"))) inline void scores1_avx2(const float* q, const float* kt,
+                                                             int64_t D, float* s) {
+  __m256 a[4];
+  UNROLL for (int j = 0; j < 4; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 qd = _mm256_set1_ps(q[d]);
+    UNROLL for (int j = 0; j < 4; ++j)
+      a[j] = _mm256_fmadd_ps(qd, _mm256_load_ps(kt + d * CH + 8 * j), a[j]);
+  }
+  UNROLL for (int j = 0; j < 4; ++j) _mm256_store_ps(s + 8 * j, a[j]);
+}
+
+__attribute__((target("avx2,fma"))) inline void scores2_avx2(const float* q0, const float* q1,
+                                                             const float* kt, int64_t D,
+                                                             float* s0, float* s1) {
+  __m256 a[4], b[4];
+  UNROLL for (int j = 0; j < 4; ++j) a[j] = b[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 x0 = _mm256_set1_ps(q0[d]), x1 = _mm256_set1_ps(q1[d]);
+    UNROLL for (int j = 0; j < 4; ++j) {
+      const __m256 k = _mm256_load_ps(kt + d * CH + 8 * j);
+      a[j] = _mm256_fmadd_ps(x0, k, a[j]);
+      b[j] = _mm256_fmadd_ps(x1, k, b[j]);
+    }
+  }
+  UNROLL for (int j = 0; j < 4; ++j) {
+    _mm256_store_ps(s0 + 8 * j, a[j]);
+    _mm256_store_ps(s1 + 8 * j, b[j]);
+  }
+}
+
 template <int DV>
 __attribute__((target("avx2,fma"))) void item_avx2(const Ctx& c, int64_t b, int64_t h,
                                                   int64_t q0, int64_t q1, float* kt) {
   constexpr int64_t D = DV * 8;
-  const int64_t pre = c.P[b], tl = c.L[b], npos = pre + tl;
+  const int64_t pre = c.P[b], tl = c.L[b], npos = item_end(c, q1, pre, tl);
   const int64_t nq = q1 - q0;
   float m[QB], l[QB];
   alignas(64) float acc[QB * D];
   alignas(64) float pbuf[CH];
+  alignas(32) float sbuf[QB * CH];
+  uint32_t bits[QB];
+  int live[QB];
+  const float* qrow[QB];
   const float* vrow[CH];
   const float* krow[CH];
   for (int64_t i = 0; i < nq; ++i) {
@@ -235,29 +288,36 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Ctx& c, int64_t b, int6
       vrow[x] = c.C + (((blk * 2 + 1) * c.bs + off) * c.Hkv + h) * D;
     }
     transpose_chunk_avx2(krow, n, D, kt);
+    // the chunk's scores of every query that sees some of it, two queries at a time
+    // (8 independent FMA chains; one query's 4 leave the FMA units half idle)
+    int nl = 0;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
       if (t >= tl) continue;
-      const uint32_t bits = visible_bits(c, b, t, c0, n, pre, tl);
-      if (!bits) continue;
-      const float* q = c.Q + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
+      bits[i] = visible_bits(c, b, t, c0, n, pre, tl);
+      if (bits[i]) live[nl++] = static_cast<int>(i);
+      qrow[i] = c.Q + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
+    }
+    int u = 0;
+    for (; u + 1 < nl; u += 2)
+      scores2_avx2(qrow[live[u]], qrow[live[u + 1]], kt, D, sbuf + live[u] * CH,
+                   sbuf + live[u + 1] * CH);
+    if (u < nl) scores1_avx2(qrow[live[u]], kt, D, sbuf + live[u] * CH);
+    for (int li = 0; li < nl; ++li) {
+      const int64_t i = live[li];
+      const uint32_t bits_i = bits[i];
       __m256 sv[4];
-      for (int j = 0; j < 4; ++j) sv[j] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; ++d) {
-        const __m256 qd = _mm256_set1_ps(q[d]);
-        for (int j = 0; j < 4; ++j)
-          sv[j] = _mm256_fmadd_ps(qd, _mm256_load_ps(kt + d * CH + 8 * j), sv[j]);
-      }
+      UNROLL for (int j = 0; j < 4; ++j) sv[j] = _mm256_load_ps(sbuf + i * CH + 8 * j);
       __m256 mx = ninf;
-      for (int j = 0; j < 4; ++j) {
-        sv[j] = _mm256_blendv_ps(ninf, _mm256_mul_ps(sv[j], scv), lane_mask((bits >> (8 * j)) & 0xff));
+      UNROLL for (int j = 0; j < 4; ++j) {
+        sv[j] = _mm256_blendv_ps(ninf, _mm256_mul_ps(sv[j], scv), lane_mask((bits_i >> (8 * j)) & 0xff));
         mx = _mm256_max_ps(mx, sv[j]);
       }
       const float mc = std::max(m[i], hmax256(mx));
       const float corr = std::exp(m[i] - mc);  // 0 when m was -inf
       const __m256 mcv = _mm256_set1_ps(mc);
       __m256 ps = _mm256_setzero_ps();
-      for (int j = 0; j < 4; ++j) {
+      UNROLL for (int j = 0; j < 4; ++j) {
         const __m256 pj = specrt::exp256(_mm256_sub_ps(sv[j], mcv));
         ps = _mm256_add_ps(ps, pj);
         _mm256_store_ps(pbuf + 8 * j, pj);
@@ -266,14 +326,14 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Ctx& c, int64_t b, int6
       float* ai = acc + i * D;
       __m256 a[DV];
       const __m256 cv = _mm256_set1_ps(corr);
-      for (int v = 0; v < DV; ++v) a[v] = _mm256_mul_ps(_mm256_load_ps(ai + 8 * v), cv);
+      UNROLL for (int v = 0; v < DV; ++v) a[v] = _mm256_mul_ps(_mm256_load_ps(ai + 8 * v), cv);
       for (int64_t x = 0; x < n; ++x) {
-        if (!((bits >> x) & 1u)) continue;
+        if (!((bits_i >> x) & 1u)) continue;
         const __m256 px = _mm256_set1_ps(pbuf[x]);
-        for (int v = 0; v < DV; ++v)
+        UNROLL for (int v = 0; v < DV; ++v)
           a[v] = _mm256_fmadd_ps(px, _mm256_loadu_ps(vrow[x] + 8 * v), a[v]);
       }
-      for (int v = 0; v < DV; ++v) _mm256_store_ps(ai + 8 * v, a[v]);
+      UNROLL for (int v = 0; v < DV; ++v) _mm256_store_ps(ai + 8 * v, a[v]);
       m[i] = mc;
     }
   }

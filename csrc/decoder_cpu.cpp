@@ -83,6 +83,19 @@ __attribute__((target("avx512f"))) void silu_mul_avx512(const float* g, const fl
   for (; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
+__attribute__((target("avx2,fma"))) void silu_mul_avx2(const float* g, const float* u, float* y,
+                                                      int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 e = specrt::exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    const __m256 sg = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(sg, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 void silu_mul_scalar(const float* g, const float* u, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
@@ -153,6 +166,7 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
   for (int64_t r = 0; dense && r < N; ++r) dense = R[r] == r;
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 
   py::gil_scoped_release nogil;
   std::vector<float> h(N * H), qkv(N * nqkv), tmp(N * H), gu(N * 2 * I), act(N * I);
@@ -200,6 +214,8 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
       const float* g = gu.data() + r * 2 * I;
       if (avx512)
         silu_mul_avx512(g, g + I, act.data() + r * I, I);
+      else if (avx2)
+        silu_mul_avx2(g, g + I, act.data() + r * I, I);
       else
         silu_mul_scalar(g, g + I, act.data() + r * I, I);
     });

@@ -152,6 +152,8 @@ CASES = {
     "tree8_g8_d128_f32":      (2, 8, 16, 2, 128, torch.float32, 16, 40, "tree", True),
     "decode_g2_d256_f16":     (2, 1, 4, 2, 256, torch.float16, 16, 40, "tree", False),
     "tree3_g2_d16_f32_bs32":  (2, 3, 2, 1, 16, torch.float32, 32, 80, "tree", True),
+    # a prefill: query blocks end inside key chunks (the kernel's causal early stop)
+    "prefill75_g3_d64_f32":   (2, 75, 6, 2, 64, torch.float32, 16, 5, "causal", True),
 }
 
 
