@@ -38,12 +38,16 @@ class Mode:
         speculative: False: the target alone.
         using: ``engine.using(...)`` keyword overrides while this mode generates
             (its own drafters, length controller, draft length, ...).
+        context: a function returning a context manager entered around each of this
+            mode's generations (e.g. ``lambda: ops.using_native(other_build)``: the same
+            engine on another build's kernels).
     """
 
     name: str
     drafter: str | None = None
     speculative: bool = True
     using: dict | None = None
+    context: Callable[[], object] | None = None
 
     @classmethod
     def parse(cls, m: "str | Mode") -> "Mode":
@@ -112,7 +116,8 @@ def measure(engine, rows: list[dict], modes: list, params: SamplingParams, *,
             kw = {"speculative": False} if not m.speculative else (
                 {"drafter": m.drafter} if m.drafter is not None else {})
             scope = engine.using(**m.using) if m.using is not None else nullcontext()
-            with scope, engine.lengths.scoped_rates(tables[m.name]):
+            extra = m.context() if m.context is not None else nullcontext()
+            with scope, extra, engine.lengths.scoped_rates(tables[m.name]):
                 t0 = time.perf_counter()
                 o = engine.generate(r["prompt"], params, **kw)[0]
                 dt = time.perf_counter() - t0

@@ -184,3 +184,34 @@ def test_autograd_and_other_dtypes_take_the_op_path(model):
         assert model._fusable(x, kv, plan)
         assert not model._fusable(x.bfloat16(), kv, plan)
         assert not model._fusable(x, kv, type("P", (), {"backend": "torch"})())
+
+
+def test_another_build_stands_in_within_using_native(model, tmp_path):
+    """Benchmarks' before/after: a build loaded from its .so file serves every forward
+    inside ``using_native`` (and only there); a missing or foreign file is refused."""
+    from specrt import _C, ops
+
+    other = ops.load_native(_C.__file__)
+    assert other is not _C and hasattr(other, "decoder_layers_cpu")
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(other, name)
+
+    g = torch.Generator().manual_seed(4)
+    prefixes = [torch.randint(3, model.args.vocab_size, (5,), generator=g)]
+    tokens = torch.randint(3, model.args.vocab_size, (1, 3), generator=g)
+    want, *_ = run(model, torch.float32, tokens, prefixes, None, None, ())
+    with ops.using_native(Spy()):
+        got, *_ = run(model, torch.float32, tokens, prefixes, None, None, ())
+    assert native() is _C, "restored on exit"
+    assert "decoder_layers_cpu" in calls, "the forward ran on the stand-in"
+    assert torch.equal(got, want), "the same build gives the same bits"
+    with pytest.raises(ValueError, match="no such native build"):
+        ops.load_native(str(tmp_path / "missing.so"))
+    bad = tmp_path / "_C.so"
+    bad.write_bytes(b"not an ELF file")
+    with pytest.raises(ValueError, match="not a loadable build"):
+        ops.load_native(str(bad))

@@ -30,7 +30,7 @@ and other stacks can call them): ``append_kv``, ``commit_kv``, ``verify_tree``,
 ``gathered_tree_attention`` (the per-layer runs of a Triton / torch plan). The op
 implementations, registered for the CPU and CUDA dispatch keys, pick the backend.
 """
-from specrt.ops._backend import backend_for, using_backend
+from specrt.ops._backend import backend_for, load_native, using_backend, using_native
 from specrt.ops.attention import (TreeAttentionPlan, build_tree_mask, plan_tree_attention,
                                   tree_attention)
 from specrt.ops.kv import append_kv, commit_kv
@@ -38,4 +38,4 @@ from specrt.ops.verify import chain_verify, verify_tree
 
 __all__ = ["using_backend", "append_kv", "commit_kv", "tree_attention", "plan_tree_attention",
            "TreeAttentionPlan", "verify_tree", "chain_verify", "backend_for",
-           "build_tree_mask"]
+           "build_tree_mask", "load_native", "using_native"]

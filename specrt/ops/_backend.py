@@ -109,11 +109,54 @@ def _warn_attention_cuda() -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+_native_override = None
+
+
 def native():
-    """``specrt._C`` (the C++ / CUDA extension built from csrc/)."""
+    """``specrt._C`` (the C++ / CUDA extension built from csrc/), or the module that
+    :func:`using_native` put in its place."""
+    if _native_override is not None:
+        return _native_override
     from specrt import _C
 
     return _C
+
+
+def load_native(path: str):
+    """Another build of the extension, loaded from its ``.so`` file (for benchmarks that
+    compare kernels before and after a change in one process; pass it to
+    :func:`using_native`). ``ValueError`` when the file is missing or is not a build of
+    ``specrt._C``."""
+    import importlib.util
+    from pathlib import Path
+
+    f = Path(path)
+    if not f.is_file():
+        raise ValueError(f"{path}: no such native build (a specrt/_C*.so file)")
+    spec = importlib.util.spec_from_file_location(f"specrt_native_{abs(hash(str(f.resolve())))}._C",
+                                                  f)
+    try:
+        mod = importlib.util.module_from_spec(spec)  # an extension is loaded here
+        spec.loader.exec_module(mod)
+    except ImportError as e:
+        raise ValueError(f"{path}: not a loadable build of specrt._C ({e})") from None
+    for name in ("skinny_mm", "decoder_layers_cpu"):
+        if not hasattr(mod, name):
+            raise ValueError(f"{path}: this build has no {name}(); too old to stand in")
+    return mod
+
+
+@contextmanager
+def using_native(module):
+    """Within the block every op and model forward calls ``module`` (from
+    :func:`load_native`) instead of ``specrt._C``; restored on exit."""
+    global _native_override
+    saved = _native_override
+    _native_override = module
+    try:
+        yield module
+    finally:
+        _native_override = saved
 
 
 def current_stream(device: torch.device) -> int:
