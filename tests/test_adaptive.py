@@ -34,6 +34,10 @@ def test_plain_decode_probes_again_and_respects_limits():
     ks = [c.budget("d", st, 1, 64) for _ in range(8)]
     assert ks.count(0) == 6 and ks[3] > 0 and ks[7] > 0
     assert c.budget("d", c.track("g", hits=90, trials=100), 1, remaining=3) <= 2
+    # under load the interval grows with the batch: the same probe rows per step
+    st16 = c.track("r16", hits=0, trials=50)
+    ks16 = [c.budget("d", st16, 16, 64) for _ in range(128)]
+    assert [i for i, k in enumerate(ks16) if k] == [63, 127]
     pinned = LengthController(max_draft=5, adaptive=False)
     assert pinned.budget("d", st, 1, 64) == 5
 
