@@ -77,7 +77,7 @@ inline uint32_t visible_bits(const Ctx& c, int64_t b, int64_t t, int64_t c0, int
   }
   for (int64_t x = std::max<int64_t>(0, pre - c0); x < n; ++x) {
     const int64_t j = c0 + x - pre;
-    const bool vis = j < tl && (c.M ? c.M[(b * c.T + t) * c.T + j] != 0 : j <= t);
+    const bool vis = j < tl && c.M[(b * c.T + t) * c.T + j] != 0;
     if (!vis) bits &= ~(1u << x);
   }
   return bits;
@@ -224,37 +224,26 @@ __attribute__((target("avx2,fma"))) void transpose_chunk_avx2(const float* const
   }
 }
 
-// s[x] = sum_d q[d] kt[d * CH + x] for the CH keys of a chunk, summed over d in order
-// (one FMA chain per lane): the same bits whether a query is scored alone or in a pair.
-__attribute__((target("avx2,fma"))) inline void scores1_avx2(const float* q, const float* kt,
-                                                             int64_t D, float* s) {
-  __m256 a[4];
-  UNROLL for (int j = 0; j < 4; ++j) a[j] = _mm256_setzero_ps();
+// s[r][x] = sum_d q[r][d] kt[d * CH + x] for NQ queries and the CH keys of a chunk, each
+// summed over d in order (one FMA chain per lane): the same bits whether a query is
+// scored alone or beside another; two queries keep 8 FMA chains in flight.
+template <int NQ>
+__attribute__((target("avx2,fma"))) inline void scores_avx2(const float* const* q,
+                                                            const float* kt, int64_t D,
+                                                            float* const* s) {
+  __m256 a[NQ][4];
+  UNROLL for (int r = 0; r < NQ; ++r)
+    UNROLL for (int j = 0; j < 4; ++j) a[r][j] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
-    const __m256 qd = _mm256_set1_ps(q[d]);
-    UNROLL for (int j = 0; j < 4; ++j)
-      a[j] = _mm256_fmadd_ps(qd, _mm256_load_ps(kt + d * CH + 8 * j), a[j]);
-  }
-  UNROLL for (int j = 0; j < 4; ++j) _mm256_store_ps(s + 8 * j, a[j]);
-}
-
-__attribute__((target("avx2,fma"))) inline void scores2_avx2(const float* q0, const float* q1,
-                                                             const float* kt, int64_t D,
-                                                             float* s0, float* s1) {
-  __m256 a[4], b[4];
-  UNROLL for (int j = 0; j < 4; ++j) a[j] = b[j] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const __m256 x0 = _mm256_set1_ps(q0[d]), x1 = _mm256_set1_ps(q1[d]);
+    __m256 x[NQ];
+    UNROLL for (int r = 0; r < NQ; ++r) x[r] = _mm256_set1_ps(q[r][d]);
     UNROLL for (int j = 0; j < 4; ++j) {
       const __m256 k = _mm256_load_ps(kt + d * CH + 8 * j);
-      a[j] = _mm256_fmadd_ps(x0, k, a[j]);
-      b[j] = _mm256_fmadd_ps(x1, k, b[j]);
+      UNROLL for (int r = 0; r < NQ; ++r) a[r][j] = _mm256_fmadd_ps(x[r], k, a[r][j]);
     }
   }
-  UNROLL for (int j = 0; j < 4; ++j) {
-    _mm256_store_ps(s0 + 8 * j, a[j]);
-    _mm256_store_ps(s1 + 8 * j, b[j]);
-  }
+  UNROLL for (int r = 0; r < NQ; ++r)
+    UNROLL for (int j = 0; j < 4; ++j) _mm256_store_ps(s[r] + 8 * j, a[r][j]);
 }
 
 template <int DV>
@@ -275,6 +264,8 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Ctx& c, int64_t b, int6
   for (int64_t i = 0; i < nq; ++i) {
     m[i] = -std::numeric_limits<float>::infinity();
     l[i] = 0.f;
+    const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
+    qrow[i] = c.Q + ((b * c.T + t) * c.Hq + h * c.G + g) * D;  // read only for t < tl
   }
   std::memset(acc, 0, sizeof(float) * nq * D);
   const __m256 scv = _mm256_set1_ps(c.sc);
@@ -292,17 +283,21 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Ctx& c, int64_t b, int6
     // (8 independent FMA chains; one query's 4 leave the FMA units half idle)
     int nl = 0;
     for (int64_t i = 0; i < nq; ++i) {
-      const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
+      const int64_t t = (q0 + i) / c.G;
       if (t >= tl) continue;
       bits[i] = visible_bits(c, b, t, c0, n, pre, tl);
       if (bits[i]) live[nl++] = static_cast<int>(i);
-      qrow[i] = c.Q + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
     }
     int u = 0;
-    for (; u + 1 < nl; u += 2)
-      scores2_avx2(qrow[live[u]], qrow[live[u + 1]], kt, D, sbuf + live[u] * CH,
-                   sbuf + live[u + 1] * CH);
-    if (u < nl) scores1_avx2(qrow[live[u]], kt, D, sbuf + live[u] * CH);
+    for (; u + 1 < nl; u += 2) {
+      const float* q2[2] = {qrow[live[u]], qrow[live[u + 1]]};
+      float* s2[2] = {sbuf + live[u] * CH, sbuf + live[u + 1] * CH};
+      scores_avx2<2>(q2, kt, D, s2);
+    }
+    if (u < nl) {
+      float* s1 = sbuf + live[u] * CH;
+      scores_avx2<1>(&qrow[live[u]], kt, D, &s1);
+    }
     for (int li = 0; li < nl; ++li) {
       const int64_t i = live[li];
       const uint32_t bits_i = bits[i];

@@ -70,6 +70,10 @@ void rope_head(const float* __restrict x, const float* __restrict c, const float
   }
 }
 
+void silu_mul_scalar(const float* g, const float* u, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 __attribute__((target("avx512f"))) void silu_mul_avx512(const float* g, const float* u,
                                                         float* y, int64_t n) {
   int64_t i = 0;
@@ -80,7 +84,7 @@ __attribute__((target("avx512f"))) void silu_mul_avx512(const float* g, const fl
     const __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(one, e));
     _mm512_storeu_ps(y + i, _mm512_mul_ps(sg, _mm512_loadu_ps(u + i)));
   }
-  for (; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  silu_mul_scalar(g + i, u + i, y + i, n - i);  // the last n % width
 }
 
 __attribute__((target("avx2,fma"))) void silu_mul_avx2(const float* g, const float* u, float* y,
@@ -93,11 +97,7 @@ __attribute__((target("avx2,fma"))) void silu_mul_avx2(const float* g, const flo
     const __m256 sg = _mm256_div_ps(gv, _mm256_add_ps(one, e));
     _mm256_storeu_ps(y + i, _mm256_mul_ps(sg, _mm256_loadu_ps(u + i)));
   }
-  for (; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-}
-
-void silu_mul_scalar(const float* g, const float* u, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  silu_mul_scalar(g + i, u + i, y + i, n - i);  // the last n % width
 }
 
 template <typename F>

@@ -158,7 +158,7 @@ void tile_scalar(const Args& a, int64_t p, int64_t m0, int mr) {
   for (int i = 0; i < mr; ++i) {
     float acc[NR] = {0};
     const float* xr = a.x + (m0 + i) * a.ldx;
-    for (int64_t k = 0; k < a.K; ++k)
+    for (int64_t k = 0; k < K; ++k)
       UNROLL for (int j = 0; j < NR; ++j) acc[j] += xr[k] * w[k * NR + j];
     store_row(a.y + (m0 + i) * a.ldy + n0, acc, ncols);
   }
