@@ -529,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", choices=["lm", "eagle", "eagle3"], default="eagle",
                     help="drafter architecture")
     ap.add_argument("--layers", type=int, default=1, help="drafter decoder layers")
+    ap.add_argument("--init", default=None,
+                    help="warm start: a saved drafter config (e.g. "
+                         "specrt/pools/default/baseline.json) whose weights and reduced "
+                         "vocabulary training continues from; its arch must be --kind")
     ap.add_argument("--vocab", type=int, default=4096, help="reduced output vocabulary size")
     ap.add_argument("--ttt-steps", type=int, default=4,
                     help="eagle3: training-time-test steps (draft depths trained)")
@@ -632,8 +636,16 @@ def main(argv: list[str] | None = None) -> int:
          f"tokens {by_task}; {len(held or [])} held out for early stopping")
 
     t = time.perf_counter()
+    init = DraftNet.load(a.init, engine.model) if a.init else None
+    if init is not None and (init.arch != a.kind or init.lora
+                             or len(init.layers) != a.layers):
+        raise ValueError(f"--init {a.init}: a {len(init.layers)}-layer {init.arch} drafter"
+                         f"{' with adapters' if init.lora else ''}; this run trains a "
+                         f"{a.layers}-layer {a.kind} without adapters")
     vf = work / f"vocab_{a.vocab}.pt"
-    if vf.is_file():
+    if init is not None:
+        vocab = init.vocab_ids.clone()  # the warm start keeps its output vocabulary
+    elif vf.is_file():
         vocab = torch.load(vf)
     else:
         vocab = stage_vocab(seqs, a.vocab, extra=sorted(engine.eos_ids))
@@ -643,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t = time.perf_counter()
-    net = DraftNet.from_target(engine.model, arch=a.kind, num_layers=a.layers, vocab_ids=vocab)
+    net = init if init is not None else DraftNet.from_target(
+        engine.model, arch=a.kind, num_layers=a.layers, vocab_ids=vocab)
     summary = stage_train(net, engine.model, seqs, epochs=a.epochs, lr=a.lr, max_len=a.max_len,
                           batch_tokens=a.batch_tokens, feat_weight=a.feat_weight, seed=a.seed,
                           time_budget_s=a.train_minutes * 60, ttt_steps=a.ttt_steps,
@@ -654,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     cover = _coverage(vocab, seqs)
     meta = {
         "target": a.target or "default", "train": summary,
+        "init": None if init is None else {
+            "from": str(a.init),
+            "train": json.loads(Path(a.init).read_text()).get("train")},
         "data": {"prompts_file": str(a.prompts or default_prompts_path().name),
                  "split": "train", "per_task": a.per_task, "sequences": len(seqs),
                  "samples": a.samples, "sample_temperature": a.sample_temperature,
