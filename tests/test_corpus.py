@@ -193,7 +193,7 @@ def test_training_with_no_time_left_stops_cleanly(engine, tmp_path):
 def test_warm_start_continues_from_a_saved_drafter_and_keeps_its_vocabulary(tmp_path):
     """``--init`` trains on from a saved drafter: the result keeps its reduced vocabulary,
     records where it started, and differs from the start; a start of another
-    architecture is refused before any training."""
+    architecture is refused before anything is collected."""
     from specrt.draft.train import main
 
     tiny = make_tiny_model(tmp_path / "m", "llama", seed=3)
@@ -201,14 +201,17 @@ def test_warm_start_continues_from_a_saved_drafter_and_keeps_its_vocabulary(tmp_
     pf.write_text("".join(json.dumps({"id": f"w{i}", "task": ("chat", "code")[i % 2],
                                       "prompt": f"say {i} then {i * 7} and {i % 5}"}) + "\n"
                           for i in range(40)))
-    common = ["--target", str(tiny), "--prompts", str(pf), "--per-task", "8",
-              "--max-tokens", "6", "--kind", "eagle3", "--ttt-steps", "2", "--epochs", "1",
-              "--batch-tokens", "64", "--max-len", "32", "--vocab", "40", "--eval-prompts",
-              "0", "--reserve-frac", "0", "--held-frac", "0", "--gen-batch", "4"]
-    assert main(common + ["--out", str(tmp_path / "a"), "--work", str(tmp_path / "wa")]) == 0
+    def run(run_id: str, *extra: str, kind: str = "eagle3") -> int:
+        return main(["--target", str(tiny), "--prompts", str(pf), "--per-task", "8",
+                     "--max-tokens", "6", "--kind", kind, "--ttt-steps", "2", "--epochs",
+                     "1", "--batch-tokens", "64", "--max-len", "32", "--vocab", "40",
+                     "--eval-prompts", "0", "--reserve-frac", "0", "--held-frac", "0",
+                     "--gen-batch", "4", "--out", str(tmp_path / run_id), "--work",
+                     str(tmp_path / f"w{run_id}"), *extra])
+
+    assert run("a") == 0
     start = tmp_path / "a" / "baseline.json"
-    assert main(common + ["--out", str(tmp_path / "b"), "--work", str(tmp_path / "wb"),
-                          "--init", str(start), "--vocab", "30"]) == 0
+    assert run("b", "--init", str(start), "--vocab", "30") == 0
     engine = specrt.Engine.from_pretrained(str(tiny), device="cpu", drafters=[])
     a = DraftNet.load(start, engine.model)
     b = DraftNet.load(tmp_path / "b" / "baseline.json", engine.model)
@@ -218,7 +221,5 @@ def test_warm_start_continues_from_a_saved_drafter_and_keeps_its_vocabulary(tmp_
     sa, sb = a.state_tensors(), b.state_tensors()
     assert any(not torch.equal(sa[k], sb[k]) for k in sa)          # training moved it
     with pytest.raises(ValueError, match="--init .*eagle3 drafter; this run trains a 1-layer eagle"):
-        main(common[:common.index("--kind")] + ["--kind", "eagle"]
-             + common[common.index("--kind") + 2:]
-             + ["--out", str(tmp_path / "c"), "--work", str(tmp_path / "wc"),
-                "--init", str(start)])
+        run("c", "--init", str(start), kind="eagle")
+    assert not corpus.shard_paths(tmp_path / "wc" / "corpus")      # nothing collected

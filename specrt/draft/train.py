@@ -585,6 +585,17 @@ def main(argv: list[str] | None = None) -> int:
     engine = specrt.Engine.from_pretrained(a.target, device="cpu", max_batch=a.gen_batch,
                                            drafters=[], cache_tokens=max(32768, a.gen_batch * 1024))
     times["load_target_s"] = round(time.perf_counter() - t, 1)
+
+    from specrt.draft.model import DraftNet
+
+    init, init_train = None, None
+    if a.init:  # checked before anything is collected or computed
+        init = DraftNet.load(a.init, engine.model)
+        if init.arch != a.kind or init.lora or len(init.layers) != a.layers:
+            raise ValueError(f"--init {a.init}: a {len(init.layers)}-layer {init.arch} drafter"
+                             f"{' with adapters' if init.lora else ''}; this run trains a "
+                             f"{a.layers}-layer {a.kind} without adapters")
+        init_train = json.loads(Path(a.init).read_text()).get("train")
     train_rows, eval_rows = split(rows)
     train_rows = interleave_tasks(balanced_sample(train_rows, a.per_task, seed=a.seed))
     # long documents: keep head and tail (batched prefill pads)
@@ -618,7 +629,6 @@ def main(argv: list[str] | None = None) -> int:
     recs = [r for r in recs if not _held_out(r["id"], a.held_frac)]
 
     from specrt.draft.eagle3 import default_feature_layers
-    from specrt.draft.model import DraftNet
     from specrt.draft.registry import model_drafter
 
     taps = default_feature_layers(engine.model.args.num_hidden_layers) \
@@ -636,12 +646,6 @@ def main(argv: list[str] | None = None) -> int:
          f"tokens {by_task}; {len(held or [])} held out for early stopping")
 
     t = time.perf_counter()
-    init = DraftNet.load(a.init, engine.model) if a.init else None
-    if init is not None and (init.arch != a.kind or init.lora
-                             or len(init.layers) != a.layers):
-        raise ValueError(f"--init {a.init}: a {len(init.layers)}-layer {init.arch} drafter"
-                         f"{' with adapters' if init.lora else ''}; this run trains a "
-                         f"{a.layers}-layer {a.kind} without adapters")
     vf = work / f"vocab_{a.vocab}.pt"
     if init is not None:
         vocab = init.vocab_ids.clone()  # the warm start keeps its output vocabulary
@@ -667,9 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     cover = _coverage(vocab, seqs)
     meta = {
         "target": a.target or "default", "train": summary,
-        "init": None if init is None else {
-            "from": str(a.init),
-            "train": json.loads(Path(a.init).read_text()).get("train")},
+        "init": None if init is None else {"from": str(a.init), "train": init_train},
         "data": {"prompts_file": str(a.prompts or default_prompts_path().name),
                  "split": "train", "per_task": a.per_task, "sequences": len(seqs),
                  "samples": a.samples, "sample_temperature": a.sample_temperature,
