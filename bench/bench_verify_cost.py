@@ -1,13 +1,16 @@
 """Cost of one speculative step of the default target against tree size T (batch 1):
 target forward (body), LM head, verification and KV commit, as ratios to T = 1.
 
-Three configurations, interleaved size by size: ``specrt`` (the shipped path: every
-decoder layer in one native call, csrc/decoder_cpu.cpp, with the skinny GEMM and the CPU
-attention kernel; the head through the skinny GEMM), ``ops`` (the same kernels called op
-by op from Python: the path before the native decoder) and ``torch`` (``F.linear``
-everywhere, gather + SDPA attention).
+Configurations, interleaved size by size: ``specrt`` (the shipped path: every decoder
+layer in one native call, csrc/decoder_cpu.cpp, with the skinny GEMM and the CPU
+attention kernel; the head through the skinny GEMM), ``bf16`` (the same with the weights
+streamed as bf16, ``Llama.use_weight_dtype``: AMX tiles where the CPU has them), ``ops``
+(the fp32 kernels called op by op from Python: the path before the native decoder) and
+``torch`` (``F.linear`` everywhere, gather + SDPA attention). Ratios ``x T=1`` are each
+configuration's own; ``bf16/specrt`` compares bf16 with fp32 at the same T.
 
-    python bench/bench_verify_cost.py [--prefix 300] [--runs 9] [--target PATH] [--json F]
+    python bench/bench_verify_cost.py [--prefix 300] [--runs 9] [--target PATH]
+        [--configs specrt,bf16,ops,torch] [--json F]
 """
 from __future__ import annotations
 
@@ -28,10 +31,11 @@ from specrt.ops import gemm
 
 
 @contextmanager
-def config(name: str):
-    """``specrt``: the shipped CPU path; ``ops``: its kernels op by op; ``torch``:
-    F.linear and gather + SDPA."""
-    rows, fusable = gemm.MAX_ROWS, llama.Llama._fusable
+def config(name: str, model):
+    """``specrt``: the shipped CPU path; ``bf16``: the same, bf16 weights; ``ops``: its
+    kernels op by op; ``torch``: F.linear and gather + SDPA."""
+    rows, fusable, wdt = gemm.MAX_ROWS, llama.Llama._fusable, model.weight_dtype
+    model.use_weight_dtype(torch.bfloat16 if name == "bf16" else torch.float32)
     if name == "torch":
         gemm.MAX_ROWS = 0
     if name == "ops":
@@ -43,9 +47,10 @@ def config(name: str):
     finally:
         gemm.MAX_ROWS = rows
         llama.Llama._fusable = fusable
+        model.use_weight_dtype(wdt)
 
 
-CONFIGS = ("specrt", "ops", "torch")
+CONFIGS = ("specrt", "bf16", "ops", "torch")
 
 
 def med(f, runs):
@@ -66,8 +71,13 @@ def main():
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--sizes", default="1,2,4,8,16,32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated subset of {','.join(CONFIGS)} (specrt first)")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
+    configs = args.configs.split(",")
+    if configs[0] != "specrt" or not set(configs) <= set(CONFIGS):
+        ap.error(f"--configs: specrt first, then any of {CONFIGS}")
     if args.threads:
         torch.set_num_threads(args.threads)
     eng = specrt.Engine.from_pretrained(args.target, device="cpu")
@@ -80,9 +90,10 @@ def main():
     P = torch.tensor([args.prefix])
     W = m.head_weight
     print(f"device: {machine()}  date: {datetime.date.today()}  prefix {args.prefix}  "
-          f"median of {args.runs}  threads {torch.get_num_threads()}  isa {gemm.gemm_isa()}")
+          f"median of {args.runs}  threads {torch.get_num_threads()}  isa {gemm.gemm_isa()}  "
+          f"bf16 isa {gemm.gemm_bf16_isa()}")
     print(f"{'T':>3} {'cfg':>6} {'body ms':>8} {'head ms':>8} {'verify ms':>9} "
-          f"{'commit ms':>9} {'total ms':>9} {'x T=1':>6} {'ops/specrt':>10} {'torch/specrt':>12}")
+          f"{'commit ms':>9} {'total ms':>9} {'x T=1':>6} {'/specrt':>8}")
     base, rows = {}, []
     L, NB = c.kv.shape[:2]
     kv = c.kv.view(L * NB, *c.kv.shape[2:])
@@ -94,8 +105,8 @@ def main():
         tl = torch.tensor([T])
         path = torch.arange(T)[None].repeat(L, 1)
         got = {}
-        for name in CONFIGS:
-            with config(name):
+        for name in configs:
+            with config(name, m):
                 body = med(lambda: m(toks, pos, c.kv, bt, P, norm=False), args.runs)
                 hn = m.final_norm(m(toks, pos, c.kv, bt, P, norm=False))
                 head = med(lambda: m.logits(hn), args.runs)
@@ -108,19 +119,19 @@ def main():
             got[name] = dict(T=T, config=name, body_ms=body * 1e3, head_ms=head * 1e3,
                              verify_ms=ver * 1e3, commit_ms=com * 1e3, total_ms=tot * 1e3,
                              x_T1=tot / base[name])
-        for name in CONFIGS:
+        for name in configs:
             r = got[name]
-            r["torch_over_specrt"] = got["torch"]["total_ms"] / got["specrt"]["total_ms"]
-            r["ops_over_specrt"] = got["ops"]["total_ms"] / got["specrt"]["total_ms"]
+            r["over_specrt"] = r["total_ms"] / got["specrt"]["total_ms"]
             rows.append(r)
             print(f"{T:3d} {name:>6} {r['body_ms']:8.1f} {r['head_ms']:8.1f} "
                   f"{r['verify_ms']:9.2f} {r['commit_ms']:9.2f} {r['total_ms']:9.1f} "
-                  f"{r['x_T1']:6.2f} {r['ops_over_specrt']:10.2f} {r['torch_over_specrt']:12.2f}")
+                  f"{r['x_T1']:6.2f} {r['over_specrt']:8.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": machine(), "date": str(datetime.date.today()),
                        "prefix": args.prefix, "runs": args.runs,
                        "threads": torch.get_num_threads(), "isa": gemm.gemm_isa(),
+                       "bf16_isa": gemm.gemm_bf16_isa(),
                        "rows": [{k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in r.items()} for r in rows]}, f, indent=1)
 

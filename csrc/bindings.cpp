@@ -6,6 +6,7 @@ namespace py = pybind11;
 void bind_kv(py::module_& m);      // kv_cpu.cpp
 void bind_verify(py::module_& m);  // verify_cpu.cpp
 void bind_gemm(py::module_& m);    // gemm_cpu.cpp
+void bind_gemm_bf16(py::module_& m);  // gemm_bf16_cpu.cpp
 void bind_attention(py::module_& m);  // attention_cpu.cpp
 void bind_decoder(py::module_& m);    // decoder_cpu.cpp
 #ifdef SPECRT_WITH_CUDA
@@ -18,6 +19,7 @@ PYBIND11_MODULE(_C, m) {
   bind_kv(m);
   bind_verify(m);
   bind_gemm(m);
+  bind_gemm_bf16(m);
   bind_attention(m);
   bind_decoder(m);
 #ifdef SPECRT_WITH_CUDA

@@ -1,4 +1,5 @@
-// The decoder layers of a Llama-family model in one call (CPU, fp32): per layer
+// The decoder layers of a Llama-family model in one call (CPU, fp32 activations; weights
+// streamed as fp32 or bf16): per layer
 //   h = rmsnorm(x) ; q, k, v = h @ Wqkv^T (+ b) ; rope(q, k) ; k, v -> paged cache
 //   x += attention(q, cache) @ Wo^T
 //   h = rmsnorm(x) ; g, u = h @ Wgu^T ; x += (silu(g) * u) @ Wd^T
@@ -35,15 +36,23 @@ constexpr int64_t NR = 32;       // the packed weights' panel width (gemm_cpu.cp
 constexpr int64_t ROWS = 512;    // GEMM row blocks that keep x and y in cache (prefill)
 constexpr int64_t PAR_ROWS = 16; // elementwise work goes parallel from this many rows
 
-// Weights of one layer, as the addresses of contiguous fp32 tensors held by Python.
+// Weights of one layer, as the addresses of contiguous tensors held by Python: fp32, the
+// four matrices packed as fp32 or (bf16 = true) bf16 panels.
 struct LayerW {
   const float *attn_norm, *wqkv, *bqkv, *wo, *mlp_norm, *wgu, *wd;
 };
 
+// wp: fp32 panels [ceil(N/32), K, 32], or with bf16 the VNNI panels of gemm_bf16_cpu.cpp
 void gemm(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, float* y,
-          int threads) {
-  for (int64_t m = 0; m < M; m += ROWS)
-    specrt::skinny_mm_raw(x + m * K, K, wp, y + m * N, N, std::min(ROWS, M - m), K, N, threads);
+          int threads, bool bf16) {
+  for (int64_t m = 0; m < M; m += ROWS) {
+    const int64_t rows = std::min(ROWS, M - m);
+    if (bf16)
+      specrt::skinny_mm_bf16_raw(x + m * K, K, reinterpret_cast<const uint16_t*>(wp), y + m * N,
+                                 N, rows, K, N, threads);
+    else
+      specrt::skinny_mm_raw(x + m * K, K, wp, y + m * N, N, rows, K, N, threads);
+  }
 }
 
 // y = w * (x * rsqrt(mean(x^2) + eps)), as the torch path computes it
@@ -115,7 +124,7 @@ void rows_loop(int64_t N, int threads, F&& f) {
 void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, f32 cos,
                         f32 sin, f32 kv, i32 bt, i64 prefix, u8 mask, i64 lens, i64 rows,
                         int64_t T, double eps, double scale, i64 taps, f32 tapped,
-                        int threads) {
+                        int threads, bool bf16) {
   if (x.ndim() != 2 || weights.ndim() != 2 || weights.shape(1) != 7 || cos.ndim() != 2 ||
       sin.ndim() != 2 || kv.ndim() != 6 || kv.shape(2) != 2 || bt.ndim() != 2)
     throw std::invalid_argument("decoder_layers_cpu: bad ranks");
@@ -179,7 +188,7 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
     rows_loop(N, threads, [&](int64_t r) {
       rms_row(X + r * H, w.attn_norm, h.data() + r * H, H, feps);
     });
-    gemm(h.data(), N, H, w.wqkv, nqkv, qkv.data(), threads);
+    gemm(h.data(), N, H, w.wqkv, nqkv, qkv.data(), threads, bf16);
     rows_loop(N, threads, [&](int64_t r) {
       float* row = qkv.data() + r * nqkv;
       if (w.bqkv)
@@ -202,14 +211,14 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
         std::memcpy(orow.data() + r * qd, ob.data() + R[r] * qd, sizeof(float) * qd);
       o = orow.data();
     }
-    gemm(o, N, qd, w.wo, H, tmp.data(), threads);
+    gemm(o, N, qd, w.wo, H, tmp.data(), threads, bf16);
     rows_loop(N, threads, [&](int64_t r) {
       float* xr = X + r * H;
       const float* tr = tmp.data() + r * H;
       for (int64_t i = 0; i < H; ++i) xr[i] += tr[i];
       rms_row(xr, w.mlp_norm, h.data() + r * H, H, feps);
     });
-    gemm(h.data(), N, H, w.wgu, 2 * I, gu.data(), threads);
+    gemm(h.data(), N, H, w.wgu, 2 * I, gu.data(), threads, bf16);
     rows_loop(N, threads, [&](int64_t r) {
       const float* g = gu.data() + r * 2 * I;
       if (avx512)
@@ -219,7 +228,7 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
       else
         silu_mul_scalar(g, g + I, act.data() + r * I, I);
     });
-    gemm(act.data(), N, I, w.wd, H, tmp.data(), threads);
+    gemm(act.data(), N, I, w.wd, H, tmp.data(), threads, bf16);
     rows_loop(N, threads, [&](int64_t r) {
       float* xr = X + r * H;
       const float* tr = tmp.data() + r * H;
@@ -240,5 +249,5 @@ void bind_decoder(py::module_& m) {
         py::arg("x").noconvert(), py::arg("weights"), py::arg("Hq"), py::arg("Hkv"), py::arg("I"),
         py::arg("cos"), py::arg("sin"), py::arg("kv").noconvert(), py::arg("bt"), py::arg("prefix"),
         py::arg("mask"), py::arg("lens"), py::arg("rows"), py::arg("T"), py::arg("eps"),
-        py::arg("scale"), py::arg("taps"), py::arg("tapped").noconvert(), py::arg("threads"));
+        py::arg("scale"), py::arg("taps"), py::arg("tapped").noconvert(), py::arg("threads"), py::arg("bf16") = false);
 }

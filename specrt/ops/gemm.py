@@ -12,6 +12,12 @@ OpenMP over panels).
 * :func:`pack_weight` ``[N, K]`` -> ``[ceil(N / 32), K, 32]`` (host work, once).
 * :func:`skinny_mm` ``x [M, K]`` with a packed weight -> ``[M, N]``; also
   ``torch.ops.specrt.skinny_mm`` (CPU kernel and a fake implementation).
+* :func:`pack_weight_bf16` / :func:`skinny_mm_bf16` (``torch.ops.specrt.skinny_mm_bf16``):
+  the same product from bf16 weights (``csrc/gemm_bf16_cpu.cpp``): half the bytes to
+  stream, and on CPUs with AMX the tile unit does the multiply-adds, so a tree or a batch
+  of a few dozen rows costs about what one row does. ``x`` is rounded to bf16, the sums
+  and ``y`` are fp32. Opt-in (``Llama.use_weight_dtype``): its logits are not the fp32
+  model's.
 * :class:`PackedLinear` runs the kernel on CPU fp32 without autograd (in chunks of
   :data:`MAX_ROWS` rows), ``F.linear`` otherwise: the model's linear layers use it.
 """
@@ -22,7 +28,8 @@ import torch.nn.functional as F
 
 from specrt.ops._backend import LIB, native
 
-__all__ = ["pack_weight", "skinny_mm", "PackedLinear", "MAX_ROWS", "gemm_isa"]
+__all__ = ["pack_weight", "skinny_mm", "pack_weight_bf16", "skinny_mm_bf16", "PackedLinear",
+           "MAX_ROWS", "gemm_isa", "gemm_bf16_isa", "WEIGHT_DTYPES"]
 
 #: Panel width of the packed layout (outputs per panel).
 PANEL = 32
@@ -38,6 +45,17 @@ def gemm_isa() -> str:
     """The SIMD path :func:`skinny_mm` runs on this CPU: ``avx512``, ``avx2`` or
     ``scalar``."""
     return native().gemm_isa()
+
+
+def gemm_bf16_isa() -> str:
+    """The path :func:`skinny_mm_bf16` runs on this CPU: ``amx`` (tile unit), ``avx512bf16``
+    (``vdpbf16ps``), ``avx512`` (bf16 widened to fp32) or ``scalar``."""
+    return native().gemm_bf16_isa()
+
+
+#: The weight dtypes :class:`PackedLinear` streams: fp32 (:func:`skinny_mm`) or bf16
+#: (:func:`skinny_mm_bf16`).
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
@@ -109,24 +127,113 @@ def skinny_mm(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
     return _skinny_mm_op(x, wp, n)
 
 
-class PackedLinear:
-    """``F.linear(x, weight, bias)`` that runs :func:`skinny_mm` on CPU fp32 (in chunks
-    of :data:`MAX_ROWS` rows), from a copy of ``weight`` packed on first use (and packed
-    again if the weight is changed in place). ``F.linear`` everywhere else (other
-    devices or dtypes, autograd)."""
+def pack_weight_bf16(w: torch.Tensor) -> torch.Tensor:
+    """Pack a weight ``[N, K]`` (fp32 or bf16, CPU) for :func:`skinny_mm_bf16`.
 
-    def __init__(self):
+    Returns ``wq`` ``[P, KB, 2, 16, 32]`` bfloat16 contiguous, ``P = ceil(N / 32)``,
+    ``KB = ceil(K / 32)``, VNNI panels: ``wq[p, kb, h, r, 2 c + e] =
+    bf16(w[32 p + 16 h + c, 32 kb + 2 r + e])`` (round to nearest even), zeros past N
+    and K. ``wq[p, kb, h]`` is one AMX B tile.
+    """
+    if w.dim() != 2 or w.dtype not in WEIGHT_DTYPES or w.device.type != "cpu":
+        raise ValueError(f"pack_weight_bf16 needs a [N, K] float32 or bfloat16 CPU tensor, "
+                         f"got {tuple(w.shape)} {w.dtype} on {w.device}")
+    N, K = w.shape
+    P, KB = -(-N // PANEL), -(-K // PANEL)
+    wb = F.pad(w.detach().to(torch.bfloat16), (0, KB * PANEL - K, 0, P * PANEL - N))
+    return wb.view(P, 2, 16, KB, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous().view(
+        P, KB, 2, 16, 2 * 16)
+
+
+def _check_bf16(x: torch.Tensor, wq: torch.Tensor, n: int) -> None:
+    if x.dim() != 2 or wq.dim() != 5 or tuple(wq.shape[2:]) != (2, 16, 32):
+        raise ValueError(f"skinny_mm_bf16 needs x [M, K] and wq [P, KB, 2, 16, 32], got "
+                         f"{tuple(x.shape)} and {tuple(wq.shape)}")
+    if not (wq.shape[1] - 1) * PANEL < x.shape[1] <= wq.shape[1] * PANEL:
+        raise ValueError(f"x has K={x.shape[1]}, the packed weight {wq.shape[1]} blocks of 32")
+    if not (wq.shape[0] - 1) * PANEL < n <= wq.shape[0] * PANEL:
+        raise ValueError(f"n={n} does not fit a packed weight of {wq.shape[0]} panels")
+    if x.dtype != torch.float32 or wq.dtype != torch.bfloat16:
+        raise ValueError(f"skinny_mm_bf16 takes fp32 x and bf16 wq: got x {x.dtype}, "
+                         f"wq {wq.dtype}")
+
+
+def _skinny_mm_bf16_impl(x: torch.Tensor, wq: torch.Tensor, n: int) -> torch.Tensor:
+    _check_bf16(x, wq, n)
+    if x.device.type != "cpu" or wq.device.type != "cpu":
+        raise ValueError("skinny_mm_bf16 runs on CPU tensors only")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if not wq.is_contiguous():
+        raise ValueError("skinny_mm_bf16: wq must be contiguous (as pack_weight_bf16 makes it)")
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    native().skinny_mm_bf16(x.numpy(), wq.view(torch.uint16).numpy(), y.numpy(), n,
+                            torch.get_num_threads())
+    return y
+
+
+LIB.define("skinny_mm_bf16(Tensor x, Tensor wq, int n) -> Tensor")
+LIB.impl("skinny_mm_bf16", _skinny_mm_bf16_impl, "CPU")
+
+
+@torch.library.register_fake("specrt::skinny_mm_bf16", lib=LIB)
+def _(x, wq, n):
+    _check_bf16(x, wq, n)
+    return x.new_empty(x.shape[0], n)
+
+
+_skinny_mm_bf16_op = torch.ops.specrt.skinny_mm_bf16.default
+
+
+def skinny_mm_bf16(x: torch.Tensor, wq: torch.Tensor, n: int) -> torch.Tensor:
+    """``bf16(x) @ W.T`` from W packed by :func:`pack_weight_bf16`.
+
+    Args:
+        x: ``[M, K]`` float32 CPU (rows may be strided; each row contiguous); rounded to
+            bf16 (nearest even) inside.
+        wq: ``[P, KB, 2, 16, 32]`` bfloat16 CPU, ``pack_weight_bf16(W)`` of ``W``
+            ``[n, K]``.
+        n: output columns (W's rows), ``32 (P - 1) < n <= 32 P``.
+
+    Returns:
+        ``[M, n]`` float32, new memory: each output the fp32 sum of exact bf16 x bf16
+        products (within fp32 rounding of a float64 reference on the rounded inputs). A
+        row's result never depends on ``M``, the other rows or the thread count.
+
+    Raises:
+        ValueError: shapes, dtypes or devices that do not fit.
+    """
+    return _skinny_mm_bf16_op(x, wq, n)
+
+
+class PackedLinear:
+    """``F.linear(x, weight, bias)`` that runs the skinny GEMM on CPU fp32 activations (in
+    chunks of :data:`MAX_ROWS` rows), from a copy of ``weight`` packed on first use (and
+    packed again if the weight is changed in place or :attr:`weight_dtype` changes).
+    ``F.linear`` everywhere else (other devices or dtypes, autograd).
+
+    Attributes:
+        weight_dtype: the packed copy's dtype, one of :data:`WEIGHT_DTYPES`: fp32
+            (:func:`skinny_mm`, the default: the same products as ``F.linear``) or bf16
+            (:func:`skinny_mm_bf16`).
+    """
+
+    def __init__(self, weight_dtype: torch.dtype = torch.float32):
         self._packed: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
         self._version: int | None = None   # None: an inference tensor (no counter)
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype}")
+        self.weight_dtype = weight_dtype
 
     def packed(self, weight: torch.Tensor) -> torch.Tensor:
-        """The packed copy of ``weight`` (made again when it is another tensor or was
-        changed in place)."""
-        if self._weight is weight and (self._version is None
-                                       or weight._version == self._version):
+        """The packed copy of ``weight`` (made again when it is another tensor, was
+        changed in place, or :attr:`weight_dtype` changed)."""
+        if (self._weight is weight and self._packed.dtype is self.weight_dtype
+                and (self._version is None or weight._version == self._version)):
             return self._packed
-        self._packed = pack_weight(weight)
+        self._packed = (pack_weight_bf16(weight) if self.weight_dtype is torch.bfloat16
+                        else pack_weight(weight))
         self._weight = weight
         self._version = None if weight.is_inference() else weight._version
         return self._packed
@@ -142,13 +249,14 @@ class PackedLinear:
         if rows <= 0 or MAX_ROWS <= 0:   # MAX_ROWS 0: the kernel off (benchmarks' baseline)
             return F.linear(x, weight, bias)
         wp, N = self.packed(weight), weight.shape[0]
+        op = _skinny_mm_bf16_op if wp.dtype is torch.bfloat16 else _skinny_mm_op
         x2 = x.reshape(rows, K)
         if rows <= MAX_ROWS:
-            y = _skinny_mm_op(x2, wp, N)
+            y = op(x2, wp, N)
         else:  # prefill: row blocks that stay in cache, written into one output
             y = x2.new_empty(rows, N)
             for i in range(0, rows, MAX_ROWS):
-                y[i:i + MAX_ROWS] = _skinny_mm_op(x2[i:i + MAX_ROWS], wp, N)
+                y[i:i + MAX_ROWS] = op(x2[i:i + MAX_ROWS], wp, N)
         if bias is not None:
             y += bias
         return y.view(*x.shape[:-1], N)
