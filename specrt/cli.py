@@ -14,41 +14,53 @@ from pathlib import Path
 
 
 # ------------------------------------------------------------------ the engine
+#: ``--weights`` choices: the dtype the CPU kernels stream the target's weights in.
+WEIGHTS = ("fp32", "bf16")
+
+
 def load_engine(target: str | None = None, pool: str | None = None, *, no_pool: bool = False,
-                device: str | None = None, **kwargs):
+                device: str | None = None, weights: str = "fp32", **kwargs):
     """The engine the subcommands run, and the pool directory it loaded (None: none).
 
     ``target``: HF directory or .gguf file; None or the default model's own GGUF file
     (:func:`specrt.model.is_default_target`) is the default model, with the shipped
     default pool. ``pool``: another pool directory. ``no_pool``: no pool (no router):
     the drafters :func:`specrt.draft.default_drafters` gives (n-gram, token recycling,
-    and for the default model the shipped baseline). kwargs: :class:`specrt.Engine` /
+    and for the default model the shipped baseline). ``weights``: ``fp32`` or ``bf16``,
+    the dtype the CPU kernels stream the weights in (see
+    :func:`specrt.model.load_model`). kwargs: :class:`specrt.Engine` /
     :class:`specrt.EngineConfig` fields."""
     import specrt
     from specrt.model import is_default_target
 
     if no_pool and pool is not None:
         raise ValueError("--pool and --no-pool exclude each other")
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    import torch
+
+    wdt = {"fp32": None, "bf16": torch.bfloat16}[weights]
     if target is not None and is_default_target(target):
         target = None  # the default model: its pool and baseline drafter too
     if no_pool:
         from specrt.draft import default_drafters
         from specrt.model import load_model
 
-        model, tok = load_model(target, device=device)
+        model, tok = load_model(target, device=device, weight_dtype=wdt)
         return specrt.Engine(model, tok, drafters=default_drafters(model, target),
                              **kwargs), None
     if pool is None and target is None:
         from specrt.pool import SHIPPED_POOL
 
         pool = str(SHIPPED_POOL) if (SHIPPED_POOL / "pool.json").is_file() else None
-    return specrt.Engine.from_pretrained(target, pool=pool, device=device, **kwargs), pool
+    return specrt.Engine.from_pretrained(target, pool=pool, device=device, weight_dtype=wdt,
+                                         **kwargs), pool
 
 
 def _engine_of(args, **kwargs):
     """:func:`load_engine` with a subcommand's ``--target/--pool/--no-pool/--device``."""
     return load_engine(args.target, args.pool, no_pool=args.no_pool, device=args.device,
-                       **kwargs)
+                       weights=args.weights, **kwargs)
 
 
 def _force_drafter(engine, name: str | None) -> None:
@@ -315,6 +327,10 @@ def _add_engine_options(p, device_help: str = "cpu, cuda or cuda:N (default: cud
                    help="load no pool: no routing; the drafters are ngram, recycling and, "
                         "for the default target, the shipped baseline")
     p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--weights", choices=WEIGHTS, default="fp32",
+                   help="CPU: the dtype the kernels stream the weights in; bf16 halves the "
+                        "bytes (and on AMX CPUs makes wide draft trees and batches cheap), "
+                        "with the target's logits rounded accordingly")
 
 
 def _parser() -> argparse.ArgumentParser:

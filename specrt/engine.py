@@ -89,7 +89,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, target: str | None = None, pool: str | None = None, *,
                         device: str | None = None, dtype: torch.dtype | None = None,
-                        **kwargs) -> "Engine":
+                        weight_dtype: torch.dtype | None = None, **kwargs) -> "Engine":
         """Load a target (HF directory, .gguf file, or the default model when None or
         its own GGUF file) with its drafters.
 
@@ -99,7 +99,10 @@ class Engine:
         default pool (``specrt/pools/default/pool.json``) is used when it exists.
         Without a pool the drafters are the model-free ones (n-gram prompt lookup and
         token recycling) plus the shipped baseline drafter when ``target`` is the
-        default model. kwargs go to :class:`Engine` (explicit ``drafters`` /
+        default model. ``dtype`` / ``weight_dtype``: see :func:`specrt.model.load_model`
+        (``weight_dtype=torch.bfloat16`` streams bf16 weights on CPU: faster; the drafters
+        then verify against that bf16-weight model, losslessly). kwargs go to
+        :class:`Engine` (explicit ``drafters`` /
         ``default_drafter`` / ``router`` override the pool's; the rest are
         :class:`EngineConfig` fields).
         """
@@ -107,7 +110,7 @@ class Engine:
 
         if target is not None and is_default_target(target):
             target = None  # the default model's own file: its pool and baseline too
-        model, tok = load_model(target, dtype=dtype, device=device)
+        model, tok = load_model(target, dtype=dtype, device=device, weight_dtype=weight_dtype)
         if pool is None and target is None and "drafters" not in kwargs:
             from specrt.pool import SHIPPED_POOL
 

@@ -290,3 +290,15 @@ def test_generate_compare_prints_both_rates_the_ratio_and_the_drafter(capsys, ti
                                            / rep["plain"]["tokens_per_s"])
     rc, _, err = _run(capsys, *base, "--no-spec")
     assert rc == 2 and "drop --no-spec" in err
+
+
+def test_weights_bf16_runs_the_bf16_model_and_other_choices_are_refused(capsys, tiny_llama):
+    import json
+
+    base = ("generate", "abcabcabc abc", "--target", str(tiny_llama), "--device", "cpu",
+            "--max-tokens", "12", "--compare", "--json")
+    rc, out, err = _run(capsys, *base, "--weights", "bf16")
+    assert rc == 0, err
+    assert json.loads(out)["same_tokens"]
+    rc, _, err = _run(capsys, *base, "--weights", "fp16")
+    assert rc == 2 and "--weights" in err and "fp16" in err

@@ -108,19 +108,34 @@ def _converted_gguf(p: Path) -> Path:
 
 
 def load_model(target: str | Path | None = None, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None) -> tuple[Llama, Tokenizer]:
+               device: str | torch.device | None = None,
+               weight_dtype: torch.dtype | None = None) -> tuple[Llama, Tokenizer]:
     """Load a target (HF directory, GGUF file, or the default model when None).
 
     dtype defaults to fp32 on CPU and bf16 on CUDA; device to CUDA when available.
-    ``ValueError`` for a device this machine lacks (see :func:`resolve_device`), before
-    the target is read.
+    ``weight_dtype`` (CPU fp32 models only): the dtype the CPU kernels stream the linear
+    layers' weights in, ``torch.float32`` (default) or ``torch.bfloat16`` (faster, and
+    logits rounded accordingly: see :meth:`Llama.use_weight_dtype`).
+    ``ValueError`` for a device this machine lacks (see :func:`resolve_device`) or a
+    weight dtype that does not apply, before the target is read.
     """
     from specrt.model.hf import load_hf_model
+    from specrt.ops.gemm import WEIGHT_DTYPES
 
     device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if weight_dtype is not None:
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be torch.float32 or torch.bfloat16, got "
+                             f"{weight_dtype}")
+        if weight_dtype is not torch.float32 and (device.type != "cpu" or dtype is not torch.float32):
+            raise ValueError(f"weight_dtype {weight_dtype} is for CPU fp32 models (the CPU "
+                             f"kernels' weight stream); on {device} with dtype {dtype} "
+                             f"choose dtype instead")
     d = resolve_target(target)
     model = load_hf_model(d, dtype=dtype, device=device)
+    if weight_dtype is not None:
+        model.use_weight_dtype(weight_dtype)
     tok = Tokenizer(d, eos_ids=model.args.eos_token_id)
     return model, tok

@@ -40,7 +40,7 @@ def run(args) -> int:
     from specrt.cli import load_engine
 
     engine = load_engine(args.target, args.pool, no_pool=args.no_pool, device=args.device,
-                         **kw)[0]
+                         weights=args.weights, **kw)[0]
     return serve(engine, cfg)
 
 
@@ -48,13 +48,9 @@ def add_cli(sub) -> None:
     """Add ``serve`` to the ``specrt`` command's subparsers."""
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat and completions, "
                                      "streaming, metrics)")
-    s.add_argument("--target", default=None,
-                   help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    s.add_argument("--pool", default=None, help="drafter pool directory (specrt align --out)")
-    s.add_argument("--no-pool", action="store_true",
-                   help="no drafter pool: n-gram lookup, token recycling and the shipped "
-                        "baseline drafter, no routing")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    from specrt.cli import _add_engine_options
+
+    _add_engine_options(s)     # --target, --pool / --no-pool, --device, --weights
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
