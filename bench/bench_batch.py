@@ -2,9 +2,12 @@
 larger batches (all prompts at once), plain and speculative, interleaved round by round.
 
 Eval-split prompts (``--per-task`` per task), ``--max-tokens`` each with EOS ignored,
-greedy. Every batched run must give the same tokens as batch 1 (checked). Modes:
-``plain``, ``spec`` (the default engine), and ``plain_ops`` / ``spec_ops``, the same
-with the model run op by op from Python (the path before the native decoder).
+greedy. Every batched run must give the same tokens as batch 1 (checked, each
+arithmetic against itself). Modes: ``plain``, ``spec`` (the default engine),
+``plain_ops`` / ``spec_ops``, the same with the model run op by op from Python (the path
+before the native decoder), and ``plain_bf16`` / ``spec_bf16``, the same with the weights
+streamed as bf16 (``--weights bf16``: another arithmetic, so its tokens are checked
+against its own batch-1 run).
 
     python bench/bench_batch.py [--per-task 2] [--max-tokens 64] [--batches 1,16]
         [--rounds 2] [--json F]
@@ -25,16 +28,22 @@ from specrt.measure import machine
 from specrt.model import llama
 
 MODES = {"plain": dict(speculative=False), "spec": dict(),
-         "plain_ops": dict(speculative=False), "spec_ops": dict()}
+         "plain_ops": dict(speculative=False), "spec_ops": dict(),
+         "plain_bf16": dict(speculative=False), "spec_bf16": dict()}
 
 
 @contextmanager
-def path(mode: str):
+def path(mode: str, engine, warm):
     """``*_ops`` modes run the model op by op from Python (the path before the native
-    decoder, csrc/decoder_cpu.cpp); the others the shipped path."""
+    decoder, csrc/decoder_cpu.cpp); ``*_bf16`` modes stream bf16 weights (``warm()`` then
+    packs them outside the timing); the others the shipped path."""
     fusable = llama.Llama._fusable
     if mode.endswith("_ops"):
         llama.Llama._fusable = lambda *a: False
+    want = torch.bfloat16 if mode.endswith("_bf16") else torch.float32
+    if engine.model.weight_dtype is not want:
+        engine.model.use_weight_dtype(want)
+        warm()
     try:
         yield
     finally:
@@ -69,18 +78,21 @@ def main() -> int:
     print(f"device: {machine()}  threads: {torch.get_num_threads()}  date: "
           f"{datetime.date.today()}  prompts: {len(prompts)} (eval split)  "
           f"max_tokens {args.max_tokens}  rounds {args.rounds}")
-    run(engine, prompts[:2], 2, params, {})                  # warm-up (packs the weights)
+    def warm():                                              # packs the weights
+        run(engine, prompts[:2], 2, specrt.SamplingParams(max_tokens=2, ignore_eos=True), {})
+
+    warm()
     secs = {(m, b): 0.0 for m in modes for b in batches}
     ref, same, stats = {}, {}, {}
     for r in range(args.rounds):
         order = [(m, b) for m in modes for b in batches]
         order = order[r % len(order):] + order[:r % len(order)]
         for m, b in order:
-            with path(m):
+            with path(m, engine, warm):
                 s, outs = run(engine, prompts, b, params, MODES[m])
             secs[(m, b)] += s
             toks = [o.token_ids for o in outs]
-            key = m.endswith("_ops")          # each arithmetic path against itself
+            key = m.split("_")[-1] if "_" in m else ""   # each arithmetic against itself
             ref.setdefault(key, toks)
             same[(m, b)] = same.get((m, b), True) and toks == ref[key]
             stats[(m, b)] = sum(o.stats["mean_accepted_length"] for o in outs) / len(outs)
