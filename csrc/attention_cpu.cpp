@@ -54,36 +54,40 @@ inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_
 // weights come from a vectorised exp; P V accumulates in registers.
 constexpr int QB = 48, CH = 32;
 
-// dst[j * ld + i] = src[i][j] for i, j < 16 (AVX-512F: unpack, shuffle, then 128-bit lane
-// shuffles; no arithmetic, so the transposed keys are the same bits).
-__attribute__((target("avx512f"))) inline void transpose16(const float* const* src, float* dst,
-                                                           int64_t ld) {
-  __m512 r[16], t[16];
-  UNROLL for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src[i]);
-  UNROLL for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  UNROLL for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  UNROLL for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  UNROLL for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-  }
-  UNROLL for (int i = 0; i < 16; ++i) _mm512_store_ps(dst + i * ld, r[i]);
+// kt[d * CH + x] = krow[x][d] for x < n (0 past n), D a multiple of 16: 16 x 16 blocks
+// transposed in registers (unpack, shuffle, then 128-bit lane shuffles; no arithmetic, so
+// the keys keep their bits). The AVX-512 twin of transpose_chunk_avx2 below.
+__attribute__((target("avx512f"))) void transpose_chunk_avx512(const float* const* krow,
+                                                               int64_t n, int64_t D, float* kt) {
+  alignas(64) static const float zeros[16] = {0};  // the row of every key past n
+  for (int64_t x0 = 0; x0 < CH; x0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512 r[16], t[16];
+      UNROLL for (int i = 0; i < 16; ++i)
+        r[i] = x0 + i < n ? _mm512_loadu_ps(krow[x0 + i] + d0) : _mm512_load_ps(zeros);
+      UNROLL for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+      }
+      UNROLL for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      UNROLL for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+      }
+      UNROLL for (int i = 0; i < 8; ++i) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+      }
+      UNROLL for (int i = 0; i < 16; ++i) _mm512_store_ps(kt + (d0 + i) * CH + x0, r[i]);
+    }
 }
-
-alignas(64) const float kZeros[128] = {};  // a missing key row (D <= 128)
 
 struct Ctx {
   const float* Q;
@@ -148,13 +152,7 @@ __attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int
       krow[x] = c.C + (((blk * 2 + 0) * c.bs + off) * c.Hkv + h) * D;
       vrow[x] = c.C + (((blk * 2 + 1) * c.bs + off) * c.Hkv + h) * D;
     }
-    // kt [D][CH] = the chunk's keys transposed (rows past n are zero), 16 x 16 at a time
-    for (int64_t x0 = 0; x0 < CH; x0 += 16)
-      for (int64_t d0 = 0; d0 < D; d0 += 16) {
-        const float* src[16];
-        UNROLL for (int i = 0; i < 16; ++i) src[i] = (x0 + i < n ? krow[x0 + i] : kZeros) + d0;
-        transpose16(src, kt + d0 * CH + x0, CH);
-      }
+    transpose_chunk_avx512(krow, n, D, kt);
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
       if (t >= tl) continue;
