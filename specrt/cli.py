@@ -14,8 +14,9 @@ from pathlib import Path
 
 
 # ------------------------------------------------------------------ the engine
-#: ``--weights`` choices: the dtype the CPU kernels stream the target's weights in.
-WEIGHTS = ("fp32", "bf16")
+#: ``--weights`` choices -> the ``weight_dtype`` (a torch attribute name) the CPU kernels
+#: stream the target's weights in; None: the model's own (fp32 on CPU).
+WEIGHTS = {"fp32": None, "bf16": "bfloat16"}
 
 
 def load_engine(target: str | None = None, pool: str | None = None, *, no_pool: bool = False,
@@ -39,7 +40,7 @@ def load_engine(target: str | None = None, pool: str | None = None, *, no_pool: 
         raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     import torch
 
-    wdt = {"fp32": None, "bf16": torch.bfloat16}[weights]
+    wdt = None if WEIGHTS[weights] is None else getattr(torch, WEIGHTS[weights])
     if target is not None and is_default_target(target):
         target = None  # the default model: its pool and baseline drafter too
     if no_pool:

@@ -158,13 +158,12 @@ class Llama(nn.Module):
             args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self._head_mm = PackedLinear()
-        self._weight_dtype = torch.float32
 
     @property
     def weight_dtype(self) -> torch.dtype:
         """The dtype in which the CPU kernels stream the linear layers' and the LM head's
         weights (see :meth:`use_weight_dtype`); the parameters themselves keep theirs."""
-        return self._weight_dtype
+        return self._head_mm.weight_dtype
 
     def use_weight_dtype(self, dtype: torch.dtype) -> "Llama":
         """Stream the weights of every linear layer and the LM head as ``dtype`` on CPU:
@@ -174,18 +173,17 @@ class Llama(nn.Module):
         each product are rounded to bf16 as well and the logits differ from the fp32
         model's by that rounding (norms, attention, the residual stream and all sums stay
         fp32); it is the same model at every batch size and tree width, so speculative
-        decoding stays exactly as lossless relative to it. Packed copies are made again
-        on the next forward. Returns ``self``."""
+        decoding stays exactly as lossless relative to it. Packed copies (and with them
+        the native decoder's weight table) are made again on the next forward. Returns
+        ``self``."""
         from specrt.ops.gemm import WEIGHT_DTYPES
 
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-        self._weight_dtype = dtype
         self._head_mm.weight_dtype = dtype
         for layer in self.layers:
             for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 _mm(lin).weight_dtype = dtype
-        self.__dict__.pop("_fused", None)
         return self
 
     @property
@@ -301,7 +299,7 @@ class Llama(nn.Module):
 
     def _fused_kw(self) -> dict:
         # bf16 only when set: a build from before bf16 (bench_native_ab's baseline) still runs
-        return {"bf16": True} if self._weight_dtype is torch.bfloat16 else {}
+        return {"bf16": True} if self.weight_dtype is torch.bfloat16 else {}
 
     def _fused_table(self) -> torch.Tensor:
         """``[L, 7]`` int64 addresses of each layer's weights for the native decoder:
@@ -318,7 +316,7 @@ class Llama(nn.Module):
         if cached is not None and len(cached[0]) == len(held) and all(
                 p is q for p, q in zip(cached[0], held)):
             return cached[1]
-        packed_dtype = self._weight_dtype
+        packed_dtype = self.weight_dtype
         for j, t in enumerate(held):
             want = packed_dtype if j % 7 in (1, 3, 5, 6) else torch.float32
             if t is not None and (t.dtype is not want or not t.is_contiguous()):
