@@ -121,21 +121,27 @@ def test_native_decoder_equals_float64_reference(model, T, ragged, tree, monkeyp
                 assert torch.isnan(got).all(), f"row {b}: slot {pos} past the tree was written"
 
 
-def test_a_rows_result_does_not_depend_on_its_neighbours(model):
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_rows_result_does_not_depend_on_its_neighbours(model, weight_dtype):
     """Bit-for-bit: a sequence decoded alone, or beside others with padding, gives the
-    same states (what greedy speculative == plain decoding relies on)."""
+    same states (what greedy speculative == plain decoding relies on), with the weights
+    streamed as fp32 or as bf16 (``Llama.use_weight_dtype``)."""
     g = torch.Generator().manual_seed(3)
     V = model.args.vocab_size
     prefixes = [torch.randint(3, V, (n,), generator=g) for n in (6, 11, 3, 8)]
     tokens = torch.randint(3, V, (4, 6), generator=g)
     lens = torch.tensor([6, 2, 5, 1])
     mask = random_tree(4, 6, g)
-    h_all, *_ = run(model, torch.float32, tokens, prefixes, mask, lens, ())
-    for b in range(4):
-        n = int(lens[b])
-        h_one, *_ = run(model, torch.float32, tokens[b:b + 1, :n], prefixes[b:b + 1],
-                        mask[b:b + 1, :n, :n], None, (), seed=b + 5)
-        assert torch.equal(h_one[0], h_all[b, :n]), f"sequence {b} changed with its batch"
+    model.use_weight_dtype(weight_dtype)
+    try:
+        h_all, *_ = run(model, torch.float32, tokens, prefixes, mask, lens, ())
+        for b in range(4):
+            n = int(lens[b])
+            h_one, *_ = run(model, torch.float32, tokens[b:b + 1, :n], prefixes[b:b + 1],
+                            mask[b:b + 1, :n, :n], None, (), seed=b + 5)
+            assert torch.equal(h_one[0], h_all[b, :n]), f"sequence {b} changed with its batch"
+    finally:
+        model.use_weight_dtype(torch.float32)
 
 
 def test_bad_plans_are_refused_before_anything_is_written(model):
