@@ -519,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="temperature of the extra samples (top-p 0.95)")
     ap.add_argument("--max-prompt-chars", type=int, default=1500,
                     help="longer train prompts keep their first 2/3 and last 1/3 of this")
+    ap.add_argument("--collect-weights", choices=["fp32", "bf16"], default="fp32",
+                    help="weights the target decodes with while collecting: bf16 is faster "
+                         "on AVX512-BF16/AMX CPUs and gives the bf16 model's outputs (another "
+                         "arithmetic: a few tokens differ); the features and labels the "
+                         "drafter trains on are always computed with fp32 weights")
     ap.add_argument("--collect-minutes", type=float, default=20.0,
                     help="start no new generation after this long (rerun to resume)")
     ap.add_argument("--skip-collect", action="store_true",
@@ -604,9 +609,12 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"{len(train_rows)} train prompts ({a.per_task}/task max)")
 
     t = time.perf_counter()
+    if a.collect_weights == "bf16" and not a.skip_collect:
+        engine.model.use_weight_dtype(torch.bfloat16)
     recs = stage_collect(engine, train_rows, work, max_tokens=a.max_tokens, batch=a.gen_batch,
                          samples=samples, temperature=a.sample_temperature,
                          budget_s=a.collect_minutes * 60, generate=not a.skip_collect)
+    engine.model.use_weight_dtype(torch.float32)  # measured on, and trained from, fp32
     ev_recs = []
     if a.eval_collect > 0:  # measurement only: never trained on
         ev_rows = [dict(r, prompt=shorten_prompt(r["prompt"], a.max_prompt_chars))
@@ -674,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         "init": None if init is None else {"from": str(a.init), "train": init_train},
         "data": {"prompts_file": str(a.prompts or default_prompts_path().name),
                  "split": "train", "per_task": a.per_task, "sequences": len(seqs),
+                 "collect_weights": a.collect_weights,
                  "samples": a.samples, "sample_temperature": a.sample_temperature,
                  "reserve_fraction": a.reserve_frac, "reserved_left_out": n_reserved,
                  "held_out_fraction": a.held_frac,
