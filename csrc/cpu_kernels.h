@@ -12,7 +12,7 @@ namespace specrt {
 void skinny_mm_raw(const float* x, int64_t ldx, const float* wp, float* y, int64_t ldy,
                    int64_t M, int64_t K, int64_t N, int threads);
 
-// The same product from bf16 weights packed as VNNI panels [ceil(N/32), ceil(K/32), 2, 16, 32]
+// The same product from bf16 weights packed as VNNI panels [ceil(N/32), ceil(K/32), 16, 2, 32]
 // (gemm_bf16_cpu.cpp): x rounded to bf16, fp32 accumulation and y. AMX, AVX-512 BF16,
 // AVX-512F or scalar, the best this CPU has.
 void skinny_mm_bf16_raw(const float* x, int64_t ldx, const uint16_t* wq, float* y, int64_t ldy,

@@ -5,10 +5,13 @@
 //
 // W is packed once at load into VNNI panels of 32 outputs (specrt/ops/gemm.py,
 // pack_weight_bf16), K padded to a multiple of 32:
-//   wq[p, kb, h, r, 2 c + e] = W[32 p + 16 h + c, 32 kb + 2 r + e]
-// (p: panel, kb: block of 32 k, h: half panel, r < 16, c < 16, e < 2; zeros past N and K).
-// One [16, 32] slice wq[p, kb, h] is one AMX B tile (16 rows of 64 bytes), and one of its
-// rows is one zmm for vdpbf16ps; a panel is one contiguous stream of K / 32 * 2 KB.
+//   wq[p, kb, r, h, 2 c + e] = W[32 p + 16 h + c, 32 kb + 2 r + e]
+// (p: panel, kb: block of 32 k, r < 16, h: half panel, c < 16, e < 2; zeros past N and K).
+// wq[p, kb, r, h] (64 bytes) is one zmm for vdpbf16ps, and wq[p, kb, :, h] one AMX B tile
+// (16 rows of 64 bytes at a stride of 128). Every path reads a panel, one contiguous
+// stream of K / 32 * 2 KB, strictly in address order: with the two halves in separate
+// 1 KB tiles (the layout before), the two interleaved streams held one core to ~10 GB/s
+// on a 2-core EPYC (Zen 4) against ~25 GB/s for the same bytes read in order.
 //
 // x is rounded to bf16 (round to nearest even, NaN kept quiet) into a buffer zero-padded to
 // [Kp] columns (and, for AMX, to a multiple of 16 rows) once per call, by the same code on
@@ -50,12 +53,12 @@ namespace {
 
 constexpr int NR = 32;          // outputs per panel
 constexpr int KB = 32;          // k per block (one AMX tile row: 32 bf16)
-constexpr int64_t TILE = 16 * 32;  // bf16 elements of one B tile
+constexpr int64_t BLOCK = 16 * 2 * 32;  // bf16 elements of one k block of a panel (2 KB)
 
 struct Args {
   const uint16_t* xb;  // [Mp, Kp] bf16, zeros past M (AMX: Mp = M rounded up to 16) and K
   int64_t Kp;
-  const uint16_t* wq;  // [P, Kp / 32, 2, 16, 32]
+  const uint16_t* wq;  // [P, Kp / 32, 16, 2, 32]
   float* y;            // [M, ldy]
   int64_t ldy;
   int64_t M, N;
@@ -112,9 +115,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const Args& a, int64
     _tile_zero(3);
   }
   for (int64_t kb = 0; kb < nkb; ++kb) {
-    const uint16_t* wk = w + kb * 2 * TILE;
-    _tile_loadd(6, wk, 64);
-    _tile_loadd(7, wk + TILE, 64);
+    const uint16_t* wk = w + kb * BLOCK;
+    _tile_loadd(6, wk, 128);
+    _tile_loadd(7, wk + 32, 128);
     _tile_loadd(4, x + kb * KB, sx);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
@@ -150,13 +153,10 @@ __attribute__((target("avx512f,avx512bf16"))) void bf16_tile(const Args& a, int6
   UNROLL for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   const uint16_t* xr = a.xb + m0 * a.Kp;
   for (int64_t kb = 0; kb < nkb; ++kb) {
-    const uint16_t* wk = w + kb * 2 * TILE;
-    const char* pf = reinterpret_cast<const char*>(wk + 8 * TILE);
+    const uint16_t* wk = w + kb * BLOCK;
     for (int r = 0; r < 16; ++r) {
-      _mm_prefetch(pf + 64 * r, _MM_HINT_T0);
-      _mm_prefetch(pf + 64 * (16 + r), _MM_HINT_T0);
-      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk + 32 * r);
-      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk + TILE + 32 * r);
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk + 64 * r);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk + 64 * r + 32);
       UNROLL for (int i = 0; i < MR; ++i) {
         uint32_t pair;
         std::memcpy(&pair, xr + i * a.Kp + kb * KB + 2 * r, 4);
@@ -185,10 +185,10 @@ __attribute__((target("avx512f"))) void f32_tile(const Args& a, int64_t p, int64
   UNROLL for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   const uint16_t* xr = a.xb + m0 * a.Kp;
   for (int64_t kb = 0; kb < nkb; ++kb) {
-    const uint16_t* wk = w + kb * 2 * TILE;
+    const uint16_t* wk = w + kb * BLOCK;
     for (int r = 0; r < 16; ++r) {
-      const __m512i v0 = _mm512_loadu_si512(wk + 32 * r);
-      const __m512i v1 = _mm512_loadu_si512(wk + TILE + 32 * r);
+      const __m512i v0 = _mm512_loadu_si512(wk + 64 * r);
+      const __m512i v1 = _mm512_loadu_si512(wk + 64 * r + 32);
       // lane c: (even k, odd k) of column c as fp32
       const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));
       const __m512 o0 = _mm512_castsi512_ps(_mm512_and_si512(v0, hi));
@@ -260,7 +260,7 @@ void scalar_panel(const Args& a, int64_t p, float* buf) {
       for (int r = 0; r < 16; ++r) {
         const float xe = bf(xr[kb * KB + 2 * r]), xo = bf(xr[kb * KB + 2 * r + 1]);
         for (int j = 0; j < NR; ++j) {
-          const uint16_t* wr = w + kb * 2 * TILE + (j / 16) * TILE + 32 * r + 2 * (j % 16);
+          const uint16_t* wr = w + kb * BLOCK + 64 * r + 32 * (j / 16) + 2 * (j % 16);
           acc[j] = xe * bf(wr[0]) + (xo * bf(wr[1]) + acc[j]);
         }
       }
@@ -391,14 +391,14 @@ void run_gemm(const float* x, int64_t ldx, int64_t K, const uint16_t* wq, float*
 
 using u16arr = py::array_t<uint16_t, py::array::c_style>;
 
-// x [M, K] fp32 (row stride ldx given by the array), wq [P, Kp / 32, 2, 16, 32] as uint16,
+// x [M, K] fp32 (row stride ldx given by the array), wq [P, Kp / 32, 16, 2, 32] as uint16,
 // y [M, N] fp32 written in full.
 void skinny_mm_bf16(py::array x, u16arr wq, py::array y, int64_t n, int threads,
                     const std::string& isa) {
-  if (x.ndim() != 2 || y.ndim() != 2 || wq.ndim() != 5 || wq.shape(2) != 2 ||
-      wq.shape(3) != 16 || wq.shape(4) != 32)
+  if (x.ndim() != 2 || y.ndim() != 2 || wq.ndim() != 5 || wq.shape(2) != 16 ||
+      wq.shape(3) != 2 || wq.shape(4) != 32)
     throw std::invalid_argument(
-        "skinny_mm_bf16: need x [M, K], wq [P, Kp / 32, 2, 16, 32], y [M, N]");
+        "skinny_mm_bf16: need x [M, K], wq [P, Kp / 32, 16, 2, 32], y [M, N]");
   if (!py::isinstance<py::array_t<float>>(x) || !py::isinstance<py::array_t<float>>(y))
     throw std::invalid_argument("skinny_mm_bf16: x and y must be float32");
   if (x.strides(1) != 4 || y.strides(1) != 4 || x.strides(0) % 4 || y.strides(0) % 4)
@@ -427,7 +427,7 @@ void skinny_mm_bf16_raw(const float* x, int64_t ldx, const uint16_t* wq, float* 
 void bind_gemm_bf16(py::module_& m) {
   m.def("skinny_mm_bf16", &skinny_mm_bf16,
         "y[M, N] = bf16(x)[M, K] @ W^T from W packed as bf16 VNNI panels "
-        "[ceil(N/32), ceil(K/32), 2, 16, 32] (fp32 accumulation and output, CPU)",
+        "[ceil(N/32), ceil(K/32), 16, 2, 32] (fp32 accumulation and output, CPU)",
         py::arg("x"), py::arg("wq"), py::arg("y"), py::arg("n"), py::arg("threads"),
         py::arg("isa") = "auto");
   m.def("gemm_bf16_isa", []() { return std::string(isa_name(best_isa())); },

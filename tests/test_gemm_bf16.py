@@ -117,16 +117,16 @@ def test_pack_layout_is_vnni_panels_of_32_columns_zero_padded():
     N, K = 70, 37
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(1))
     wq = gemm.pack_weight_bf16(w)
-    assert wq.shape == (3, 2, 2, 16, 32) and wq.dtype == torch.bfloat16 and wq.is_contiguous()
+    assert wq.shape == (3, 2, 16, 2, 32) and wq.dtype == torch.bfloat16 and wq.is_contiguous()
     wb = w.to(torch.bfloat16)
     for p, kb, h, r, j in [(0, 0, 0, 0, 0), (1, 0, 1, 5, 9), (2, 0, 0, 5, 11), (0, 1, 1, 1, 3),
                            (1, 1, 0, 2, 31)]:
         c, e = j // 2, j % 2
         n, k = 32 * p + 16 * h + c, 32 * kb + 2 * r + e
         want = wb[n, k] if n < N and k < K else torch.tensor(0, dtype=torch.bfloat16)
-        assert torch.equal(wq[p, kb, h, r, j], want), (p, kb, h, r, j)
+        assert torch.equal(wq[p, kb, r, h, j], want), (p, kb, h, r, j)
     assert (wq[2, :, :, :, 12:] == 0).all()          # columns past N = 70: 64 + 6
-    assert (wq[:, 1, :, 3:] == 0).all()              # k past K = 37: 32 + 2 * 3 >= 37
+    assert (wq[:, 1, 3:] == 0).all()                 # k past K = 37: 32 + 2 * 3 >= 37
     assert torch.equal(gemm.pack_weight_bf16(wb), wq)   # bf16 weights pack the same
 
 

@@ -130,10 +130,11 @@ def skinny_mm(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
 def pack_weight_bf16(w: torch.Tensor) -> torch.Tensor:
     """Pack a weight ``[N, K]`` (fp32 or bf16, CPU) for :func:`skinny_mm_bf16`.
 
-    Returns ``wq`` ``[P, KB, 2, 16, 32]`` bfloat16 contiguous, ``P = ceil(N / 32)``,
-    ``KB = ceil(K / 32)``, VNNI panels: ``wq[p, kb, h, r, 2 c + e] =
+    Returns ``wq`` ``[P, KB, 16, 2, 32]`` bfloat16 contiguous, ``P = ceil(N / 32)``,
+    ``KB = ceil(K / 32)``, VNNI panels: ``wq[p, kb, r, h, 2 c + e] =
     bf16(w[32 p + 16 h + c, 32 kb + 2 r + e])`` (round to nearest even), zeros past N
-    and K. ``wq[p, kb, h]`` is one AMX B tile.
+    and K. ``wq[p, kb, :, h]`` is one AMX B tile (row stride 128 bytes); the kernel reads
+    each panel ``wq[p]`` in address order.
     """
     if w.dim() != 2 or w.dtype not in WEIGHT_DTYPES or w.device.type != "cpu":
         raise ValueError(f"pack_weight_bf16 needs a [N, K] float32 or bfloat16 CPU tensor, "
@@ -141,13 +142,13 @@ def pack_weight_bf16(w: torch.Tensor) -> torch.Tensor:
     N, K = w.shape
     P, KB = -(-N // PANEL), -(-K // PANEL)
     wb = F.pad(w.detach().to(torch.bfloat16), (0, KB * PANEL - K, 0, P * PANEL - N))
-    return wb.view(P, 2, 16, KB, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous().view(
-        P, KB, 2, 16, 2 * 16)
+    return wb.view(P, 2, 16, KB, 16, 2).permute(0, 3, 4, 1, 2, 5).contiguous().view(
+        P, KB, 16, 2, 2 * 16)
 
 
 def _check_bf16(x: torch.Tensor, wq: torch.Tensor, n: int) -> None:
-    if x.dim() != 2 or wq.dim() != 5 or tuple(wq.shape[2:]) != (2, 16, 32):
-        raise ValueError(f"skinny_mm_bf16 needs x [M, K] and wq [P, KB, 2, 16, 32], got "
+    if x.dim() != 2 or wq.dim() != 5 or tuple(wq.shape[2:]) != (16, 2, 32):
+        raise ValueError(f"skinny_mm_bf16 needs x [M, K] and wq [P, KB, 16, 2, 32], got "
                          f"{tuple(x.shape)} and {tuple(wq.shape)}")
     if not (wq.shape[1] - 1) * PANEL < x.shape[1] <= wq.shape[1] * PANEL:
         raise ValueError(f"x has K={x.shape[1]}, the packed weight {wq.shape[1]} blocks of 32")
@@ -191,7 +192,7 @@ def skinny_mm_bf16(x: torch.Tensor, wq: torch.Tensor, n: int) -> torch.Tensor:
     Args:
         x: ``[M, K]`` float32 CPU (rows may be strided; each row contiguous); rounded to
             bf16 (nearest even) inside.
-        wq: ``[P, KB, 2, 16, 32]`` bfloat16 CPU, ``pack_weight_bf16(W)`` of ``W``
+        wq: ``[P, KB, 16, 2, 32]`` bfloat16 CPU, ``pack_weight_bf16(W)`` of ``W``
             ``[n, K]``.
         n: output columns (W's rows), ``32 (P - 1) < n <= 32 P``.
 
