@@ -16,6 +16,7 @@
 #include <pybind11/pybind11.h>
 
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -330,7 +331,29 @@ void skinny_mm_raw(const float* x, int64_t ldx, const float* wp, float* y, int64
 }
 }  // namespace specrt
 
+namespace {
+// Ask the kernel for transparent huge pages (2 MB) over the 2 MB-aligned interior of
+// [addr, addr + nbytes): packed weights are streamed whole every step, and with 4 KB
+// pages each 4 KB costs a TLB miss (a nested page walk in a VM). Takes effect for pages
+// touched after the call, so call it on fresh, untouched memory. False when nothing
+// was advised (too small, or the kernel refused: THP off).
+bool advise_hugepages(uintptr_t addr, int64_t nbytes) {
+  constexpr uintptr_t HP = uintptr_t(1) << 21;
+  const uintptr_t lo = (addr + HP - 1) & ~(HP - 1), hi = (addr + nbytes) & ~(HP - 1);
+  if (nbytes <= 0 || hi <= lo) return false;
+#ifdef MADV_HUGEPAGE
+  return madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) == 0;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
 void bind_gemm(py::module_& m) {
+  m.def("advise_hugepages", &advise_hugepages,
+        "madvise(MADV_HUGEPAGE) over the 2 MB-aligned interior of [addr, addr + nbytes); "
+        "for memory not yet touched; False when nothing was advised",
+        py::arg("addr"), py::arg("nbytes"));
   m.def("skinny_mm", &skinny_mm,
         "y[M, N] = x[M, K] @ W^T from W packed as [ceil(N/32), K, 32] (fp32, CPU)",
         py::arg("x"), py::arg("wp"), py::arg("y"), py::arg("n"), py::arg("threads"),
