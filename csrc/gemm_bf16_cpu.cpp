@@ -54,6 +54,7 @@ namespace {
 constexpr int NR = 32;          // outputs per panel
 constexpr int KB = 32;          // k per block (one AMX tile row: 32 bf16)
 constexpr int64_t BLOCK = 16 * 2 * 32;  // bf16 elements of one k block of a panel (2 KB)
+constexpr int64_t PF_BLOCKS = 2;         // software prefetch distance, in k blocks
 
 struct Args {
   const uint16_t* xb;  // [Mp, Kp] bf16, zeros past M (AMX: Mp = M rounded up to 16) and K
@@ -154,7 +155,12 @@ __attribute__((target("avx512f,avx512bf16"))) void bf16_tile(const Args& a, int6
   const uint16_t* xr = a.xb + m0 * a.Kp;
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const uint16_t* wk = w + kb * BLOCK;
+    const char* pf = reinterpret_cast<const char*>(wk + PF_BLOCKS * BLOCK);
     for (int r = 0; r < 16; ++r) {
+      if (MR >= 4) {  // the multiply-adds pace the loads: fetch ahead of them
+        _mm_prefetch(pf + 128 * r, _MM_HINT_T0);
+        _mm_prefetch(pf + 128 * r + 64, _MM_HINT_T0);
+      }
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk + 64 * r);
       const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk + 64 * r + 32);
       UNROLL for (int i = 0; i < MR; ++i) {
