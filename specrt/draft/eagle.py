@@ -64,8 +64,11 @@ class EagleNet(DraftNet):
 
 
 class EagleDrafting(ArchDrafting):
-    """Per-request ``hprev`` ``[n, hidden]``: the predecessor state of each token not yet
-    in the drafter's cache (see the module docstring)."""
+    """Per-request ``hprev``: the predecessor state of each token not yet in the
+    drafter's cache (see the module docstring), kept as a list of ``[n_i, hidden]``
+    pieces joined only when a draft reads them: while the length rule keeps a request
+    from drafting (every step at batch 16 on a 2-core CPU) each step appends, and joining
+    on every append copied the whole pending history each step."""
 
     state_keys = ("hprev",)
 
@@ -81,9 +84,15 @@ class EagleDrafting(ArchDrafting):
             raise ValueError("an eagle drafter needs the target's prompt hidden states")
         prompt_hidden = self.incoming(prompt_hidden)
         H = self.net.args.hidden_size
-        st["hprev"] = torch.cat([torch.zeros(1, H, dtype=prompt_hidden.dtype,
-                                             device=prompt_hidden.device),
-                                 prompt_hidden])
+        st["hprev"] = [torch.zeros(1, H, dtype=prompt_hidden.dtype,
+                                   device=prompt_hidden.device), prompt_hidden]
+
+    @staticmethod
+    def pending(st: dict) -> torch.Tensor:
+        """The request's pending predecessor states as one ``[n, hidden]`` tensor."""
+        if len(st["hprev"]) != 1:
+            st["hprev"] = [torch.cat(st["hprev"])]
+        return st["hprev"][0]
 
     def chunk_prev(self, states: list[dict], lens: list[int], T: int) -> torch.Tensor:
         """The pending ``hprev`` of each request, padded to ``[B, T, hidden]``."""
@@ -91,7 +100,7 @@ class EagleDrafting(ArchDrafting):
         prev = torch.zeros(len(states), T, net.args.hidden_size, dtype=net.embed_weight.dtype,
                            device=net.embed_weight.device)
         for b, (st, n) in enumerate(zip(states, lens)):
-            hp = st["hprev"]
+            hp = self.pending(st)
             if hp.shape[0] != n:
                 raise RuntimeError(f"eagle drafter out of step: {hp.shape[0]} states for "
                                    f"{n} new tokens")
@@ -99,7 +108,7 @@ class EagleDrafting(ArchDrafting):
         return prev
 
     def consumed(self, st: dict, n: int) -> None:
-        st["hprev"] = st["hprev"][n:]
+        st["hprev"] = [self.pending(st)[n:]]
 
     def tree_prev(self, parent_states: list[list[torch.Tensor]], N: int,
                   like: torch.Tensor) -> torch.Tensor:
@@ -116,5 +125,5 @@ class EagleDrafting(ArchDrafting):
         the new tokens, which the next :meth:`~specrt.draft.model.ModelDrafter.propose`
         runs."""
         st = seq.state
-        hp = self.incoming(result.target_hidden[result.path]).to(st["hprev"].dtype)
-        st["hprev"] = torch.cat([st["hprev"], hp])
+        hp = self.incoming(result.target_hidden[result.path]).to(st["hprev"][0].dtype)
+        st["hprev"].append(hp)
