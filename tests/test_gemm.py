@@ -148,3 +148,15 @@ def test_packed_linear_takes_inference_mode_weights():
     pl = gemm.PackedLinear()
     with torch.inference_mode():
         assert torch.allclose(pl(x, w), x @ w.T, atol=1e-5)
+
+
+def test_big_packs_live_in_memory_advised_to_huge_pages_and_hold_the_same_values():
+    from specrt.ops._backend import native
+
+    assert native().advise_hugepages(0, 0) is False          # nothing to advise
+    assert native().advise_hugepages(4096, 1 << 20) is False  # no whole 2 MB page inside
+    w = torch.randn(1000, 1536, generator=torch.Generator().manual_seed(3))  # 6 MB packed
+    wp = gemm.pack_weight(w)
+    assert wp.is_contiguous() and torch.equal(wp[:, :, 7], w[7::32])  # same values
+    wq = gemm.pack_weight_bf16(w)
+    assert torch.equal(wq[0, 0, 0, 0, 2 * 7], w[7, 0].to(torch.bfloat16))
