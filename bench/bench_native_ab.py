@@ -29,6 +29,8 @@ from specrt.draft.adaptive import LengthController
 from specrt.measure import Mode, machine, measure, report
 from specrt.sampling import SamplingParams
 
+from common import ab_by_task
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
@@ -55,24 +57,8 @@ def main() -> int:
     recs = measure(engine, rows, modes, SamplingParams(max_tokens=a.max_tokens), rotate=True,
                    history="mode", progress=True, desc="before/after")
     res = report(recs, modes)
-    M = res["modes"]
-    tasks = [t for t in M["ar"] if t != "all"]
-    out = {}
-    print(f"{'task':<14}{'speedup before':>15}{'after':>8}{'accepted/step before':>22}"
-          f"{'after':>8}{'drafted/step before':>21}{'after':>8}")
-    for t in tasks + ["all"]:
-        row = {}
-        for tag, ar, sp in (("before", "ar@before", "default@before"), ("after", "ar", "default")):
-            s = M[sp][t]
-            row[tag] = {"speedup": s["tokens_per_s"] / M[ar][t]["tokens_per_s"],
-                        "plain_tok_s": M[ar][t]["tokens_per_s"], "tok_s": s["tokens_per_s"],
-                        "mean_accepted_length": s["mean_accepted_length"],
-                        "drafted_per_step": s["drafted_tokens"] / max(1, s["steps"])}
-        out[t] = row
-        b, f = row["before"], row["after"]
-        print(f"{t:<14}{b['speedup']:15.3f}{f['speedup']:8.3f}{b['mean_accepted_length']:22.3f}"
-              f"{f['mean_accepted_length']:8.3f}{b['drafted_per_step']:21.2f}"
-              f"{f['drafted_per_step']:8.2f}")
+    out = ab_by_task(res["modes"], [("before", "ar@before", "default@before"),
+                                     ("after", "ar", "default")])
     print(f"plain tok/s after / before: {out['all']['after']['plain_tok_s'] / out['all']['before']['plain_tok_s']:.3f}; "
           f"default after / before: {out['all']['after']['tok_s'] / out['all']['before']['tok_s']:.3f}")
     print(f"greedy mismatches vs ar: {res['mismatches']}")

@@ -31,6 +31,8 @@ from specrt.measure import Mode, machine, measure, mismatches, report
 from specrt.model import load_model
 from specrt.sampling import SamplingParams
 
+from common import ab_by_task
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
@@ -65,24 +67,8 @@ def main() -> int:
     recs = measure(engine, rows, modes, SamplingParams(max_tokens=a.max_tokens), rotate=True,
                    history="mode", progress=True, desc="fp32/bf16")
     res = report(recs, modes)
-    M = res["modes"]
-    tasks = [t for t in M["ar"] if t != "all"]
-    out = {}
-    print(f"{'task':<14}{'speedup fp32':>13}{'bf16':>7}{'accepted/step fp32':>20}"
-          f"{'bf16':>7}{'drafted/step fp32':>19}{'bf16':>7}")
-    for t in tasks + ["all"]:
-        row = {}
-        for tag, ar, sp in (("fp32", "ar", "default"), ("bf16", "ar@bf16", "default@bf16")):
-            s = M[sp][t]
-            row[tag] = {"speedup": s["tokens_per_s"] / M[ar][t]["tokens_per_s"],
-                        "plain_tok_s": M[ar][t]["tokens_per_s"], "tok_s": s["tokens_per_s"],
-                        "mean_accepted_length": s["mean_accepted_length"],
-                        "drafted_per_step": s["drafted_tokens"] / max(1, s["steps"])}
-        out[t] = row
-        f, b = row["fp32"], row["bf16"]
-        print(f"{t:<14}{f['speedup']:13.3f}{b['speedup']:7.3f}{f['mean_accepted_length']:20.3f}"
-              f"{b['mean_accepted_length']:7.3f}{f['drafted_per_step']:19.2f}"
-              f"{b['drafted_per_step']:7.2f}")
+    out = ab_by_task(res["modes"], [("fp32", "ar", "default"),
+                                     ("bf16", "ar@bf16", "default@bf16")])
     bad = {"default": mismatches(recs)["default"],
            "default@bf16": mismatches(recs, ref="ar@bf16")["default@bf16"]}
     print(f"plain tok/s bf16 / fp32: {out['all']['bf16']['plain_tok_s'] / out['all']['fp32']['plain_tok_s']:.3f}; "
