@@ -150,7 +150,7 @@ def test_packed_linear_takes_inference_mode_weights():
         assert torch.allclose(pl(x, w), x @ w.T, atol=1e-5)
 
 
-def test_big_packs_live_in_memory_advised_to_huge_pages_and_hold_the_same_values():
+def test_big_packs_copied_into_huge_page_advised_memory_hold_the_same_values():
     from specrt.ops._backend import native
 
     assert native().advise_hugepages(0, 0) is False          # nothing to advise

@@ -682,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
         "init": None if init is None else {"from": str(a.init), "train": init_train},
         "data": {"prompts_file": str(a.prompts or default_prompts_path().name),
                  "split": "train", "per_task": a.per_task, "sequences": len(seqs),
-                 "collect_weights": a.collect_weights,
+                 # a corpus resumes across runs: only a run that collects knows how
+                 "collect_weights": None if a.skip_collect else a.collect_weights,
                  "samples": a.samples, "sample_temperature": a.sample_temperature,
                  "reserve_fraction": a.reserve_frac, "reserved_left_out": n_reserved,
                  "held_out_fraction": a.held_frac,
