@@ -1,4 +1,4 @@
-"""Builds specrt: the Python runtime, the Triton kernels (shipped as specrt.kernels)
+"""Builds specrt: the Python runtime, the Triton kernels (specrt/kernels)
 and the pybind11 extension specrt._C, which CMake builds from csrc/.
 
 Environment:
@@ -56,7 +56,6 @@ setup(
     python_requires=">=3.10",
     packages=["specrt", "specrt.model", "specrt.cache", "specrt.draft", "specrt.route",
               "specrt.ops", "specrt.align", "specrt.serve", "specrt.kernels"],
-    package_dir={"specrt.kernels": "kernels"},
     package_data={"specrt": ["pools/**/*"]},
     ext_modules=[CMakeExtension("specrt._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -2,7 +2,7 @@
 
 Two checks:
 
-* static: the module-level imports of every file under specrt/ and kernels/ (function
+* static: the module-level imports of every file under specrt/ (the Triton kernels included) (function
   bodies excluded: lazy imports are how a cycle is broken) form an acyclic graph; and
   the ops package imports nothing of specrt beyond itself, specrt.kernels and
   specrt._C (so it can never import a caller back, as specrt/ops.py and
@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# where each package's files live (specrt.kernels is kernels/, see setup.py package_dir)
-PACKAGE_DIRS = {"specrt": ROOT / "specrt", "specrt.kernels": ROOT / "kernels"}
+# where the package's files live (the Triton kernels are specrt/kernels/)
+PACKAGE_DIRS = {"specrt": ROOT / "specrt"}
 
 
 def _modules() -> dict[str, Path]:
@@ -41,8 +41,6 @@ def _modules() -> dict[str, Path]:
             if any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
                 continue
             name = ".".join([pkg, *parts])
-            if pkg == "specrt" and parts[:1] == ["kernels"]:
-                continue
             out[name] = f
     return out
 

@@ -1,7 +1,7 @@
 """verify_tree / chain_verify: exactness (chi-square), agreement with an independent
 reference, greedy, chain equivalence, expected accepted length, bad input.
 
-Implementations under test: "cpu" (specrt._C), "triton" (kernels/verify.py, run by
+Implementations under test: "cpu" (specrt._C), "triton" (specrt/kernels/verify.py, run by
 Triton's interpreter here: slow, ~5-10 ms per row, so its samples are smaller) and, on a
 GPU, "cuda" (specrt._C CUDA code, compared with the CPU one given the same uniforms).
 """

@@ -13,7 +13,7 @@ once by :func:`plan_tree_attention`, which also picks the implementation
 * ``triton`` (CUDA tensors by default; CPU tensors under ``TRITON_INTERPRET=1``): the
   plan keeps the block tables, the lengths and the bit-packed tree mask;
   :meth:`TreeAttentionPlan.run` calls ``torch.ops.specrt.paged_tree_attention``, the
-  fused kernel of kernels/attention.py (split-KV for long prefixes).
+  fused kernel of specrt/kernels/attention.py (split-KV for long prefixes).
 * ``cpu`` (CPU tensors by default): the plan keeps the block tables, the lengths and
   the mask as bytes; :meth:`TreeAttentionPlan.run` calls
   ``torch.ops.specrt.cpu_tree_attention``, specrt._C's kernel (csrc/attention_cpu.cpp)
@@ -350,7 +350,7 @@ def _cpu_impl(q, kv_cache, block_tables, prefix_lens, byte_mask, tree_lens, scal
 
 def _paged_impl(q, kv_cache, block_tables, prefix_lens, packed_mask, tree_lens, scale,
                 num_splits, out):
-    """The Triton kernel (kernels/attention.py); CPU tensors need TRITON_INTERPRET=1."""
+    """The Triton kernel (specrt/kernels/attention.py); CPU tensors need TRITON_INTERPRET=1."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("paged_tree_attention runs Triton: CPU tensors need "
                          "TRITON_INTERPRET=1 set before specrt is imported")

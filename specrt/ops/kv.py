@@ -8,7 +8,7 @@ contiguous int64 and runs the backend :func:`~specrt.ops.backend_for` picks:
 
 * ``cpu``: specrt._C (csrc/kv_cpu.cpp) over a uint8 view of the cache; positions
   beyond a sequence's block table raise ``IndexError`` and leave the cache untouched.
-* ``triton``: kernels/kv_cache.py; such positions are skipped (no host sync).
+* ``triton``: specrt/kernels/kv_cache.py; such positions are skipped (no host sync).
 * ``cuda``: specrt._C's CUDA code (csrc/kv_cuda.cu) on the current stream.
 
 The fake implementations run the same shape checks, so shape errors show at trace

@@ -5,7 +5,7 @@ Each public function draws its uniforms (see "Random numbers" below) and calls i
 custom op, ``torch.ops.specrt.verify_tree`` / ``torch.ops.specrt.chain_verify``; the
 op's CPU/CUDA implementation validates the arguments and runs the backend.
 Three implementations of one algorithm, picked by :func:`specrt.ops.backend_for`:
-``cpu`` -> specrt._C (csrc/verify_cpu.cpp), ``triton`` -> kernels/verify.py, ``cuda`` ->
+``cpu`` -> specrt._C (csrc/verify_cpu.cpp), ``triton`` -> specrt/kernels/verify.py, ``cuda`` ->
 specrt._C CUDA code (csrc/verify_cuda.cu). All of them read the same uniform random
 numbers, so given the same ``uniforms`` they agree (up to fp32 summation order).
 
