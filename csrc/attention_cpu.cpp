@@ -127,17 +127,74 @@ inline int64_t item_end(const Ctx& c, int64_t q1, int64_t pre, int64_t tl) {
   return c.M ? pre + tl : pre + std::min(tl, (q1 - 1) / c.G + 1);
 }
 
+// NG queries of one item against one chunk of keys (kt: the chunk's K transposed, vrow:
+// its V rows), each query's online-softmax state updated in place. The NG queries share
+// every load of K and V and run NG independent FMA chains (one query alone is bound by
+// FMA latency), while each query's own arithmetic is the one-query loop's, step for step:
+// scores summed over d in order, P V over the chunk's visible keys in order (a masked
+// key leaves the accumulator untouched), so the grouping changes no bit of any result.
+template <int DV, int NG>
+__attribute__((target("avx512f"))) inline void group_chunk_avx512(
+    const float* const* qs, const uint32_t* bits, float* const* accs, float* m, float* l,
+    const float* kt, const float* const* vrow, int64_t n, __m512 scv) {
+  constexpr int64_t D = DV * 16;
+  alignas(64) float pbuf[NG][CH];
+  __m512 s0[NG], s1[NG];
+  UNROLL for (int j = 0; j < NG; ++j) s0[j] = s1[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 k0 = _mm512_load_ps(kt + d * CH), k1 = _mm512_load_ps(kt + d * CH + 16);
+    UNROLL for (int j = 0; j < NG; ++j) {
+      const __m512 qd = _mm512_set1_ps(qs[j][d]);
+      s0[j] = _mm512_fmadd_ps(qd, k0, s0[j]);
+      s1[j] = _mm512_fmadd_ps(qd, k1, s1[j]);
+    }
+  }
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 a[NG][DV];
+  float corr[NG];
+  UNROLL for (int j = 0; j < NG; ++j) {
+    s0[j] = _mm512_mask_mul_ps(ninf, static_cast<__mmask16>(bits[j] & 0xffff), s0[j], scv);
+    s1[j] = _mm512_mask_mul_ps(ninf, static_cast<__mmask16>(bits[j] >> 16), s1[j], scv);
+    const float mc = std::max(m[j], _mm512_reduce_max_ps(_mm512_max_ps(s0[j], s1[j])));
+    corr[j] = std::exp(m[j] - mc);  // 0 when m was -inf
+    const __m512 mcv = _mm512_set1_ps(mc);
+    const __m512 p0 = specrt::exp512(_mm512_sub_ps(s0[j], mcv));
+    const __m512 p1 = specrt::exp512(_mm512_sub_ps(s1[j], mcv));
+    l[j] = l[j] * corr[j] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+    _mm512_store_ps(pbuf[j], p0);
+    _mm512_store_ps(pbuf[j] + 16, p1);
+    m[j] = mc;
+    const __m512 cv = _mm512_set1_ps(corr[j]);
+    UNROLL for (int v = 0; v < DV; ++v) a[j][v] = _mm512_mul_ps(_mm512_load_ps(accs[j] + 16 * v), cv);
+  }
+  for (int64_t x = 0; x < n; ++x) {
+    __m512 vv[DV];
+    UNROLL for (int v = 0; v < DV; ++v) vv[v] = _mm512_loadu_ps(vrow[x] + 16 * v);
+    UNROLL for (int j = 0; j < NG; ++j) {
+      const __mmask16 k = ((bits[j] >> x) & 1u) ? 0xffff : 0;
+      const __m512 px = _mm512_set1_ps(pbuf[j][x]);
+      UNROLL for (int v = 0; v < DV; ++v) a[j][v] = _mm512_mask3_fmadd_ps(px, vv[v], a[j][v], k);
+    }
+  }
+  UNROLL for (int j = 0; j < NG; ++j)
+    UNROLL for (int v = 0; v < DV; ++v) _mm512_store_ps(accs[j] + 16 * v, a[j][v]);
+}
+
 template <int DV>
 __attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int64_t h,
                                                      int64_t q0, int64_t q1, float* kt) {
   constexpr int64_t D = DV * 16;
+  constexpr int NG = DV >= 8 ? 2 : 4;  // queries per group: NG * DV accumulators <= 16
   const int64_t pre = c.P[b], tl = c.L[b], npos = item_end(c, q1, pre, tl);
   const int64_t nq = q1 - q0;
   float m[QB], l[QB];
   alignas(64) float acc[QB * D];
-  alignas(64) float pbuf[CH];
   const float* vrow[CH];
   const float* krow[CH];
+  const float* qs[QB];
+  float* accs[QB];
+  uint32_t bits[QB];
+  int act[QB];
   for (int64_t i = 0; i < nq; ++i) {
     m[i] = -std::numeric_limits<float>::infinity();
     l[i] = 0.f;
@@ -153,40 +210,35 @@ __attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int
       vrow[x] = c.C + (((blk * 2 + 1) * c.bs + off) * c.Hkv + h) * D;
     }
     transpose_chunk_avx512(krow, n, D, kt);
+    // the queries that see some key of this chunk, packed for the groups
+    int na = 0;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t qi = q0 + i, t = qi / c.G, g = qi % c.G;
       if (t >= tl) continue;
-      const uint32_t bits = visible_bits(c, b, t, c0, n, pre, tl);
-      if (!bits) continue;
-      const float* q = c.Q + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
-      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; ++d) {
-        const __m512 qd = _mm512_set1_ps(q[d]);
-        s0 = _mm512_fmadd_ps(qd, _mm512_load_ps(kt + d * CH), s0);
-        s1 = _mm512_fmadd_ps(qd, _mm512_load_ps(kt + d * CH + 16), s1);
+      const uint32_t bi = visible_bits(c, b, t, c0, n, pre, tl);
+      if (!bi) continue;
+      act[na] = static_cast<int>(i);
+      bits[na] = bi;
+      qs[na] = c.Q + ((b * c.T + t) * c.Hq + h * c.G + g) * D;
+      accs[na] = acc + i * D;
+      ++na;
+    }
+    int j = 0;
+    for (; j < na; j += NG) {
+      const int ng = std::min(NG, na - j);
+      float mg[NG], lg[NG];
+      for (int u = 0; u < ng; ++u) {
+        mg[u] = m[act[j + u]];
+        lg[u] = l[act[j + u]];
       }
-      const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      s0 = _mm512_mask_mul_ps(ninf, static_cast<__mmask16>(bits & 0xffff), s0, scv);
-      s1 = _mm512_mask_mul_ps(ninf, static_cast<__mmask16>(bits >> 16), s1, scv);
-      const float mc = std::max(m[i], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-      const float corr = std::exp(m[i] - mc);  // 0 when m was -inf
-      const __m512 mcv = _mm512_set1_ps(mc);
-      const __m512 p0 = specrt::exp512(_mm512_sub_ps(s0, mcv)), p1 = specrt::exp512(_mm512_sub_ps(s1, mcv));
-      l[i] = l[i] * corr + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-      _mm512_store_ps(pbuf, p0);
-      _mm512_store_ps(pbuf + 16, p1);
-      float* ai = acc + i * D;
-      __m512 a[DV];
-      const __m512 cv = _mm512_set1_ps(corr);
-      for (int v = 0; v < DV; ++v) a[v] = _mm512_mul_ps(_mm512_load_ps(ai + 16 * v), cv);
-      for (int64_t x = 0; x < n; ++x) {
-        if (!((bits >> x) & 1u)) continue;
-        const __m512 px = _mm512_set1_ps(pbuf[x]);
-        for (int v = 0; v < DV; ++v)
-          a[v] = _mm512_fmadd_ps(px, _mm512_loadu_ps(vrow[x] + 16 * v), a[v]);
+      if (ng == NG) group_chunk_avx512<DV, NG>(qs + j, bits + j, accs + j, mg, lg, kt, vrow, n, scv);
+      else if (ng == 3) group_chunk_avx512<DV, 3>(qs + j, bits + j, accs + j, mg, lg, kt, vrow, n, scv);
+      else if (ng == 2) group_chunk_avx512<DV, 2>(qs + j, bits + j, accs + j, mg, lg, kt, vrow, n, scv);
+      else group_chunk_avx512<DV, 1>(qs + j, bits + j, accs + j, mg, lg, kt, vrow, n, scv);
+      for (int u = 0; u < ng; ++u) {
+        m[act[j + u]] = mg[u];
+        l[act[j + u]] = lg[u];
       }
-      for (int v = 0; v < DV; ++v) _mm512_store_ps(ai + 16 * v, a[v]);
-      m[i] = mc;
     }
   }
   for (int64_t i = 0; i < nq; ++i) {
@@ -542,7 +594,16 @@ void tree_attention_raw(const float* Q, const float* C, const int32_t* BT, int64
   const int64_t G = Hq / Hkv;
   if (ItemFn fn = avx512_item_for(D)) {
     const Ctx c{Q, C, BT, P, L, M, O, T, Hq, Hkv, G, bs, maxb, sc};
-    const int64_t nqb = (T * G + QB - 1) / QB, items = B * Hkv * nqb;
+    // queries per item: at most QB; a step with few (sequence, KV head) pairs (a decode
+    // step, a small tree: 3 pairs for SmolLM2) splits each pair's queries so that every
+    // thread gets an even share (a query's result does not depend on its item)
+    const int64_t nq = T * G, pairs = B * Hkv;
+    int64_t nqb = (nq + QB - 1) / QB;
+    if (threads > 1 && pairs * nqb < 2 * threads)
+      nqb = std::min(nq, (2 * threads + pairs - 1) / pairs);
+    const int64_t qbs = (nq + nqb - 1) / nqb;
+    nqb = (nq + qbs - 1) / qbs;
+    const int64_t items = pairs * nqb;
 #pragma omp parallel num_threads(std::max(1, threads)) if (threads > 1 && items > 1)
     {
       std::vector<float, std::allocator<float>> ktv(D * CH + 16);
@@ -551,7 +612,7 @@ void tree_attention_raw(const float* Q, const float* C, const int32_t* BT, int64
 #pragma omp for schedule(dynamic, 1)
       for (int64_t w = 0; w < items; ++w) {
         const int64_t b = w / (Hkv * nqb), h = (w / nqb) % Hkv, qb = w % nqb;
-        fn(c, b, h, qb * QB, std::min<int64_t>(T * G, (qb + 1) * QB), kt);
+        fn(c, b, h, qb * qbs, std::min<int64_t>(nq, (qb + 1) * qbs), kt);
       }
     }
     return;

@@ -117,6 +117,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const Args& a, int64
   }
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const uint16_t* wk = w + kb * BLOCK;
+    const char* pf = reinterpret_cast<const char*>(wk + PF_BLOCKS * BLOCK);
+    if (MT == 2)  // 32-row blocks: the tile unit paces the loads (M = 64: 32 -> 25 ms a forward)
+      UNROLL for (int r = 0; r < 32; ++r) _mm_prefetch(pf + 64 * r, _MM_HINT_T0);
     _tile_loadd(6, wk, 128);
     _tile_loadd(7, wk + 32, 128);
     _tile_loadd(4, x + kb * KB, sx);
@@ -128,13 +131,18 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const Args& a, int64
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, buf, NR * 4);
-  _tile_stored(1, buf + 16, NR * 4);
+  // a whole block (every row and column inside y) goes straight to y; an edge block
+  // through buf, trimmed by store_block
+  const bool whole = m0 + 16 * MT <= a.M && (p + 1) * NR <= a.N;
+  float* dst = whole ? a.y + m0 * a.ldy + p * NR : buf;
+  const int64_t ld = whole ? a.ldy : NR;
+  _tile_stored(0, dst, ld * 4);
+  _tile_stored(1, dst + 16, ld * 4);
   if (MT == 2) {
-    _tile_stored(2, buf + 16 * NR, NR * 4);
-    _tile_stored(3, buf + 16 * NR + 16, NR * 4);
+    _tile_stored(2, dst + 16 * ld, ld * 4);
+    _tile_stored(3, dst + 16 * ld + 16, ld * 4);
   }
-  store_block(a, p, m0, 16 * MT, buf);
+  if (!whole) store_block(a, p, m0, 16 * MT, buf);
 }
 
 void amx_panel(const Args& a, int64_t p, float* buf) {

@@ -223,6 +223,24 @@ def _cpu_flags():
     return open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
 
 
+@pytest.mark.parametrize("isa", ["", "avx2", "portable"])
+@pytest.mark.parametrize("D", [16, 32, 64, 128])
+def test_cpu_kernel_a_nodes_bits_do_not_depend_on_the_trees_size(monkeypatch, isa, D):
+    """Bit for bit: node i's output is the same whether the tree holds i + 1 nodes or T
+    (the nodes after i cannot be seen by i), whatever the vector path groups together:
+    greedy speculative == plain decoding rests on it. Fresh random trees, ragged batch."""
+    if isa == "avx2" and "avx2" not in _cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("SPECRT_ATTN_ISA", isa)
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "auto")
+    T = 13
+    inp, seed = _case(2, T, 6, 2, D, torch.float32, 16, 70, "tree", False, "cpu")
+    full = ops.tree_attention(**inp)
+    for i in range(T):
+        part = ops.tree_attention(**dict(inp, tree_lens=torch.full((2,), i + 1)))
+        assert torch.equal(part[:, i], full[:, i]), f"seed={seed} node {i} D={D} isa={isa!r}"
+
+
 @pytest.mark.parametrize("impl", ["cpu", "cpu_avx2", "cpu_portable", "torch"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_cpu_paths_vs_reference(monkeypatch, name, impl):
