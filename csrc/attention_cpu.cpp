@@ -118,6 +118,25 @@ inline uint32_t visible_bits(const Ctx& c, int64_t b, int64_t t, int64_t c0, int
   return bits;
 }
 
+// The K and V rows of sequence b, KV head h at positions c0 .. c0 + n - 1 in the paged
+// cache (one division per chunk, not per key).
+inline void chunk_rows(const Ctx& c, int64_t b, int64_t h, int64_t c0, int64_t n, int64_t D,
+                       const float** krow, const float** vrow) {
+  int64_t bi = c0 / c.bs, off = c0 % c.bs;
+  const int64_t stride = c.Hkv * D, vofs = c.bs * stride;
+  const float* base = c.C + (int64_t(c.BT[b * c.maxb + bi]) * 2 * c.bs + off) * stride + h * D;
+  for (int64_t x = 0; x < n; ++x) {
+    if (off == c.bs) {
+      off = 0;
+      base = c.C + int64_t(c.BT[b * c.maxb + ++bi]) * 2 * c.bs * stride + h * D;
+    }
+    krow[x] = base;
+    vrow[x] = base + vofs;
+    base += stride;
+    ++off;
+  }
+}
+
 // Where an item's chunk loop can stop: causal queries see nothing past pre + t, so a
 // block of queries up to row t_max ends there (a prefill's upper triangle is skipped);
 // a tree mask may show any node, so all of it. Chunks start at multiples of CH whatever
@@ -203,12 +222,7 @@ __attribute__((target("avx512f"))) void item_avx512(const Ctx& c, int64_t b, int
   const __m512 scv = _mm512_set1_ps(c.sc);
   for (int64_t c0 = 0; c0 < npos; c0 += CH) {
     const int64_t n = std::min<int64_t>(CH, npos - c0);
-    for (int64_t x = 0; x < n; ++x) {
-      const int64_t pos = c0 + x;
-      const int64_t blk = c.BT[b * c.maxb + pos / c.bs], off = pos % c.bs;
-      krow[x] = c.C + (((blk * 2 + 0) * c.bs + off) * c.Hkv + h) * D;
-      vrow[x] = c.C + (((blk * 2 + 1) * c.bs + off) * c.Hkv + h) * D;
-    }
+    chunk_rows(c, b, h, c0, n, D, krow, vrow);
     transpose_chunk_avx512(krow, n, D, kt);
     // the queries that see some key of this chunk, packed for the groups
     int na = 0;
@@ -358,12 +372,7 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Ctx& c, int64_t b, int6
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t c0 = 0; c0 < npos; c0 += CH) {
     const int64_t n = std::min<int64_t>(CH, npos - c0);
-    for (int64_t x = 0; x < n; ++x) {
-      const int64_t pos = c0 + x;
-      const int64_t blk = c.BT[b * c.maxb + pos / c.bs], off = pos % c.bs;
-      krow[x] = c.C + (((blk * 2 + 0) * c.bs + off) * c.Hkv + h) * D;
-      vrow[x] = c.C + (((blk * 2 + 1) * c.bs + off) * c.Hkv + h) * D;
-    }
+    chunk_rows(c, b, h, c0, n, D, krow, vrow);
     transpose_chunk_avx2(krow, n, D, kt);
     // the chunk's scores of every query that sees some of it, two queries at a time
     // (8 independent FMA chains; one query's 4 leave the FMA units half idle)
