@@ -29,7 +29,7 @@ def tiny(request, tmp_path_factory):
     return d, ref
 
 
-def shuffled_cache(model, block_size, num_blocks=64):
+def shuffled_cache(model, block_size, num_blocks=128):
     a = model.args
     cache = PagedKVCache(a.num_hidden_layers, num_blocks, block_size, a.num_key_value_heads,
                          a.head_dim)
@@ -85,6 +85,59 @@ def test_batched_ragged_prefill_matches_hf(tiny):
         want = ref(toks[i:i + 1, :n]).logits[0]
         err = (logits[i, :n] - want).abs().max().item()
         assert err < 1e-4, f"row {i}: {err}"
+
+
+def test_prefill_groups_minimise_padded_rows_plus_forwards():
+    """Exact against brute force over every split of the sorted lengths; groups cover every
+    prompt once, ascending; close lengths stay one forward."""
+    import itertools
+
+    from specrt.model.prefill import prefill_groups
+    rng = random.Random(7)
+    for _ in range(40):
+        lens = [rng.choice([rng.randint(1, 20), rng.randint(100, 500)]) for _ in range(rng.randint(1, 7))]
+        fr = rng.choice([0, 8, 32, 1000])
+        groups = prefill_groups(lens, fr)
+        assert sorted(i for g in groups for i in g) == list(range(len(lens)))
+        assert all(g == sorted(g) for g in groups)
+        cost = lambda gs: sum(fr + len(g) * max(lens[i] for i in g) for g in gs)  # noqa: E731
+        order = sorted(range(len(lens)), key=lambda i: lens[i])
+        best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(lens),))])
+                   for r in range(len(lens)) for cuts in itertools.combinations(range(1, len(lens)), r))
+        assert cost(groups) == best, (lens, fr, groups)
+    assert prefill_groups([40, 41, 45]) == [[0, 1, 2]]
+
+
+@torch.no_grad()
+def test_grouped_prefill_gives_the_bits_of_one_forward(tiny, monkeypatch):
+    """Prompts of very different lengths run as several padded forwards; every prompt's
+    states (and tapped layers) and cache writes are the bits of one forward over all."""
+    from specrt.model import prefill
+    d, _ = tiny
+    model = load_hf_model(d)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist()
+            for n in (3, 70, 5, 66, 2)]
+    taps = (0, model.args.num_hidden_layers - 1)
+    outs = []
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(prefill, "prefill_groups", lambda lens: [list(range(len(lens)))])
+        else:
+            assert len(prefill.prefill_groups([len(s) for s in seqs])) > 1
+        cache = shuffled_cache(model, block_size=4)
+        for i, s in enumerate(seqs):
+            cache.add(i)
+            cache.reserve(i, len(s))
+        h, tapped = prefill.ragged_prefill(model, seqs, cache.kv, cache.block_table(list(range(5))), taps)
+        outs.append((h, tapped, cache.block_table(list(range(5))), cache.kv.clone()))
+    (h1, t1, bt1, kv1), (h2, t2, bt2, kv2) = outs
+    for i, s in enumerate(seqs):
+        n = len(s)
+        assert torch.equal(h1[i, :n], h2[i, :n]) and torch.equal(t1[i, :n], t2[i, :n]), i
+        for p in range(n):
+            blk1, blk2 = bt1[i, p // 4], bt2[i, p // 4]
+            assert torch.equal(kv1[:, blk1, :, p % 4], kv2[:, blk2, :, p % 4]), (i, p)
 
 
 @torch.no_grad()
