@@ -87,6 +87,29 @@ def test_batched_ragged_prefill_matches_hf(tiny):
         assert err < 1e-4, f"row {i}: {err}"
 
 
+def test_rope_table_is_libm_cos_sin_of_the_fp32_angle_rounded_once():
+    """Every entry is fp32(cos(fp32(p * inv_freq))) evaluated in float64 (bit for bit:
+    torch's fp32 cos gave other bits in some processes, and greedy decoding with it);
+    rows for positions past the first table grow it; ``[B, T, 1, D]`` in the dtype asked."""
+    import math
+
+    from specrt.model.llama import ModelArgs, RopeTable, rope_inv_freq
+    args = ModelArgs(vocab_size=8, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
+                     num_attention_heads=1, num_key_value_heads=1, head_dim=64)
+    inv = rope_inv_freq(args)
+    table = RopeTable()
+    pos = torch.tensor([[0, 1, 7, 2047], [3000, 5, 100, 4095]])
+    cos, sin = table(inv, pos, torch.float32)
+    assert cos.shape == (2, 4, 1, 64) and sin.dtype == torch.float32
+    for b in range(2):
+        for t in range(4):
+            ang = (torch.tensor(float(pos[b, t])) * inv).double().tolist()
+            want_c = torch.tensor([math.cos(a) for a in ang] * 2).float()
+            want_s = torch.tensor([math.sin(a) for a in ang] * 2).float()
+            assert torch.equal(cos[b, t, 0], want_c) and torch.equal(sin[b, t, 0], want_s), (b, t)
+    assert table(inv, pos, torch.float64)[0].dtype == torch.float64
+
+
 def test_prefill_groups_minimise_padded_rows_plus_forwards():
     """Exact against brute force over every split of the sorted lengths; groups cover every
     prompt once, ascending; close lengths stay one forward."""

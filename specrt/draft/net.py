@@ -32,8 +32,8 @@ from torch import nn
 
 from specrt import ops
 from specrt.ops.gemm import PackedLinear
-from specrt.model.llama import (Layer, Llama, ModelArgs, apply_rope, linear, rms_norm,
-                                rope_inv_freq)
+from specrt.model.llama import (Layer, Llama, ModelArgs, RopeTable, apply_rope, linear,
+                                rms_norm, rope_inv_freq)
 
 LORA_TARGETS = ("q", "k", "v", "qkv", "o", "gate_up", "down")
 ARCHS = ("lm", "eagle", "eagle3")
@@ -140,6 +140,7 @@ class DraftNet(nn.Module):
         self.head_sub = head_weight.detach()[vocab_ids].clone()   # derived, not saved
         self._head_mm = PackedLinear()
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self._rope = RopeTable()
         self.lora: dict[str, dict] = {}       # "layer.target" -> {A, B, scale}
 
     # ------------------------------------------------------- architecture
@@ -288,10 +289,9 @@ class DraftNet(nn.Module):
 
     # --------------------------------------------------------------- pieces
     def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[B, T, 1, D]`` of ``positions`` ``[B, T]``."""
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """cos, sin ``[B, T, 1, D]`` of ``positions`` ``[B, T]`` (the target's
+        :class:`~specrt.model.llama.RopeTable`: the same bits in every process)."""
+        return self._rope(self.inv_freq, positions, dtype)
 
     def _qkv(self, li: int, x: torch.Tensor, cos, sin):
         a = self.args

@@ -126,6 +126,38 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xf.to(x.dtype)
 
 
+class RopeTable:
+    """cos and sin ``[n, head_dim]`` of every position below ``n``, made once and indexed
+    per forward: each entry is ``cos(p * inv_freq[i])`` of the fp32 product, evaluated in
+    float64 by libm (Python's ``math``) and rounded once to fp32, so a position's table row
+    is the same bits in every process. torch's own fp32 ``cos`` is not: the same call gave
+    other bits for some elements in about one process in eight on an AVX-512 Xeon (its
+    vector path depends on how the buffer falls), and greedy decoding then differed
+    from run to run wherever two top logits were within a few 1e-4. The table grows (to the next
+    power of two) when a position needs it and is made anew when ``inv_freq`` is another
+    tensor (a move to another device)."""
+
+    def __init__(self):
+        self._inv: torch.Tensor | None = None
+        self._cos = self._sin = None
+
+    def __call__(self, inv_freq: torch.Tensor, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[B, T, 1, head_dim]`` in ``dtype`` of ``positions`` ``[B, T]``."""
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        if self._inv is not inv_freq or self._cos.shape[0] < need:
+            n = max(2048, 1 << (need - 1).bit_length())
+            freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq.detach().float().cpu()
+            vals = freqs.double().flatten().tolist()
+            cos = torch.tensor([math.cos(v) for v in vals], dtype=torch.float64).view(freqs.shape)
+            sin = torch.tensor([math.sin(v) for v in vals], dtype=torch.float64).view(freqs.shape)
+            self._cos = torch.cat((cos, cos), -1).float().to(inv_freq.device)
+            self._sin = torch.cat((sin, sin), -1).float().to(inv_freq.device)
+            self._inv = inv_freq
+        return (self._cos[positions][:, :, None, :].to(dtype),
+                self._sin[positions][:, :, None, :].to(dtype))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE. x ``[..., H, D]``, cos/sin ``[..., 1, D]`` (same leading dims)."""
     h = x.shape[-1] // 2
@@ -157,6 +189,7 @@ class Llama(nn.Module):
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(
             args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self._rope = RopeTable()
         self._head_mm = PackedLinear()
 
     @property
@@ -192,9 +225,8 @@ class Llama(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq          # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """cos, sin ``[B, T, 1, head_dim]`` of ``positions`` ``[B, T]`` (:class:`RopeTable`)."""
+        return self._rope(self.inv_freq, positions, dtype)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                 block_tables: torch.Tensor, prefix_lens: torch.Tensor,
