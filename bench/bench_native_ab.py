@@ -3,7 +3,7 @@ adaptive draft length) and plain decoding on this build's kernels and on another
 build's ``specrt._C``, interleaved prompt by prompt (order rotated), greedy, batch 1.
 
     python bench/bench_native_ab.py --before OLD/specrt/_C.cpython-311-x86_64-linux-gnu.so
-        [--per-task 1] [--max-tokens 64] [--json OUT]
+        [--per-task 1] [--max-tokens 64] [--weights fp32|bf16] [--json OUT]
 
 Build the "before" extension from the older commit in a separate worktree
 (``git worktree add /tmp/old OLDREV && cd /tmp/old && python setup.py build_ext
@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 import specrt
 from specrt import ops
 from specrt.data import balanced_sample, default_prompts_path, load_prompts, split
@@ -39,11 +41,14 @@ def main() -> int:
     ap.add_argument("--prompts", default=str(default_prompts_path()))
     ap.add_argument("--per-task", type=int, default=1, help="eval prompts per task")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--weights", choices=("fp32", "bf16"), default="fp32",
+                    help="weights the target streams, in both builds (default fp32)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
     old = ops.load_native(a.before)
-    engine = specrt.Engine.from_pretrained(device="cpu")
+    engine = specrt.Engine.from_pretrained(
+        device="cpu", weight_dtype=torch.bfloat16 if a.weights == "bf16" else torch.float32)
     lc = engine.lengths
     fresh = LengthController(max_draft=lc.max_draft, prior=lc.prior,
                              prior_weight=lc.prior_weight, probe_every=lc.probe_every,
@@ -53,7 +58,8 @@ def main() -> int:
              Mode("ar@before", speculative=False, context=before),
              Mode("default@before", using={"lengths": fresh}, context=before)]
     rows = balanced_sample(split(load_prompts(a.prompts))[1], a.per_task, seed=0)
-    print(f"{machine()}; {len(rows)} eval prompts, {a.max_tokens} tokens; before = {a.before}")
+    print(f"{machine()}; {len(rows)} eval prompts, {a.max_tokens} tokens, {a.weights} weights; "
+          f"before = {a.before}")
     recs = measure(engine, rows, modes, SamplingParams(max_tokens=a.max_tokens), rotate=True,
                    history="mode", progress=True, desc="before/after")
     res = report(recs, modes)
@@ -65,7 +71,7 @@ def main() -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(
             {"date": datetime.date.today().isoformat(), "machine": machine(),
-             "before": a.before, "max_tokens": a.max_tokens, "by_task": out,
+             "before": a.before, "weights": a.weights, "max_tokens": a.max_tokens, "by_task": out,
              "mismatches": res["mismatches"]}, indent=1))
     return 0
 

@@ -396,7 +396,10 @@ void run_gemm(const float* x, int64_t ldx, int64_t K, const uint16_t* wq, float*
     alignas(64) float buf[32 * NR];
     if (which == Isa::amx) amx_configure();  // tile state is per thread
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 2)
+// equal contiguous shares of panels: on the AMX Xeon a forward of 1 / 16 / 32 rows
+// took ~0.5 / ~1 / ~2 ms less than with dynamic chunks of 2 panels (the threads stream at
+// the same rate, and the last chunks of a dynamic schedule left one of them idle)
+#pragma omp for schedule(static)
 #endif
     for (int64_t p = 0; p < P; ++p) run(a, p, buf);
     if (which == Isa::amx) amx_release();
