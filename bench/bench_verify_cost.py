@@ -10,7 +10,11 @@ streamed as bf16, ``Llama.use_weight_dtype``: AMX tiles where the CPU has them),
 configuration's own; ``bf16/specrt`` compares bf16 with fp32 at the same T.
 
     python bench/bench_verify_cost.py [--prefix 300] [--runs 9] [--target PATH]
-        [--configs specrt,bf16,ops,torch] [--json F]
+        [--configs specrt,bf16,ops,torch] [--before OLD/specrt/_C*.so] [--json F]
+
+``--before`` adds every configuration again on another build's ``specrt._C`` (rows
+``NAME@before``), interleaved with this build's at each size: a kernel change before and
+after in one run, whatever the shared host's speed at the time.
 """
 from __future__ import annotations
 
@@ -31,9 +35,14 @@ from specrt.ops import gemm
 
 
 @contextmanager
-def config(name: str, model):
+def config(name: str, model, before=None):
     """``specrt``: the shipped CPU path; ``bf16``: the same, bf16 weights; ``ops``: its
-    kernels op by op; ``torch``: F.linear and gather + SDPA."""
+    kernels op by op; ``torch``: F.linear and gather + SDPA. ``NAME@before``: NAME on the
+    extension ``before`` (:func:`specrt.ops.load_native`)."""
+    if name.endswith("@before"):
+        with ops.using_native(before), config(name[:-len("@before")], model):
+            yield
+        return
     rows, fusable, wdt = gemm.MAX_ROWS, llama.Llama._fusable, model.weight_dtype
     model.use_weight_dtype(torch.bfloat16 if name == "bf16" else torch.float32)
     if name == "torch":
@@ -73,11 +82,16 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma-separated subset of {','.join(CONFIGS)} (specrt first)")
+    ap.add_argument("--before", default=None,
+                    help="another build's specrt/_C*.so: every config also runs on it")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     configs = args.configs.split(",")
     if configs[0] != "specrt" or not set(configs) <= set(CONFIGS):
         ap.error(f"--configs: specrt first, then any of {CONFIGS}")
+    before = ops.load_native(args.before) if args.before else None
+    if before is not None:
+        configs += [f"{c}@before" for c in configs]
     if args.threads:
         torch.set_num_threads(args.threads)
     eng = specrt.Engine.from_pretrained(args.target, device="cpu")
@@ -92,7 +106,7 @@ def main():
     print(f"device: {machine()}  date: {datetime.date.today()}  prefix {args.prefix}  "
           f"median of {args.runs}  threads {torch.get_num_threads()}  isa {gemm.gemm_isa()}  "
           f"bf16 isa {gemm.gemm_bf16_isa()}")
-    print(f"{'T':>3} {'cfg':>6} {'body ms':>8} {'head ms':>8} {'verify ms':>9} "
+    print(f"{'T':>3} {'cfg':>13} {'body ms':>8} {'head ms':>8} {'verify ms':>9} "
           f"{'commit ms':>9} {'total ms':>9} {'x T=1':>6} {'/specrt':>8}")
     base, rows = {}, []
     L, NB = c.kv.shape[:2]
@@ -106,7 +120,7 @@ def main():
         path = torch.arange(T)[None].repeat(L, 1)
         got = {}
         for name in configs:
-            with config(name, m):
+            with config(name, m, before):
                 body = med(lambda: m(toks, pos, c.kv, bt, P, norm=False), args.runs)
                 hn = m.final_norm(m(toks, pos, c.kv, bt, P, norm=False))
                 head = med(lambda: m.logits(hn), args.runs)
@@ -121,9 +135,10 @@ def main():
                              x_T1=tot / base[name])
         for name in configs:
             r = got[name]
-            r["over_specrt"] = r["total_ms"] / got["specrt"]["total_ms"]
+            ref = "specrt@before" if name.endswith("@before") else "specrt"
+            r["over_specrt"] = r["total_ms"] / got[ref]["total_ms"]
             rows.append(r)
-            print(f"{T:3d} {name:>6} {r['body_ms']:8.1f} {r['head_ms']:8.1f} "
+            print(f"{T:3d} {name:>13} {r['body_ms']:8.1f} {r['head_ms']:8.1f} "
                   f"{r['verify_ms']:9.2f} {r['commit_ms']:9.2f} {r['total_ms']:9.1f} "
                   f"{r['x_T1']:6.2f} {r['over_specrt']:8.2f}")
     if args.json:
@@ -131,7 +146,7 @@ def main():
             json.dump({"device": machine(), "date": str(datetime.date.today()),
                        "prefix": args.prefix, "runs": args.runs,
                        "threads": torch.get_num_threads(), "isa": gemm.gemm_isa(),
-                       "bf16_isa": gemm.gemm_bf16_isa(),
+                       "bf16_isa": gemm.gemm_bf16_isa(), "before": args.before,
                        "rows": [{k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in r.items()} for r in rows]}, f, indent=1)
 
