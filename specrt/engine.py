@@ -491,7 +491,7 @@ class Engine:
             for i, t in zip(idx, got):
                 trees[i] = t
             self._lengths.observe_draft(name, sum(len(t) - 1 for t in got),
-                                        time.perf_counter() - t0)
+                                        time.perf_counter() - t0, len(reqs))
         keep = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         return [reqs[i] for i in keep], [trees[i] for i in keep]  # type: ignore[misc]
 

@@ -62,3 +62,24 @@ def test_fixed_budget_pins_every_budget_and_restores_the_rule():
     with pytest.raises(ValueError, match="outside"):
         with lc.fixed_budget(7):
             pass
+
+
+def test_draft_cost_is_priced_at_the_batch_it_was_measured_at():
+    """A drafter cheap per token at batch 1 but dear at batch 8 drafts at 1, not at 8;
+    a batch size never measured falls back to the drafter's figure across batches."""
+    c = LengthController(max_draft=4)
+    for n in range(1, 40):
+        c.observe_forward(n, 0.02)
+        c.observe_forward(n, 0.02)                  # flat forward: only drafting costs
+    for _ in range(5):
+        c.observe_draft("d", 8, 8 * 0.004, batch=8)
+    for _ in range(20):                             # the latest figures: batch 1's
+        c.observe_draft("d", 4, 4 * 0.0005, batch=1)
+    st = c.track("r", hits=50, trials=100)
+    assert c.drafter_cost("d", 1) == pytest.approx(0.0005)
+    assert c.drafter_cost("d", 7) == c.drafter_cost("d", 8) == pytest.approx(0.004)
+    assert c.draft_cost["d"] < 0.001    # priced across batches, batch 8 would draft
+    assert c.budget("d", st, batch=1, remaining=64) > 0
+    assert c.budget("d", st, batch=8, remaining=64) == 0
+    assert c.drafter_cost("d", 3) == c.draft_cost["d"]            # 3-4: never measured
+    assert c.drafter_cost("unseen", 8) == 0.0
