@@ -233,3 +233,27 @@ def test_acceptance_by_depth_counts_what_verification_kept(tiny_dir, reference, 
             o = eng.generate(PROMPTS[0], p, drafter="sure")[0]
         acc = summarize([Record("t", 1.0, o.stats)])["acceptance_by_depth"]
         assert acc and (all(x == 1.0 for x in acc) if p_true else acc[0] < 0.2), acc
+
+
+def test_a_requests_first_draft_is_not_priced_by_the_length_rule(tiny_dir, reference):
+    """A request's first draft also runs its prompt through the drafter (and a process's
+    first packs the drafter's weights): the length rule learns the drafter's cost per
+    token from the drafts after it, or that one slow call keeps it from drafting."""
+    import time as _time
+    ref, _ = reference
+
+    class SlowFirst(ScriptedTreeDrafter):
+        def propose(self, seqs, budgets):
+            if any(not s.state.get("drafted_once") for s in seqs):
+                _time.sleep(2.0)   # one slow call: any EMA of it stays above the bound
+                for s in seqs:
+                    s.state["drafted_once"] = True
+            return super().propose(seqs, budgets)
+
+    eng = specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
+                                        cache_tokens=4096, adaptive=False,
+                                        drafters=[SlowFirst("slow_first", ref, 96, seed=1)])
+    outs = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=12, ignore_eos=True),
+                        drafter="slow_first")
+    assert all(o.stats["drafted_tokens"] > 0 for o in outs)
+    assert 0 < eng.lengths.draft_cost["slow_first"] < 0.01, eng.lengths.draft_cost
