@@ -118,15 +118,18 @@ def test_prefill_groups_minimise_padded_rows_plus_forwards():
     from specrt.model.prefill import prefill_groups
     rng = random.Random(7)
     for _ in range(40):
-        lens = [rng.choice([rng.randint(1, 20), rng.randint(100, 500)]) for _ in range(rng.randint(1, 7))]
+        lens = [rng.choice([rng.randint(1, 20), rng.randint(100, 500)])
+                for _ in range(rng.randint(1, 7))]
         fr = rng.choice([0, 8, 32, 1000])
         groups = prefill_groups(lens, fr)
         assert sorted(i for g in groups for i in g) == list(range(len(lens)))
         assert all(g == sorted(g) for g in groups)
         cost = lambda gs: sum(fr + len(g) * max(lens[i] for i in g) for g in gs)  # noqa: E731
         order = sorted(range(len(lens)), key=lambda i: lens[i])
+        splits = (cuts for r in range(len(lens))
+                  for cuts in itertools.combinations(range(1, len(lens)), r))
         best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(lens),))])
-                   for r in range(len(lens)) for cuts in itertools.combinations(range(1, len(lens)), r))
+                   for cuts in splits)
         assert cost(groups) == best, (lens, fr, groups)
     assert prefill_groups([40, 41, 45]) == [[0, 1, 2]]
 
@@ -152,7 +155,8 @@ def test_grouped_prefill_gives_the_bits_of_one_forward(tiny, monkeypatch):
         for i, s in enumerate(seqs):
             cache.add(i)
             cache.reserve(i, len(s))
-        h, tapped = prefill.ragged_prefill(model, seqs, cache.kv, cache.block_table(list(range(5))), taps)
+        h, tapped = prefill.ragged_prefill(model, seqs, cache.kv,
+                                           cache.block_table(list(range(5))), taps)
         outs.append((h, tapped, cache.block_table(list(range(5))), cache.kv.clone()))
     (h1, t1, bt1, kv1), (h2, t2, bt2, kv2) = outs
     for i, s in enumerate(seqs):

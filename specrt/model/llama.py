@@ -126,16 +126,38 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xf.to(x.dtype)
 
 
+#: cos, sin tables ``[n, head_dim]`` fp32 per (inverse frequencies, device): the target
+#: and every drafter over the same frequencies share one (each takes ~20 ms to make).
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_rows(inv_freq: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[n, head_dim]`` (``n >= need``) of every position below ``n``: each
+    entry is ``cos(p * inv_freq[i])`` of the fp32 product, evaluated in float64 by libm
+    (Python's ``math``) and rounded once to fp32, so a position's row is the same bits in
+    every process. torch's own fp32 ``cos`` is not: the same call gave other bits for some
+    elements in about one process in eight on an AVX-512 Xeon (its vector path depends on
+    how the buffer falls), and greedy decoding then differed from run to run wherever two
+    top logits were within a few 1e-4. A table grows to the next power of two (at least
+    2048) when a position needs it."""
+    key = (tuple(inv_freq.tolist()), str(inv_freq.device))
+    got = _ROPE_TABLES.get(key)
+    if got is None or got[0].shape[0] < need:
+        n = max(2048, 1 << (need - 1).bit_length())
+        freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq.detach().float().cpu()
+        vals = freqs.double().flatten().tolist()
+        tabs = []
+        for f in (math.cos, math.sin):
+            t = torch.tensor([f(v) for v in vals], dtype=torch.float64).view(freqs.shape)
+            tabs.append(torch.cat((t, t), -1).float().to(inv_freq.device))
+        got = _ROPE_TABLES[key] = (tabs[0], tabs[1])
+    return got
+
+
 class RopeTable:
-    """cos and sin ``[n, head_dim]`` of every position below ``n``, made once and indexed
-    per forward: each entry is ``cos(p * inv_freq[i])`` of the fp32 product, evaluated in
-    float64 by libm (Python's ``math``) and rounded once to fp32, so a position's table row
-    is the same bits in every process. torch's own fp32 ``cos`` is not: the same call gave
-    other bits for some elements in about one process in eight on an AVX-512 Xeon (its
-    vector path depends on how the buffer falls), and greedy decoding then differed
-    from run to run wherever two top logits were within a few 1e-4. The table grows (to the next
-    power of two) when a position needs it and is made anew when ``inv_freq`` is another
-    tensor (a move to another device)."""
+    """A model's view of :func:`rope_rows`: cos and sin of the positions of a forward,
+    looked up again only when ``inv_freq`` is another tensor (a move to another device)
+    or a position lies past the table."""
 
     def __init__(self):
         self._inv: torch.Tensor | None = None
@@ -146,13 +168,7 @@ class RopeTable:
         """cos, sin ``[B, T, 1, head_dim]`` in ``dtype`` of ``positions`` ``[B, T]``."""
         need = int(positions.max()) + 1 if positions.numel() else 1
         if self._inv is not inv_freq or self._cos.shape[0] < need:
-            n = max(2048, 1 << (need - 1).bit_length())
-            freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq.detach().float().cpu()
-            vals = freqs.double().flatten().tolist()
-            cos = torch.tensor([math.cos(v) for v in vals], dtype=torch.float64).view(freqs.shape)
-            sin = torch.tensor([math.sin(v) for v in vals], dtype=torch.float64).view(freqs.shape)
-            self._cos = torch.cat((cos, cos), -1).float().to(inv_freq.device)
-            self._sin = torch.cat((sin, sin), -1).float().to(inv_freq.device)
+            self._cos, self._sin = rope_rows(inv_freq, need)
             self._inv = inv_freq
         return (self._cos[positions][:, :, None, :].to(dtype),
                 self._sin[positions][:, :, None, :].to(dtype))

@@ -58,29 +58,31 @@ def ragged_prefill(model, seqs: list[list[int]], kv: torch.Tensor,
     dev = kv.device
     lens = [len(s) for s in seqs]
     B, T = len(seqs), max(lens)
-    groups = prefill_groups(lens)
-    h = tapped = None
-    for g in groups:
+
+    def forward(g: list[int], bt: torch.Tensor):   # one padded forward over prompts g
         Tg = max(lens[i] for i in g)
         toks = torch.zeros(len(g), Tg, dtype=torch.long)
         for row, i in enumerate(g):
             toks[row, :lens[i]] = torch.tensor(seqs[i])
-        idx = torch.tensor(g, device=block_tables.device)
-        out = model(toks.to(dev), torch.arange(Tg, device=dev).expand(len(g), Tg), kv,
-                    block_tables[idx] if len(groups) > 1 else block_tables,
-                    torch.zeros(len(g), dtype=torch.long, device=dev),
-                    tree_lens=torch.tensor([lens[i] for i in g], device=dev), norm=False,
-                    taps=taps)
-        if len(groups) == 1:
-            return out
+        return model(toks.to(dev), torch.arange(Tg, device=dev).expand(len(g), Tg), kv, bt,
+                     torch.zeros(len(g), dtype=torch.long, device=dev),
+                     tree_lens=torch.tensor([lens[i] for i in g], device=dev), norm=False,
+                     taps=taps)
+
+    groups = prefill_groups(lens)
+    if len(groups) == 1:
+        return forward(groups[0], block_tables)
+    h = tapped = None
+    for g in groups:
+        out = forward(g, block_tables[torch.tensor(g, device=block_tables.device)])
         hg, tg = out if taps else (out, None)
         if h is None:
             h = hg.new_zeros(B, T, hg.shape[-1])
             tapped = None if tg is None else tg.new_zeros(B, T, *tg.shape[2:])
-        gi = torch.tensor(g, device=dev)
-        h[gi, :Tg] = hg
+        rows, Tg = torch.tensor(g, device=dev), hg.shape[1]
+        h[rows, :Tg] = hg
         if tg is not None:
-            tapped[gi, :Tg] = tg
+            tapped[rows, :Tg] = tg
     return (h, tapped) if taps else h
 
 
