@@ -6,7 +6,7 @@ A pool directory holds ``pool.json`` plus safetensors files::
       "format": "specrt-pool", "version": 1, "created": "...",
       "target": {"name": str, "fingerprint": str, "config_sha": str, "weights_sha": str,
                  "vocab_size": int, "hidden_size": int},
-      "drafters": [{"name": str, "kind": "model" | "ngram" | "recycling" | "fused",
+      "drafters": [{"name": str, "kind": "model" | "ngram" | "recycling" | "suffix" | "fused",
                     "files": [relative paths], "config": {constructor / runtime options}}],
       "default_drafter": str,
       "clusters": {"k": int, "metric": "cosine" | "euclidean",
@@ -26,6 +26,11 @@ A ``model`` drafter's files are its ``<stem>.json`` config and weights as writte
 shared, not stored); ``files[0]`` is the config. Its ``config`` holds the runtime
 options (mode, topk, max_depth, threshold) given to
 :class:`specrt.draft.model.ModelDrafter`.
+
+A ``suffix`` drafter's one file is its datastore (:mod:`specrt.draft.suffix`: the
+target's outputs on the train prompts, indexed); its ``config`` holds
+:class:`specrt.draft.suffix.SuffixDrafter`'s options (min_match, min_prob, max_depth,
+max_occ).
 
 A ``fused`` drafter (:class:`specrt.draft.fused.FusedDrafter`) has no files; its
 ``config`` is ``{"members": [names of other drafters of the pool], "split": "fill" |

@@ -7,6 +7,7 @@ import torch
 import specrt
 from specrt import SamplingParams
 from specrt.draft import FusedDrafter, NgramDrafter, RecyclingDrafter, lookup_drafter
+from specrt.draft.suffix import SuffixDrafter, SuffixIndex
 from tests.drafters import ScriptedTreeDrafter, greedy_reference, run_to_end
 
 PROMPTS = ["hello world hello world", "abcabcabc", "The quick brown fox", "zz", "tiny tim"]
@@ -26,8 +27,21 @@ def reference(tiny_dir):
     return greedy_reference(eng, PROMPTS, N)
 
 
+def datastore(reference):
+    """A suffix index over the greedy outputs and mutated copies of them (a fifth of
+    their tokens replaced), so that its drafts are both accepted and rejected."""
+    import random
+
+    rng = random.Random(0)
+    outs = reference[1]
+    noisy = [[t if rng.random() > 0.2 else rng.randrange(96) for t in o]
+             for o in outs for _ in range(2)]
+    return SuffixIndex(outs + noisy, window=8, vocab_size=96)
+
+
 def make_engine(tiny_dir, reference, **kw):
     ref, _ = reference
+    store = datastore(reference)
     drafters = [
         NgramDrafter(),
         RecyclingDrafter(96, k=4),
@@ -39,6 +53,9 @@ def make_engine(tiny_dir, reference, **kw):
         FusedDrafter([lookup_drafter("ngram2", 96),  # the tiered fill of the shipped pool
                       ScriptedTreeDrafter("t_chain", ref, 96, seed=5, chain=True),
                       NgramDrafter()], name="tiered"),
+        SuffixDrafter(store, min_match=1, min_prob=0.0),
+        FusedDrafter([lookup_drafter("ngram2", 96), SuffixDrafter(store, "s", min_prob=0.2),
+                      NgramDrafter()], name="ngram2+suffix+ngram"),
     ]
     return specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
                                          cache_tokens=4096, drafters=drafters,
@@ -46,7 +63,7 @@ def make_engine(tiny_dir, reference, **kw):
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "recycling", "tree", "chain", "tree_q", "fused",
-                                     "tiered"])
+                                     "tiered", "suffix", "ngram2+suffix+ngram"])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_greedy_lossless(tiny_dir, reference, drafter, batch):
     eng = make_engine(tiny_dir, reference, max_draft=5)
@@ -128,7 +145,7 @@ def test_kv_cache_equals_ar_cache(tiny_dir, reference):
             assert torch.allclose(la[:, :n], lb[:, :n], atol=1e-5), f"prompt {i}"
 
 
-@pytest.mark.parametrize("drafter", ["tree_q", "fused", "chain"])
+@pytest.mark.parametrize("drafter", ["tree_q", "fused", "chain", "suffix"])
 def test_sampled_first_tokens_follow_target(tiny_dir, reference, drafter):
     """Chi-square: the 2nd emitted token (the first decided by verification) of
     speculative sampling follows the target's distribution at that position (sampled

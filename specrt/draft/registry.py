@@ -5,12 +5,13 @@ align``, ``specrt bench`` and the bench scripts):
 
 * a **spec** is a short string: ``ngram`` (prompt lookup on any suffix match),
   ``ngramN`` (only suffix matches of N or more tokens), ``recycling`` (token recycling),
-  the path of a saved model drafter's ``.json``, or two or more of those joined by
+  the path of a saved model drafter's ``.json``, the path of a suffix datastore's
+  ``.safetensors`` (:mod:`specrt.draft.suffix`), or two or more of those joined by
   ``+`` (a :class:`~specrt.draft.fused.FusedDrafter`, ``fill`` split, named after its
   members joined by ``+``, e.g. ``ngram+baseline``);
 * an **entry** is a drafter's ``pool.json`` record ``{"name", "kind", "files",
-  "config"}`` (see :mod:`specrt.pool`), of kind ``model``, ``ngram``, ``recycling`` or
-  ``fused``.
+  "config"}`` (see :mod:`specrt.pool`), of kind ``model``, ``ngram``, ``recycling``,
+  ``suffix`` or ``fused``.
 
 :func:`drafter_from_spec` and :func:`lookup_drafter` go from specs to drafters,
 :func:`drafter_entry` from a live drafter to its entry, :func:`spec_entry` /
@@ -27,8 +28,9 @@ from specrt.draft.base import Drafter
 from specrt.draft.fused import FusedDrafter
 from specrt.draft.ngram import NgramDrafter
 from specrt.draft.recycling import RecyclingDrafter
+from specrt.draft.suffix import SuffixDrafter
 
-KINDS = ("model", "ngram", "recycling", "fused")
+KINDS = ("model", "ngram", "recycling", "suffix", "fused")
 RUNTIME_KEYS = ("mode", "topk", "max_depth", "threshold")
 """A model drafter's runtime options (:class:`specrt.draft.model.ModelDrafter`)."""
 
@@ -83,9 +85,11 @@ def drafter_from_spec(spec: str, model):
     """A drafter from a short spec: ``ngram``, ``ngramN``, ``recycling`` (see
     :func:`lookup_drafter`), the path of a saved
     model drafter's ``.json`` (loaded with its recorded runtime settings, named after
-    the file stem), or two or more of those joined by ``+`` (a :class:`FusedDrafter`
-    with the ``fill`` split, named after its members joined by ``+``, e.g.
-    ``ngram+baseline``). ``ValueError`` for anything else."""
+    the file stem), the path of a suffix datastore ``.safetensors`` (a
+    :class:`~specrt.draft.suffix.SuffixDrafter` named after the file stem), or two or
+    more of those joined by ``+`` (a :class:`FusedDrafter` with the ``fill`` split,
+    named after its members joined by ``+``, e.g. ``ngram+baseline``). ``ValueError``
+    for anything else."""
     if "+" in spec:
         return fuse([drafter_from_spec(p, model) for p in spec.split("+")])
     d = lookup_drafter(spec, model.args.vocab_size)
@@ -93,7 +97,14 @@ def drafter_from_spec(spec: str, model):
         return d
     if spec.endswith(".json"):
         return model_drafter(spec, model)
-    raise ValueError(f"{spec!r} is not ngram, ngramN, recycling or a model drafter .json")
+    if spec.endswith(".safetensors"):
+        d = SuffixDrafter.load(spec)
+        if d.index.vocab_size not in (None, model.args.vocab_size):
+            raise ValueError(f"{spec}: the datastore indexes a vocabulary of "
+                             f"{d.index.vocab_size}, the target has {model.args.vocab_size}")
+        return d
+    raise ValueError(f"{spec!r} is not ngram, ngramN, recycling, a model drafter .json or "
+                     "a suffix datastore .safetensors")
 
 
 def candidate_drafters(tokens: Iterable[str], have: Mapping) -> dict:
@@ -153,6 +164,10 @@ def drafter_entry(d, files: list[str] | None = None, config: dict | None = None)
         cfg = {"max_ngram": d.max_ngram, "min_ngram": d.min_ngram, "branches": d.branches}
     elif kind == "recycling":
         cfg = {"k": d.k, "max_nodes": len(d.template)}
+    elif kind == "suffix":
+        if not files:
+            raise ValueError(f"suffix drafter {d.name!r} needs its datastore file")
+        cfg = d.config()
     elif kind == "model":
         e = model_entry(d.name, files or [], {k: getattr(d, k) for k in RUNTIME_KEYS})
         e["config"].update(config or {})
@@ -226,6 +241,17 @@ def drafter_from_entry(entry: dict, pool_dir: Path, model, built: dict | None = 
         return NgramDrafter(name=name, **cfg)
     if kind == "recycling":
         return RecyclingDrafter(model.args.vocab_size, name=name, **cfg)
+    if kind == "suffix":
+        if not entry.get("files"):
+            raise PoolError(f"pool {pool_dir}: suffix drafter {name!r} lists no datastore")
+        try:
+            d = SuffixDrafter.load(pool_dir / entry["files"][0], name=name, **cfg)
+        except (TypeError, ValueError) as e:
+            raise PoolError(f"pool {pool_dir}: drafter {name!r}: {e}") from None
+        if d.index.vocab_size not in (None, model.args.vocab_size):
+            raise PoolError(f"pool {pool_dir}: suffix drafter {name!r} indexes a vocabulary "
+                            f"of {d.index.vocab_size}, the target has {model.args.vocab_size}")
+        return d
     if kind == "model":
         if not entry.get("files"):
             raise PoolError(f"pool {pool_dir}: model drafter {name!r} lists no files")
