@@ -73,6 +73,13 @@ def test_align_end_to_end_and_resume(setup):
         assert it["drafter"] in {d_["name"] for d_ in meta["drafters"]}
         assert {"ngram", "recycling"} <= set(it["candidates"])
         assert any(n.startswith("aligned_") for n in it["candidates"])
+        assert any(n.startswith("ngram2+suffix+aligned_") for n in it["candidates"])
+    # the suffix datastore holds every collected output but the held-back prompts'
+    from specrt.draft.suffix import SuffixIndex
+
+    store = SuffixIndex.load(work / "suffix.safetensors")
+    assert store.documents == sum(r["id"] not in set(part["held"]) and len(r["output_ids"]) > 0
+                                  for r in recs)
     assert "heldout_drafter_acc" in meta["router"] and meta["router"]["router_over_prefill"] > 0
     for e in meta["drafters"]:
         for f in e["files"]:
@@ -103,6 +110,26 @@ def test_align_end_to_end_and_resume(setup):
     assert st4["features"] == "skipped" and st4["align"] == st4["assign"] == "ran"
     after = {f.name: f.stat().st_mtime_ns for f in al.glob("aligned_*")}
     assert set(after) == set(before) and all(after[n] != before[n] for n in before)
+
+
+def test_a_pool_can_ship_the_suffix_drafter(setup, tmp_path):
+    """With the suffix drafter the only candidate, the pool holds its datastore, loads,
+    routes to it and decodes exactly as plain decoding."""
+    tiny, pf, d = setup
+    out = tmp_path / "pool"
+    run_align(_cfg(tiny, pf, out, work=str(d / "pool" / "work_suffix"), aligner="none",
+                   candidates=("suffix+ngram",)))
+    meta = json.loads((out / "pool.json").read_text())
+    kinds = {e["name"]: e for e in meta["drafters"]}
+    assert kinds["suffix"]["kind"] == "suffix"
+    assert kinds["suffix"]["files"] == ["suffix.safetensors"]
+    assert (out / "suffix.safetensors").is_file()
+    eng = specrt.Engine.from_pretrained(str(tiny), pool=str(out), device="cpu")
+    prompts = [r["prompt"] for r in _rows()[:4]]
+    ref = eng.generate(prompts, SamplingParams(max_tokens=8), speculative=False)
+    got = eng.generate(prompts, SamplingParams(max_tokens=8))
+    for a, b in zip(got, ref):
+        assert a.token_ids == b.token_ids and a.stats["drafter"] == "suffix+ngram"
 
 
 @pytest.mark.parametrize("arch", ["eagle", "eagle3"])

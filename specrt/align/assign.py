@@ -1,6 +1,6 @@
 """Stage e, ``assign``: per cluster, goodput (emitted tokens per wall second at batch 1)
-of each candidate drafter (aligned, baseline, n-gram, token recycling, and fusions of
-n-gram with the aligned drafter or the baseline) on the cluster's held-back prompts,
+of each candidate drafter (aligned, baseline, n-gram, token recycling, suffix lookup
+in the collection's outputs, and fusions of those) on the cluster's held-back prompts,
 and its mean accepted length at a fixed draft budget, measured by
 :func:`specrt.measure.measure_candidates`; the best goodput and the candidates not
 measurably slower tie, and the longest accepted length among them is assigned
@@ -41,7 +41,10 @@ def stage_assign(ctx: Ctx, by_id: dict[str, dict], budget_s: float = float("inf"
         d = lookup_drafter(piece, eng.model.args.vocab_size)
         if d is not None:
             shared[piece] = d
-    base = ctx.baseline_drafter() if "baseline" in cfg.candidates else None
+    pieces = {x for t in cfg.candidates for x in t.split("+")}
+    if "suffix" in pieces:
+        shared["suffix"] = ctx.suffix_drafter()
+    base = ctx.baseline_drafter() if "baseline" in pieces else None
     if base is not None:
         shared["baseline"] = base
     held = set(part["held"])

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 STAGES = ("collect", "features", "partition", "align", "assign", "route", "write")
 ASSIGN_METRICS = ("goodput", "mean_accepted_length", "acceptance_rate")
-CANDIDATES = ("aligned", "baseline", "ngram", "recycling", "ngram+aligned",
-              "ngram+baseline", "ngram2+aligned+ngram", "ngram2+baseline+ngram")
+CANDIDATES = ("aligned", "baseline", "ngram", "recycling", "ngram2+aligned+ngram",
+              "ngram2+baseline+ngram", "ngram2+suffix+aligned+ngram",
+              "ngram2+suffix+baseline+ngram")
 
 
 def _split_list(s: str) -> tuple:
@@ -97,9 +98,13 @@ class AlignConfig:
                                     parse=lambda v: v or None)
     candidates: tuple = opt(CANDIDATES, "drafters measured per cluster: aligned (the "
                             "cluster's own), baseline, ngram, ngramN (suffix matches of N+ "
-                            "tokens only), recycling, and fusions of them joined by + (one "
-                            "merged draft tree per step, see specrt.draft.fused)",
+                            "tokens only), recycling, suffix (lookup in the collection's "
+                            "outputs, see specrt.draft.suffix), and fusions of them joined "
+                            "by + (one merged draft tree per step, see specrt.draft.fused)",
                             type=str, parse=_split_list, show=",".join(CANDIDATES))
+    suffix_window: int = opt(16, "suffix drafter: longest suffix matched in the datastore")
+    suffix_min_prob: float = opt(0.1, "suffix drafter: a drafted node's least share of the "
+                                 "matched occurrences")
     router_hidden: int = opt(128, "hidden units of the routing MLP")
     router_threshold: float = opt(0.5, "below this routing confidence the default drafter "
                                   "serves")

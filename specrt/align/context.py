@@ -140,6 +140,25 @@ class Ctx:
         return self.model_drafter(self.baseline_cfg, "baseline")
 
     @property
+    def suffix_path(self) -> Path:
+        """The suffix drafter's datastore of this run (:meth:`suffix_drafter`)."""
+        return self.work / "suffix.safetensors"
+
+    def suffix_drafter(self):
+        """The suffix drafter (:mod:`specrt.draft.suffix`) over the outputs of every
+        collected record (seeded samples too) except those of the held-back prompts,
+        which assign measures on; its datastore is (re)written to :attr:`suffix_path`."""
+        from specrt.draft.suffix import SuffixDrafter, build_datastore
+
+        held = set(self.read("partition")["held"])
+        recs = [r for r in self.read_collect(all_samples=True) if r["id"] not in held]
+        idx = build_datastore(recs, self.suffix_path, vocab_size=self.model.args.vocab_size,
+                              window=self.cfg.suffix_window)
+        log(f"suffix: datastore of {len(idx)} positions from {idx.documents} outputs "
+            f"({len(held)} held-back prompts left out)")
+        return SuffixDrafter(idx, name="suffix", min_prob=self.cfg.suffix_min_prob)
+
+    @property
     def collect_dir(self) -> Path:
         """The collected shards (:mod:`specrt.draft.corpus`): ``--collect-from``'s
         directory (a collection made before, e.g. by the baseline trainer), else the

@@ -129,7 +129,8 @@ def run_align(cfg: AlignConfig) -> dict:
     params["assign"] = {"candidates": list(cfg.candidates), "tokens": cfg.assign_tokens,
                         "metric": cfg.assign_metric, "rates": "per-cluster",
                         "margin": cfg.assign_margin, "tie": "paired-t-5%", "cold": True,
-                        "budget": cfg.assign_budget}
+                        "budget": cfg.assign_budget, "suffix": [cfg.suffix_window,
+                                                                 cfg.suffix_min_prob]}
     params["route"] = {"hidden": cfg.router_hidden, "threshold": cfg.router_threshold,
                        "epochs": cfg.router_epochs}
     params["write"] = {"out": str(Path(cfg.out).resolve())}

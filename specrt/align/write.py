@@ -2,6 +2,8 @@
 drafters; see :mod:`specrt.pool`) from the earlier stages' outputs."""
 from __future__ import annotations
 
+import shutil
+
 from specrt.align.config import STAGES
 from specrt.align.context import Ctx
 
@@ -10,7 +12,8 @@ def stage_write(ctx: Ctx) -> dict:
     """Write the pool directory from the stage outputs (see :mod:`specrt.pool`): the
     drafters the router names (a fused drafter's members too) get their entries from
     the drafter registry (:func:`specrt.draft.registry.pool_entries`); the model
-    drafters' files (baseline, aligned) are copied into the pool."""
+    drafters' files (baseline, aligned) and the suffix datastore are copied into the
+    pool."""
     from safetensors.torch import load_file
 
     from specrt.draft.registry import model_entry, pool_entries
@@ -25,6 +28,14 @@ def stage_write(ctx: Ctx) -> dict:
     used = list(dict.fromkeys(router.cluster_drafter + [router.default]))
 
     def model_files(name: str) -> dict | None:
+        if name == "suffix":   # the datastore assign measured
+            from specrt.draft.registry import drafter_entry
+            from specrt.draft.suffix import SuffixDrafter
+
+            shutil.copyfile(ctx.suffix_path, ctx.out / "suffix.safetensors")
+            d = SuffixDrafter.load(ctx.out / "suffix.safetensors",
+                                   min_prob=cfg.suffix_min_prob)
+            return drafter_entry(d, files=["suffix.safetensors"])
         if name == "baseline":
             src = ctx.baseline_cfg
         elif name.startswith("aligned_"):
