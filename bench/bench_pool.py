@@ -5,7 +5,8 @@ One run on a task-balanced sample of the EVAL split of ../shared/data/prompts.js
 prompt: the target alone (ar), the baseline drafter alone (vanilla SD), the routed pool,
 and every other candidate the pool was built from (n-gram, token recycling, the
 per-cluster aligned drafters found in POOL/work/align, and each of those model drafters
-and the baseline fused with n-gram, as ``ngram+X`` and ``ngram2+X+ngram``), which feed the
+and the baseline fused with n-gram, as ``ngram+X`` and ``ngram2+X+ngram``, and with the
+pool's suffix datastore, as ``ngram2+suffix+X+ngram``), which feed the
 oracle row (per prompt, the drafter with the longest mean accepted length, in hindsight).
 ``--only`` keeps just the named candidates (the run's time grows with every mode).
 
@@ -50,6 +51,9 @@ def _extra_drafters(engine, pool: Path) -> list[str]:
     # fused candidates (see specrt.draft.fused): n-gram-first fill and the tiered
     # lookup-model-lookup fill, with the baseline and with each aligned drafter
     specs += [f"ngram+{p}" for p in fuse] + [f"ngram2+{p}+ngram" for p in fuse]
+    store = pool / "suffix.safetensors"   # the suffix drafter's datastore, alone and fused
+    if store.is_file():
+        specs += [f"ngram2+{store}+ngram"] + [f"ngram2+{store}+{p}+ngram" for p in fuse]
     for spec in specs:
         d = drafter_from_spec(spec, engine.model)
         if d.name not in engine.drafters:

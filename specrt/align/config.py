@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 STAGES = ("collect", "features", "partition", "align", "assign", "route", "write")
 ASSIGN_METRICS = ("goodput", "mean_accepted_length", "acceptance_rate")
 CANDIDATES = ("aligned", "baseline", "ngram", "recycling", "ngram2+aligned+ngram",
-              "ngram2+baseline+ngram", "ngram2+suffix+aligned+ngram",
+              "ngram2+baseline+ngram", "ngram2+suffix+ngram", "ngram2+suffix+aligned+ngram",
               "ngram2+suffix+baseline+ngram")
 
 
