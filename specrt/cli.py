@@ -64,20 +64,26 @@ def _engine_of(args, **kwargs):
                        weights=args.weights, **kwargs)
 
 
-def _force_drafter(engine, name: str | None) -> None:
-    """Make ``--drafter NAME`` usable: a model-free drafter (ngram, ngramN, recycling)
-    the engine lacks (e.g. recycling next to a pool) is added; any other unknown name
-    is a ``ValueError`` listing the engine's drafters."""
+def _force_drafter(engine, name: str | None) -> str | None:
+    """Make ``--drafter NAME`` usable; returns the drafter's name in the engine. A name
+    the engine lacks is read as a drafter spec (:func:`specrt.draft.drafter_from_spec`:
+    ngram, ngramN, recycling, a model drafter's .json, a suffix datastore's
+    .safetensors, or a fusion of those joined by +) and that drafter is added; anything
+    else is a ``ValueError`` listing the engine's drafters."""
     if name is None or name in engine.drafters:
-        return
-    from specrt.draft import lookup_drafter
+        return name
+    from specrt.draft.registry import drafter_from_spec
 
-    d = lookup_drafter(name, engine.model.args.vocab_size)
-    if d is None:
+    try:
+        d = drafter_from_spec(name, engine.model)
+    except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"unknown drafter {name!r}: this engine has "
                          f"{', '.join(sorted(engine.drafters)) or 'none'} (see `specrt "
-                         "drafters`), and ngram, ngramN or recycling can always be named")
-    engine.add_drafter(d)
+                         "drafters`), and a spec (ngram, ngramN, recycling, a drafter .json, "
+                         f"a datastore .safetensors, joined by +) can be named ({e})") from None
+    if d.name not in engine.drafters:
+        engine.add_drafter(d)
+    return d.name
 
 
 # ----------------------------------------------------------------- subcommands
@@ -92,7 +98,7 @@ def _generate(args) -> int:
     if args.no_spec:
         kw.update(speculative=False, drafter=None)
     else:
-        _force_drafter(engine, args.drafter)
+        kw["drafter"] = _force_drafter(engine, args.drafter)
     if args.compare:
         if args.no_spec:
             raise ValueError("--compare runs both ways; drop --no-spec")
@@ -377,8 +383,10 @@ def _add_generate(sub) -> None:
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--no-spec", action="store_true", help="target alone (no drafters)")
     g.add_argument("--drafter", default=None, metavar="NAME",
-                   help="force a drafter by name (see `specrt drafters`; ngram, ngramN and "
-                        "recycling always work); default: the router's pick")
+                   help="force a drafter by name (see `specrt drafters`) or spec: ngram, "
+                        "ngramN, recycling, a drafter .json, a suffix datastore "
+                        ".safetensors, or those joined by + (e.g. "
+                        "ngram2+store.safetensors+ngram); default: the router's pick")
     g.add_argument("--record", default=None, metavar="FILE.jsonl",
                    help="append the prompt and output to this file (a prompt file for "
                         "`specrt align`: rerun alignment on served traffic); default: off")

@@ -185,6 +185,25 @@ def test_a_model_free_drafter_can_always_be_forced(tiny_llama):
         _force_drafter(engine, "nope")
 
 
+def test_a_drafter_spec_can_be_forced(tiny_llama, tmp_path):
+    """--drafter takes a spec: a fusion over a suffix datastore file is built, added and
+    named as the engine will report it."""
+    from specrt.cli import _force_drafter
+    from specrt.draft import NgramDrafter, SuffixIndex
+    from specrt.model import load_model
+
+    model, tok = load_model(str(tiny_llama), device="cpu")
+    engine = specrt.Engine(model, tok, drafters=[NgramDrafter()])
+    SuffixIndex([[5, 6, 7, 8]] * 3, window=4, vocab_size=96).save(tmp_path / "st.safetensors")
+    name = _force_drafter(engine, f"ngram2+{tmp_path / 'st.safetensors'}+ngram")
+    assert name == "ngram2+st+ngram" and engine.drafters[name].kind == "fused"
+    out = engine.generate("hi", specrt.SamplingParams(max_tokens=4, ignore_eos=True),
+                          drafter=name)[0]
+    assert out.stats["drafter"] == name and len(out.token_ids) == 4
+    with pytest.raises(ValueError, match="unknown drafter .*missing.safetensors"):
+        _force_drafter(engine, str(tmp_path / "missing.safetensors"))
+
+
 def _default_gguf():
     from specrt.model.gguf_loader import default_gguf_path
 
