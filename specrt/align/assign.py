@@ -95,18 +95,19 @@ def stage_assign(ctx: Ctx, by_id: dict[str, dict], budget_s: float = float("inf"
         path.write_text(json.dumps(res, indent=1))
         log(f"assign: cluster {c} -> {best} (" + ", ".join(
             f"{n} {v[key]:.2f}" for n, v in m.items()) + f" {key})")
-    # default drafter: the baseline when there is one, else the best over all clusters
-    if base is not None:
-        default = "baseline"
-    else:
-        tot: dict[str, list[float]] = {}
-        for v in res["clusters"].values():
-            for n, x in v["candidates"].items():
-                if "aligned_" not in n:  # cluster-specific drafters cannot be the default
-                    a = tot.setdefault(n, [0.0, 0.0])
-                    a[0] += x["tokens"]
-                    a[1] += x["elapsed_s"]
-        default = max(tot, key=lambda n: tot[n][0] / max(tot[n][1], 1e-9)) if tot else "ngram"
+    # default drafter (serves requests the router is unsure of): the candidate with the
+    # best goodput over every cluster's prompts (cluster-specific drafters cannot be it).
+    # Not simply the baseline: alone it ran at 1.14x plain decoding where the fused
+    # lookup drafters ran at ~1.5x (bench/RESULTS.md, 2026-12-06).
+    tot: dict[str, list[float]] = {}
+    for v in res["clusters"].values():
+        for n, x in v["candidates"].items():
+            if "aligned_" not in n:
+                a = tot.setdefault(n, [0.0, 0.0])
+                a[0] += x["tokens"]
+                a[1] += x["elapsed_s"]
+    default = max(sorted(tot), key=lambda n: tot[n][0] / max(tot[n][1], 1e-9)) if tot \
+        else "ngram"
     res["default"] = default
     path.write_text(json.dumps(res, indent=1))
     return {"assigned": {c: v["drafter"] for c, v in res["clusters"].items()},
