@@ -74,6 +74,13 @@ def test_align_end_to_end_and_resume(setup):
         assert {"ngram", "recycling"} <= set(it["candidates"])
         assert any(n.startswith("aligned_") for n in it["candidates"])
         assert any(n.startswith("ngram2+suffix+aligned_") for n in it["candidates"])
+    # the default drafter is the best goodput over all clusters' prompts (no cluster's own)
+    tot: dict = {}
+    for it in meta["clusters"]["items"]:
+        for n, x in it["candidates"].items():
+            if not n.startswith("aligned_") and "+aligned_" not in n:
+                tot[n] = [a + b for a, b in zip(tot.get(n, [0, 0]), (x["tokens"], x["elapsed_s"]))]
+    assert meta["default_drafter"] == max(sorted(tot), key=lambda n: tot[n][0] / tot[n][1])
     # the suffix datastore holds every collected output but the held-back prompts'
     from specrt.draft.suffix import SuffixIndex
 
