@@ -1,5 +1,6 @@
 """Bad targets and pools give clear errors and leave files (and caches) intact."""
 import json
+import re
 import shutil
 
 import pytest
@@ -100,17 +101,31 @@ def _truncate(p):
     p.write_bytes(data[: len(data) // 2])
 
 
+def _model_file(meta, i):
+    """File ``i`` (0: config, 1: weights) of the shipped pool's first model drafter."""
+    e = next((e for e in meta["drafters"] if e["kind"] == "model"), None)
+    return e["files"][i] if e else None
+
+
+def _kind_file(meta, kind):
+    e = next((e for e in meta["drafters"] if e["kind"] == kind), None)
+    return e["files"][0] if e else None
+
+
+# case -> (which file of the shipped pool, from its pool.json; what to do to it)
 DAMAGE = {
-    "truncated drafter weights": ("aligned_4.safetensors", _truncate),
-    "truncated base weights": ("baseline.safetensors", _truncate),
-    "truncated router weights": ("router.safetensors", _truncate),
-    "router weights of 2 bytes": ("router.safetensors", lambda p: p.write_bytes(b"12")),
-    "pool.json is a list": ("pool.json", lambda p: p.write_text("[1,2]")),
-    "pool.json drafters not a list": ("pool.json", lambda p: p.write_text(
+    "truncated drafter weights": (lambda m: _model_file(m, 1), _truncate),
+    "drafter config not JSON": (lambda m: _model_file(m, 0), lambda p: p.write_text("{oops")),
+    "truncated suffix datastore": (lambda m: _kind_file(m, "suffix"), _truncate),
+    "suffix datastore of 2 bytes": (lambda m: _kind_file(m, "suffix"),
+                                    lambda p: p.write_bytes(b"12")),
+    "truncated router weights": (lambda m: "router.safetensors", _truncate),
+    "router weights of 2 bytes": (lambda m: "router.safetensors", lambda p: p.write_bytes(b"12")),
+    "pool.json is a list": (lambda m: "pool.json", lambda p: p.write_text("[1,2]")),
+    "pool.json drafters not a list": (lambda m: "pool.json", lambda p: p.write_text(
         '{"format": "specrt-pool", "version": 1, "drafters": "ngram"}')),
-    "router.json not JSON": ("router.json", lambda p: p.write_text("{oops")),
-    "router.json a list": ("router.json", lambda p: p.write_text("[1]")),
-    "drafter config not JSON": ("aligned_4.json", lambda p: p.write_text("{oops")),
+    "router.json not JSON": (lambda m: "router.json", lambda p: p.write_text("{oops")),
+    "router.json a list": (lambda m: "router.json", lambda p: p.write_text("[1]")),
 }
 
 
@@ -118,8 +133,11 @@ DAMAGE = {
 def test_damaged_pool_file_is_named(default_model, tmp_path, case):
     from specrt.pool import load_pool
 
-    name, damage = DAMAGE[case]
+    which, damage = DAMAGE[case]
     d = _pool_copy(tmp_path)
+    name = which(json.loads((d / "pool.json").read_text()))
+    if name is None:
+        pytest.skip(f"the shipped pool has no file for {case!r}")
     damage(d / name)
     before = _snapshot(d)
     with pytest.raises(ValueError) as ei:
@@ -133,9 +151,10 @@ def test_damaged_pool_field_is_named(default_model, tmp_path):
 
     d = _pool_copy(tmp_path)
     meta = json.loads((d / "pool.json").read_text())
-    meta["drafters"][1]["files"] = "baseline.json"
+    meta["drafters"][1]["files"] = "x.json"
+    name = meta["drafters"][1]["name"]
     (d / "pool.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"pool\.json: field 'drafters'\[1\] \('baseline'\)"):
+    with pytest.raises(ValueError, match=re.escape(f"pool.json: field 'drafters'[1] ({name!r})")):
         load_pool(d, default_model)
     (d / "pool.json").write_text('{"format": "specrt-pool", "version": 1, "drafters": "x"}')
     with pytest.raises(ValueError, match="pool.json: field 'drafters' must be a list"):
@@ -147,10 +166,10 @@ def test_damaged_pool_through_the_cli(tmp_path, capsys):
 
     _default_model()
     d = _pool_copy(tmp_path)
-    _truncate(d / "baseline.safetensors")
+    _truncate(d / "router.safetensors")
     assert main(["generate", "hi", "--pool", str(d), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("specrt: error:") and "baseline.safetensors" in err
+    assert err.startswith("specrt: error:") and "router.safetensors" in err
     assert "Traceback" not in err
 
 
