@@ -348,39 +348,28 @@ def _measured(per_prompt, mal):
     return {"goodput_tok_s": tok / sec, "mean_accepted_length": mal, "per_prompt": per_prompt}
 
 
-def test_pick_drafter_ties_goodput_unless_a_paired_t_test_says_slower():
-    from specrt.align.pipeline import pick_drafter, slower_significantly
+def test_pick_drafter_ties_only_within_the_margin():
+    """A fusion that accepts more but is 8% slower overall loses, however noisy the
+    prompts; the margin alone makes ties."""
+    from specrt.align.pipeline import pick_drafter
 
     fast = [[48, 1.0], [48, 2.0], [48, 1.5], [48, 1.2]]
-    # 8% slower overall, but faster on two of four prompts: not measurably slower
-    noisy = [[48, 1.25], [48, 1.9], [48, 1.95], [48, 1.05]]
-    # 8% slower on every prompt (to a few %): measurably slower
-    steady = [[48, s * f] for (_, s), f in zip(fast, (1.07, 1.09, 1.08, 1.08))]
-    assert slower_significantly(noisy, fast) is False and slower_significantly(steady, fast)
-    assert slower_significantly(fast, steady) is False
-    assert slower_significantly(fast, fast) is False
-    assert slower_significantly(steady[:3], fast) is None  # unequal prompts: cannot tell
-    assert slower_significantly(None, fast) is None
+    noisy = [[48, 1.25], [48, 1.9], [48, 1.95], [48, 1.05]]  # faster on two prompts
     m = {"ngram": _measured(fast, 1.57), "fused": _measured(noisy, 1.93)}
     assert m["fused"]["goodput_tok_s"] < 0.95 * m["ngram"]["goodput_tok_s"]
-    assert pick_drafter(m, "goodput_tok_s", 0.02) == "fused"
-    m["fused"] = _measured(steady, 1.93)
     assert pick_drafter(m, "goodput_tok_s", 0.02) == "ngram"
-    assert pick_drafter(m, "goodput_tok_s", 0.10) == "fused"  # the margin still ties
-    # no per-prompt record: the margin alone decides
-    m["fused"] = {**_measured(noisy, 1.93), "per_prompt": None}
-    assert pick_drafter(m, "goodput_tok_s", 0.02) == "ngram"
+    assert pick_drafter(m, "goodput_tok_s", 0.10) == "fused"  # the margin ties them
 
 
 def test_pick_drafter_breaks_ties_by_accepted_length_at_the_fixed_budget():
     from specrt.align.pipeline import pick_drafter
 
     fast = [[48, 1.0], [48, 2.0], [48, 1.5], [48, 1.2]]
-    noisy = [[48, 1.25], [48, 1.9], [48, 1.95], [48, 1.05]]
+    close = [[48, s * 1.01] for _, s in fast]  # 1% slower: within the 2% margin
     # as measured (adaptive lengths) n-gram accepts more; at a fixed budget the fused
     # drafter does: the fixed-budget figure decides once every tied candidate has it
     m = {"ngram": {**_measured(fast, 1.27), "fixed": {"mean_accepted_length": 1.30}},
-         "fused": {**_measured(noisy, 1.19), "fixed": {"mean_accepted_length": 1.55}}}
+         "fused": {**_measured(close, 1.19), "fixed": {"mean_accepted_length": 1.55}}}
     assert pick_drafter(m, "goodput_tok_s", 0.02) == "fused"
     del m["fused"]["fixed"]
     assert pick_drafter(m, "goodput_tok_s", 0.02) == "ngram"

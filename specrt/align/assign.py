@@ -2,8 +2,8 @@
 of each candidate drafter (aligned, baseline, n-gram, token recycling, suffix lookup
 in the collection's outputs, and fusions of those) on the cluster's held-back prompts,
 and its mean accepted length at a fixed draft budget, measured by
-:func:`specrt.measure.measure_candidates`; the best goodput and the candidates not
-measurably slower tie, and the longest accepted length among them is assigned
+:func:`specrt.measure.measure_candidates`; the best goodput and the candidates within
+the margin of it tie, and the longest accepted length among them is assigned
 (:func:`specrt.align.policy.pick_drafter`): ``assign.json``."""
 from __future__ import annotations
 

@@ -92,9 +92,8 @@ class AlignConfig:
     assign_margin: float = opt(0.02, "candidates within this relative margin of the best "
                                "metric tie; the longest mean accepted length among them wins")
     assign_budget: int | None = opt(3, "draft length at which candidates that tie on goodput "
-                                    "(within --assign-margin, or not slower by a paired "
-                                    "t-test at 5%%) are compared by mean accepted length; 0: "
-                                    "compare them as measured", type=int,
+                                    "(within --assign-margin) are compared by mean accepted "
+                                    "length; 0: compare them as measured", type=int,
                                     parse=lambda v: v or None)
     candidates: tuple = opt(CANDIDATES, "drafters measured per cluster: aligned (the "
                             "cluster's own), baseline, ngram, ngramN (suffix matches of N+ "

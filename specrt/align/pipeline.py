@@ -23,10 +23,10 @@ d. ``align``    -- per cluster, a model drafter distilled on that cluster's targ
    cluster's held-back prompts before/after: ``align/aligned_<c>.*``, ``summary.json``.
    Pluggable (:data:`ALIGNERS`); ``--align none`` skips it.
 e. ``assign``   -- per cluster, goodput (emitted tokens per wall second at batch 1) of
-   each candidate drafter (aligned, baseline, n-gram, token recycling, and fusions of
-   n-gram with the aligned drafter or the baseline) on the cluster's held-back prompts,
-   and its mean accepted length at a fixed draft budget; the best goodput and the
-   candidates not measurably slower tie, and the longest accepted length among them is
+   each candidate drafter (aligned, baseline, n-gram, token recycling, suffix lookup,
+   and fusions of those) on the cluster's held-back prompts, and its mean accepted
+   length at a fixed draft budget; the best goodput and the candidates within
+   ``--assign-margin`` of it tie, and the longest accepted length among them is
    assigned (:func:`pick_drafter`): ``assign.json``.
 f. ``route``    -- the MLP routing head trained on (features, cluster) of the non-held
    prompts; accuracy on the held-back prompts and latency relative to a prefill:
@@ -58,7 +58,7 @@ from specrt.align.context import Ctx, baseline_path, jsonable, log
 from specrt.align.distill import ALIGNERS, stage_align  # noqa: F401
 from specrt.align.features import load_features, stage_features  # noqa: F401
 from specrt.align.partition import stage_partition
-from specrt.align.policy import pick_drafter, slower_significantly  # noqa: F401
+from specrt.align.policy import pick_drafter  # noqa: F401
 from specrt.align.route import stage_route
 from specrt.align.write import stage_write
 from specrt.draft.registry import candidate_drafters  # noqa: F401
@@ -128,7 +128,7 @@ def run_align(cfg: AlignConfig) -> dict:
                        "ttt": cfg.align_ttt}
     params["assign"] = {"candidates": list(cfg.candidates), "tokens": cfg.assign_tokens,
                         "metric": cfg.assign_metric, "rates": "per-cluster",
-                        "margin": cfg.assign_margin, "tie": "paired-t-5%", "cold": True,
+                        "margin": cfg.assign_margin, "tie": "margin", "cold": True,
                         "budget": cfg.assign_budget, "suffix": [cfg.suffix_window,
                                                                  cfg.suffix_min_prob]}
     params["route"] = {"hidden": cfg.router_hidden, "threshold": cfg.router_threshold,
