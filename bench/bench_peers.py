@@ -451,7 +451,10 @@ class Bench:
             self.route.pop(m, None)
 
     def gen(self, mode, ids, max_tokens):
-        """One generate call of ``mode``; None (mode dropped) when it fails."""
+        """One generate call of ``mode``; None (mode dropped) when it fails or was
+        dropped before (a worker serving two modes dies on the first one)."""
+        if mode not in self.route:
+            return None
         name, wm = self.route[mode]
         w = self.workers[name]
         try:
