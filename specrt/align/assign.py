@@ -37,11 +37,11 @@ def stage_assign(ctx: Ctx, by_id: dict[str, dict], budget_s: float = float("inf"
     path = ctx.work / "assign.json"
     res = json.loads(path.read_text()) if path.is_file() else {"clusters": {}}
     shared = {}  # the model-free drafters the candidates name (ngram, ngram2, recycling)
-    for piece in dict.fromkeys(x for t in cfg.candidates for x in t.split("+")):
+    pieces = list(dict.fromkeys(x for t in cfg.candidates for x in t.split("+")))
+    for piece in pieces:
         d = lookup_drafter(piece, eng.model.args.vocab_size)
         if d is not None:
             shared[piece] = d
-    pieces = {x for t in cfg.candidates for x in t.split("+")}
     if "suffix" in pieces:
         shared["suffix"] = ctx.suffix_drafter()
     base = ctx.baseline_drafter() if "baseline" in pieces else None

@@ -13,5 +13,6 @@ from specrt.draft.registry import (candidate_drafters, default_drafters, drafter
                                    drafter_from_entry, drafter_from_spec, lookup_drafter)
 
 __all__ = ["Drafter", "DraftTree", "SeqState", "Verified", "NgramDrafter", "RecyclingDrafter",
-           "SuffixDrafter", "SuffixIndex", "FusedDrafter", "candidate_drafters", "default_drafters", "drafter_entry",
-           "drafter_from_entry", "drafter_from_spec", "lookup_drafter"]
+           "SuffixDrafter", "SuffixIndex", "FusedDrafter", "candidate_drafters",
+           "default_drafters", "drafter_entry", "drafter_from_entry", "drafter_from_spec",
+           "lookup_drafter"]

@@ -98,11 +98,7 @@ def drafter_from_spec(spec: str, model):
     if spec.endswith(".json"):
         return model_drafter(spec, model)
     if spec.endswith(".safetensors"):
-        d = SuffixDrafter.load(spec)
-        if d.index.vocab_size not in (None, model.args.vocab_size):
-            raise ValueError(f"{spec}: the datastore indexes a vocabulary of "
-                             f"{d.index.vocab_size}, the target has {model.args.vocab_size}")
-        return d
+        return SuffixDrafter.load(spec, vocab_size=model.args.vocab_size)
     raise ValueError(f"{spec!r} is not ngram, ngramN, recycling, a model drafter .json or "
                      "a suffix datastore .safetensors")
 
@@ -245,13 +241,10 @@ def drafter_from_entry(entry: dict, pool_dir: Path, model, built: dict | None = 
         if not entry.get("files"):
             raise PoolError(f"pool {pool_dir}: suffix drafter {name!r} lists no datastore")
         try:
-            d = SuffixDrafter.load(pool_dir / entry["files"][0], name=name, **cfg)
+            return SuffixDrafter.load(pool_dir / entry["files"][0], name=name,
+                                      vocab_size=model.args.vocab_size, **cfg)
         except (TypeError, ValueError) as e:
             raise PoolError(f"pool {pool_dir}: drafter {name!r}: {e}") from None
-        if d.index.vocab_size not in (None, model.args.vocab_size):
-            raise PoolError(f"pool {pool_dir}: suffix drafter {name!r} indexes a vocabulary "
-                            f"of {d.index.vocab_size}, the target has {model.args.vocab_size}")
-        return d
     if kind == "model":
         if not entry.get("files"):
             raise PoolError(f"pool {pool_dir}: model drafter {name!r} lists no files")

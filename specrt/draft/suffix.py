@@ -100,8 +100,11 @@ class SuffixIndex:
         return pos[np.lexsort(cols[::-1])] if pos.size else pos
 
     def _finish(self) -> None:
+        # -1 before the corpus (reads past a document's start) and after it (continuations
+        # past the end); ``corpus`` is a view into it, not a second copy
         self._padded = np.concatenate([np.full(self.window, -1, np.int32), self.corpus,
                                        np.full(64, -1, np.int32)])
+        self.corpus = self._padded[self.window:self.window + self.corpus.size]
         self._first = self.corpus[self.order] if self.order.size else np.zeros(0, np.int32)
 
     def __len__(self) -> int:
@@ -256,12 +259,19 @@ class SuffixDrafter:
         self.max_depth, self.max_occ = int(max_depth), int(max_occ)
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None, **config) -> "SuffixDrafter":
-        """The drafter of a datastore file (named after its stem by default)."""
+    def load(cls, path: str | Path, name: str | None = None, vocab_size: int | None = None,
+             **config) -> "SuffixDrafter":
+        """The drafter of a datastore file (named after its stem by default);
+        ``ValueError`` when it indexes another vocabulary than ``vocab_size`` (the
+        target's, when given)."""
         path = Path(path)
         stem = path.name[:-len(".safetensors")] if path.name.endswith(".safetensors") \
             else path.stem
-        return cls(SuffixIndex.load(path), name=name or stem, **config)
+        index = SuffixIndex.load(path)
+        if vocab_size is not None and index.vocab_size not in (None, vocab_size):
+            raise ValueError(f"{path}: the datastore indexes a vocabulary of "
+                             f"{index.vocab_size}, the target has {vocab_size}")
+        return cls(index, name=name or stem, **config)
 
     def config(self) -> dict:
         """The constructor options (a pool entry's ``config``)."""
