@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import sys
 import time
 from collections import defaultdict
 
+from specrt.data import in_share
 from specrt.draft.base import DraftTree, SeqState
 from specrt.draft.corpus import read_shards
 from specrt.draft.fused import FusedDrafter
@@ -83,8 +83,8 @@ def main() -> int:
     a = ap.parse_args()
     recs = read_shards(a.corpus)
 
-    def held(rid: str) -> bool:
-        return hashlib.sha256(rid.encode()).digest()[0] < 256 * a.held_frac
+    def held(rid: str) -> bool:   # the project's hash-share rule, salted apart
+        return in_share(f"suffix-replay:{rid}", a.held_frac)
 
     store = [r["output_ids"] for r in recs if not held(r["id"])]
     queries = [r for r in recs if held(r["id"]) and r["sample"] == 0 and r["output_ids"]]
