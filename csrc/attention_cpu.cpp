@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_paged.h"
 #include "cpu_kernels.h"
 
 namespace py = pybind11;
@@ -89,62 +90,10 @@ __attribute__((target("avx512f"))) void transpose_chunk_avx512(const float* cons
     }
 }
 
-struct Ctx {
-  const float* Q;
-  const float* C;
-  const int32_t* BT;
-  const int64_t* P;
-  const int64_t* L;
-  const uint8_t* M;
-  float* O;
-  int64_t T, Hq, Hkv, G, bs, maxb;
-  float sc;
-};
-
-// Visible keys of query row t among chunk positions c0 .. c0+n-1, as bits.
-inline uint32_t visible_bits(const Ctx& c, int64_t b, int64_t t, int64_t c0, int64_t n,
-                             int64_t pre, int64_t tl) {
-  uint32_t bits = n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
-  if (c0 + n <= pre) return bits;  // all prefix: visible to every query
-  if (!c.M) {  // causal (t < tl): positions up to pre + t
-    const int64_t lim = pre + t + 1 - c0;
-    return lim <= 0 ? 0u : lim >= n ? bits : ((1u << lim) - 1u);
-  }
-  for (int64_t x = std::max<int64_t>(0, pre - c0); x < n; ++x) {
-    const int64_t j = c0 + x - pre;
-    const bool vis = j < tl && c.M[(b * c.T + t) * c.T + j] != 0;
-    if (!vis) bits &= ~(1u << x);
-  }
-  return bits;
-}
-
-// The K and V rows of sequence b, KV head h at positions c0 .. c0 + n - 1 in the paged
-// cache (one division per chunk, not per key).
-inline void chunk_rows(const Ctx& c, int64_t b, int64_t h, int64_t c0, int64_t n, int64_t D,
-                       const float** krow, const float** vrow) {
-  int64_t bi = c0 / c.bs, off = c0 % c.bs;
-  const int64_t stride = c.Hkv * D, vofs = c.bs * stride;
-  const float* base = c.C + (int64_t(c.BT[b * c.maxb + bi]) * 2 * c.bs + off) * stride + h * D;
-  for (int64_t x = 0; x < n; ++x) {
-    if (off == c.bs) {
-      off = 0;
-      base = c.C + int64_t(c.BT[b * c.maxb + ++bi]) * 2 * c.bs * stride + h * D;
-    }
-    krow[x] = base;
-    vrow[x] = base + vofs;
-    base += stride;
-    ++off;
-  }
-}
-
-// Where an item's chunk loop can stop: causal queries see nothing past pre + t, so a
-// block of queries up to row t_max ends there (a prefill's upper triangle is skipped);
-// a tree mask may show any node, so all of it. Chunks start at multiples of CH whatever
-// the item, and chunks a query cannot see never touch its state: stopping early changes
-// no query's arithmetic.
-inline int64_t item_end(const Ctx& c, int64_t q1, int64_t pre, int64_t tl) {
-  return c.M ? pre + tl : pre + std::min(tl, (q1 - 1) / c.G + 1);
-}
+using specrt::attn::Ctx;
+using specrt::attn::chunk_rows;
+using specrt::attn::item_end;
+using specrt::attn::visible_bits;
 
 // NG queries of one item against one chunk of keys (kt: the chunk's K transposed, vrow:
 // its V rows), each query's online-softmax state updated in place. The NG queries share
@@ -543,7 +492,7 @@ using u8 = py::array_t<uint8_t, py::array::c_style>;
 // q, out [B, T, Hq, D]; cache [NB, 2, bs, Hkv, D]; bt [B, maxb]; prefix, lens [B];
 // mask [B, T, T] (uint8) or an empty array for causal.
 void tree_attention_cpu(f32 q, f32 cache, i32 bt, i64 prefix, u8 mask, i64 lens, double scale,
-                        f32 out, int threads) {
+                        f32 out, int threads, bool bf16) {
   if (q.ndim() != 4 || cache.ndim() != 5 || cache.shape(1) != 2 || bt.ndim() != 2 ||
       out.ndim() != 4)
     throw std::invalid_argument("tree_attention_cpu: bad ranks");
@@ -568,8 +517,15 @@ void tree_attention_cpu(f32 q, f32 cache, i32 bt, i64 prefix, u8 mask, i64 lens,
   float* O = out.mutable_data();
   const int64_t G = Hq / Hkv;
   specrt::check_paged_plan("tree_attention_cpu", BT, maxb, NB, P, L, B, T, bs);
+  if (bf16 && !specrt::amx_attention_usable(D))
+    throw std::invalid_argument("tree_attention_cpu: bf16 attention needs AMX tiles and "
+                                "AVX512-BF16 and head dim 32, 64 or 128 (head dim " +
+                                std::to_string(D) + ")");
   py::gil_scoped_release nogil;
-  specrt::tree_attention_raw(Q, C, BT, maxb, P, L, M, O, B, T, Hq, Hkv, D, bs, scale, threads);
+  if (bf16)
+    specrt::tree_attention_amx_raw(Q, C, BT, maxb, P, L, M, O, B, T, Hq, Hkv, D, bs, scale, threads);
+  else
+    specrt::tree_attention_raw(Q, C, BT, maxb, P, L, M, O, B, T, Hq, Hkv, D, bs, scale, threads);
 }
 
 }  // namespace
@@ -644,7 +600,12 @@ void tree_attention_raw(const float* Q, const float* C, const int32_t* BT, int64
 
 void bind_attention(py::module_& m) {
   m.def("tree_attention_cpu", &tree_attention_cpu,
-        "fp32 tree attention over a paged cache without gathering K/V (CPU)", py::arg("q"),
+        "tree attention over a paged cache without gathering K/V (CPU, fp32; bf16=True: "
+        "bf16 products on AMX tiles)", py::arg("q"),
         py::arg("cache"), py::arg("block_tables"), py::arg("prefix_lens"), py::arg("mask"),
-        py::arg("tree_lens"), py::arg("scale"), py::arg("out"), py::arg("threads"));
+        py::arg("tree_lens"), py::arg("scale"), py::arg("out"), py::arg("threads"),
+        py::arg("bf16") = false);
+  m.def("amx_attention_usable", &specrt::amx_attention_usable,
+        "whether tree_attention_cpu(bf16=True) runs here: AMX tiles, AVX512-BF16, head dim "
+        "32, 64 or 128", py::arg("head_dim"));
 }

@@ -18,6 +18,18 @@ void skinny_mm_raw(const float* x, int64_t ldx, const float* wp, float* y, int64
 void skinny_mm_bf16_raw(const float* x, int64_t ldx, const uint16_t* wq, float* y, int64_t ldy,
                         int64_t M, int64_t K, int64_t N, int threads);
 
+// Whether this CPU and OS let a thread use AMX tiles (gemm_bf16_cpu.cpp; asks Linux for
+// the tile state once per process).
+bool amx_tiles_usable();
+
+// Tree attention with bf16 products on AMX tiles (attention_amx.cpp), the arguments of
+// tree_attention_raw; only where amx_attention_usable(D) (AMX, AVX512-BF16, D 32 / 64 / 128).
+bool amx_attention_usable(int64_t D);
+void tree_attention_amx_raw(const float* Q, const float* C, const int32_t* BT, int64_t maxb,
+                            const int64_t* P, const int64_t* L, const uint8_t* M, float* O,
+                            int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+                            int64_t bs, double scale, int threads);
+
 // Tree attention over the paged cache (attention_cpu.cpp): Q, O [B, T, Hq, D], cache
 // [NB, 2, bs, Hkv, D], BT [B, maxb], P / L [B] prefix and tree lengths, M [B, T, T] or
 // nullptr (causal).

@@ -124,7 +124,7 @@ void rows_loop(int64_t N, int threads, F&& f) {
 void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, f32 cos,
                         f32 sin, f32 kv, i32 bt, i64 prefix, u8 mask, i64 lens, i64 rows,
                         int64_t T, double eps, double scale, i64 taps, f32 tapped,
-                        int threads, bool bf16) {
+                        int threads, bool bf16, bool attn_bf16) {
   if (x.ndim() != 2 || weights.ndim() != 2 || weights.shape(1) != 7 || cos.ndim() != 2 ||
       sin.ndim() != 2 || kv.ndim() != 6 || kv.shape(2) != 2 || bt.ndim() != 2)
     throw std::invalid_argument("decoder_layers_cpu: bad ranks");
@@ -176,6 +176,9 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (attn_bf16 && !specrt::amx_attention_usable(D))
+    throw std::invalid_argument("decoder_layers_cpu: bf16 attention needs AMX tiles and "
+                                "AVX512-BF16 and head dim 32, 64 or 128");
 
   py::gil_scoped_release nogil;
   std::vector<float> h(N * H), qkv(N * nqkv), tmp(N * H), gu(N * 2 * I), act(N * I);
@@ -203,8 +206,8 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
       for (int64_t hk = 0; hk < Hkv; ++hk) rope_head(row + qd + hk * D, c, s, kdst + hk * D, D);
       std::memcpy(vdst, row + qd + kvd, sizeof(float) * kvd);
     });
-    specrt::tree_attention_raw(qb.data(), cache, BT, maxb, P, LN, M, ob.data(), B, T, Hq, Hkv,
-                               D, bs, scale, threads);
+    (attn_bf16 ? specrt::tree_attention_amx_raw : specrt::tree_attention_raw)(
+        qb.data(), cache, BT, maxb, P, LN, M, ob.data(), B, T, Hq, Hkv, D, bs, scale, threads);
     const float* o = ob.data();
     if (!dense) {
       for (int64_t r = 0; r < N; ++r)
@@ -249,5 +252,6 @@ void bind_decoder(py::module_& m) {
         py::arg("x").noconvert(), py::arg("weights"), py::arg("Hq"), py::arg("Hkv"), py::arg("I"),
         py::arg("cos"), py::arg("sin"), py::arg("kv").noconvert(), py::arg("bt"), py::arg("prefix"),
         py::arg("mask"), py::arg("lens"), py::arg("rows"), py::arg("T"), py::arg("eps"),
-        py::arg("scale"), py::arg("taps"), py::arg("tapped").noconvert(), py::arg("threads"), py::arg("bf16") = false);
+        py::arg("scale"), py::arg("taps"), py::arg("tapped").noconvert(), py::arg("threads"), py::arg("bf16") = false,
+        py::arg("attn_bf16") = false);
 }

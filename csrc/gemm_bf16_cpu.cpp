@@ -435,6 +435,8 @@ void skinny_mm_bf16(py::array x, u16arr wq, py::array y, int64_t n, int threads,
 }  // namespace
 
 namespace specrt {
+bool amx_tiles_usable() { return best_isa() == Isa::amx; }
+
 void skinny_mm_bf16_raw(const float* x, int64_t ldx, const uint16_t* wq, float* y, int64_t ldy,
                         int64_t M, int64_t K, int64_t N, int threads) {
   run_gemm(x, ldx, K, wq, y, ldy, M, N, best_isa(), threads);

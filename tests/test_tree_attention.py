@@ -83,8 +83,12 @@ def _case(B, T, Hq, Hkv, D, dtype, bs, max_prefix, kind, ragged, device, seed=No
                 tree_lens=to(tree_lens)), seed
 
 
-def _reference(q, kv_cache, block_tables, prefix_lens, tree_mask, tree_lens, scale):
-    """Dense float64 attention with an explicit [T, L] mask, one sequence at a time."""
+def _reference(q, kv_cache, block_tables, prefix_lens, tree_mask, tree_lens, scale, bf16=False):
+    """Dense float64 attention with an explicit [T, L] mask, one sequence at a time.
+    ``bf16``: the products of the CPU kernel's AMX variant: q, K and V rounded to bf16,
+    and the unnormalised softmax weights rounded to bf16 for ``P V`` (their sum is not)."""
+    if bf16:
+        q, kv_cache = q.to(torch.bfloat16), kv_cache.to(torch.bfloat16)
     q, kv_cache = q.cpu().double(), kv_cache.cpu().double()
     bt, pl = block_tables.cpu().long(), prefix_lens.cpu()
     B, T, Hq, D = q.shape
@@ -107,7 +111,12 @@ def _reference(q, kv_cache, block_tables, prefix_lens, tree_mask, tree_lens, sca
         mask[n:] = False
         s = torch.einsum("thd,lhd->htl", q[b], k) * scale
         s = s.masked_fill(~mask, float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num(0.0)                   # rows seeing nothing -> 0
+        if bf16:
+            e = torch.exp(s - s.amax(-1, keepdim=True)).nan_to_num(0.0)
+            l = e.sum(-1, keepdim=True)
+            p = (e.to(torch.bfloat16).double() / l).nan_to_num(0.0)
+        else:
+            p = torch.softmax(s, -1).nan_to_num(0.0)               # rows seeing nothing -> 0
         out[b] = torch.einsum("htl,lhd->thd", p, v)
     return out
 
@@ -531,3 +540,85 @@ def test_gpu_llama_shapes_auto_split(triton_backend, dtype):
     _check(inp, seed, dtype, tag="llama auto")
     inp, seed = _case(4, 64, 32, 8, 128, dtype, 16, 1500, "tree", True, "cuda")
     _check(inp, seed, dtype, tag="llama auto B4 T64")
+
+
+# ---------------------------------------------------------------------------
+# the CPU kernel's bf16 products on AMX tiles (csrc/attention_amx.cpp)
+
+needs_amx = pytest.mark.skipif(not ops.amx_attention_available(64),
+                               reason="this CPU (or OS) has no AMX tiles / AVX512-BF16")
+
+# fp32 cases whose head dim the AMX variant takes, and a few of its own
+AMX_CASES = {n: c for n, c in CASES.items() if c[5] is torch.float32 and c[4] in (32, 64, 128)}
+AMX_CASES.update({
+    "smollm_verify32_d64":    (1, 32, 9, 3, 64, torch.float32, 16, 300, "tree", False),
+    "tree40_g3_d32_bs8":      (3, 40, 6, 2, 32, torch.float32, 8, 100, "tree", True),
+    "decode_b5_g3_d64":       (5, 1, 9, 3, 64, torch.float32, 16, 200, "causal", True),
+    "tree7_g4_d128_bs32":     (3, 7, 8, 2, 128, torch.float32, 32, 95, "tree", True),
+    "prefill200_g3_d64":      (2, 200, 9, 3, 64, torch.float32, 16, 3, "causal", True),
+})
+
+
+@needs_amx
+@pytest.mark.parametrize("name", list(AMX_CASES))
+def test_amx_attention_vs_bf16_reference(monkeypatch, name):
+    """``bf16=True`` against the float64 reference of the same products (q, K, V and the
+    softmax weights rounded to bf16): every output written (NaN-poisoned); at most 2% of
+    the rows (query, head; or one row) more than 1e-4 away anywhere, none more than
+    2e-2. The kernel's scores are fp32 sums, so now and then a weight at a bf16 rounding
+    boundary rounds the other way: one such flip moves its row by up to 2^-8 * |v|. The
+    fp32 kernel misses the 1e-4 bar on 40-100% of the rows of these cases."""
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "auto")
+    B, T, Hq, Hkv, D, dtype, bs, mp, kind, ragged = AMX_CASES[name]
+    inp, seed = _case(B, T, Hq, Hkv, D, dtype, bs, mp, kind, ragged, "cpu")
+    out = torch.full_like(inp["q"], float("nan"))
+    res = ops.tree_attention(**inp, out=out, bf16=True)
+    assert res.data_ptr() == out.data_ptr()
+    msg = f"seed={seed} {name} prefix={inp['prefix_lens'].tolist()}"
+    assert not torch.isnan(out).any(), "unwritten (NaN) output; " + msg
+    ref = _reference(**inp, scale=1.0 / math.sqrt(D), bf16=True)
+    err = (out.double() - ref).abs()
+    assert err.max() <= 2e-2, f"max error {err.max():.2e}; " + msg
+    bad, rows = int((err.amax(-1) > 1e-4).sum()), err[..., 0].numel()
+    assert bad <= max(1, 0.02 * rows), f"{bad} of {rows} rows > 1e-4; " + msg
+
+
+@needs_amx
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_amx_attention_a_nodes_bits_do_not_depend_on_its_tree_batch_or_threads(monkeypatch, D):
+    """Bit for bit, as for the fp32 kernel: node i's output is the same in a tree of i + 1
+    nodes or of T, alone in the batch or beside others, on 1 thread or 2 (16-query
+    tiles, 16 / 32-key chunks and the split of a pair's tiles between threads all
+    change with these). Greedy speculative == plain decoding of the bf16 model rests on it."""
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "auto")
+    T = 21
+    inp, seed = _case(3, T, 9, 3, D, torch.float32, 16, 90, "tree", False, "cpu")
+    full = ops.tree_attention(**inp, bf16=True)
+    for i in range(T):
+        part = ops.tree_attention(**dict(inp, tree_lens=torch.full((3,), i + 1)), bf16=True)
+        assert torch.equal(part[:, i], full[:, i]), f"seed={seed} node {i} D={D}"
+    for b in range(3):
+        one = {k: (v[b:b + 1] if torch.is_tensor(v) and k != "kv_cache" else v)
+               for k, v in inp.items()}
+        assert torch.equal(ops.tree_attention(**one, bf16=True)[0], full[b]), f"seed={seed} b={b}"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(ops.tree_attention(**inp, bf16=True), full), f"seed={seed} 1 thread"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bf16_attention_is_refused_where_it_cannot_run(monkeypatch):
+    """``bf16=True`` off the CPU kernel (the torch backend), at a head dim it lacks, or on
+    a CPU without AMX: a ValueError that says so, nothing written."""
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "torch")
+    inp, _ = _case(1, 3, 2, 1, 64, torch.float32, 16, 20, "tree", False, "cpu")
+    out = torch.full_like(inp["q"], 7.0)
+    with pytest.raises(ValueError, match="bf16 attention"):
+        ops.tree_attention(**inp, out=out, bf16=True)
+    monkeypatch.setenv("SPECRT_OPS_BACKEND", "auto")
+    inp, _ = _case(1, 3, 2, 1, 48, torch.float32, 16, 20, "tree", False, "cpu")
+    with pytest.raises(ValueError, match="head dim 48"):
+        ops.tree_attention(**inp, bf16=True)
+    assert (out == 7.0).all()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import specrt
-from specrt import SamplingParams
+from specrt import SamplingParams, ops
 from specrt.draft import NgramDrafter
 from specrt.model import llama, load_model
 from specrt.ops._backend import native
@@ -20,10 +20,34 @@ N = 20
 
 
 @pytest.fixture(scope="module")
-def models(tiny_llama):
-    fp32, _ = load_model(str(tiny_llama), device="cpu")
-    bf16, _ = load_model(str(tiny_llama), device="cpu", weight_dtype=torch.bfloat16)
+def tiny_llama_d32(tmp_path_factory):
+    """The tiny Llama with head dim 32: where the CPU has AMX, its bf16 mode runs
+    attention's products on the tiles too (head dim 16 keeps fp32 attention)."""
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama_d32"), "llama", seed=5,
+                           hidden_size=128, head_dim=32)
+
+
+@pytest.fixture(scope="module", params=["d16", "d32"])
+def tiny_model(request, tiny_llama, tiny_llama_d32):
+    return tiny_llama if request.param == "d16" else tiny_llama_d32
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    fp32, _ = load_model(str(tiny_model), device="cpu")
+    bf16, _ = load_model(str(tiny_model), device="cpu", weight_dtype=torch.bfloat16)
     return fp32, bf16
+
+
+def test_bf16_attention_where_the_cpu_has_amx(models):
+    """bf16 weights bring bf16 attention products exactly where the AMX kernel runs
+    (head dim 32 on an AMX CPU), never in fp32 mode."""
+    fp32, bf16 = models
+    assert not fp32._attn_bf16()
+    assert bf16._attn_bf16() == ops.amx_attention_available(bf16.args.head_dim)
+    assert bf16._attn_bf16() == (bf16.args.head_dim == 32 and ops.amx_attention_available(32))
 
 
 def forward(m, g, monkeypatch=None, fused=True):
@@ -71,7 +95,8 @@ def test_the_native_decoder_and_the_op_path_agree_in_bf16(models, monkeypatch):
     assert (fused - ops).abs().max().item() < 0.01 * scale
 
 
-def test_greedy_speculative_equals_plain_decoding_of_the_bf16_model(tiny_llama):
+def test_greedy_speculative_equals_plain_decoding_of_the_bf16_model(tiny_model):
+    tiny_llama = tiny_model
     plain = specrt.Engine.from_pretrained(str(tiny_llama), device="cpu", block_size=4,
                                           cache_tokens=2048, weight_dtype=torch.bfloat16)
     ref, want = greedy_reference(plain, PROMPTS, N)

@@ -220,8 +220,11 @@ class Llama(nn.Module):
         ``torch.bfloat16`` (:func:`specrt.ops.skinny_mm_bf16`: half the bytes; on AMX
         CPUs a few dozen rows cost about one row). With bf16 the activations entering
         each product are rounded to bf16 as well and the logits differ from the fp32
-        model's by that rounding (norms, attention, the residual stream and all sums stay
-        fp32); it is the same model at every batch size and tree width, so speculative
+        model's by that rounding (norms, the softmax, the residual stream and all sums
+        stay fp32). Where the CPU has AMX (:func:`specrt.ops.amx_attention_available`)
+        attention's two products take bf16 inputs too (q, K, the softmax weights, V),
+        on the tile unit: at 32 tree tokens over 300 cached ones its cost falls ~2.5x.
+        It is the same model at every batch size and tree width, so speculative
         decoding stays exactly as lossless relative to it. Packed copies (and with them
         the native decoder's weight table) are made again on the next forward. Returns
         ``self``."""
@@ -316,6 +319,8 @@ class Llama(nn.Module):
                 torch.get_num_threads(), **self._fused_kw())
             out = padded(self.final_norm(x) if norm else x)
             return out if not taps else (out, padded(tap_out))
+        attn_bf16 = (plan.backend == "cpu" and kv.dtype is torch.float32 and x.is_cpu
+                     and x.dtype is torch.float32 and self._attn_bf16())
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
             q, k, v = linear(h, layer.qkv).split((qd, kvd, kvd), dim=-1)
@@ -323,7 +328,8 @@ class Llama(nn.Module):
             k = apply_rope(k.view(-1, Hkv, Dh), cos, sin)
             ops.append_kv(kv[li], bt, prefix, padded(k.to(kv.dtype)),
                           padded(v.reshape(-1, Hkv, Dh).to(kv.dtype)), lens)
-            o = packed(plan.run(padded(q.to(kv.dtype)), kv[li]))                # [N, Hq, Dh]
+            o = packed(plan.run(padded(q.to(kv.dtype)), kv[li],                 # [N, Hq, Dh]
+                                bf16=attn_bf16))
             x = x + linear(o.reshape(-1, qd).to(x.dtype), layer.o)
             h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
             g, u = linear(h, layer.gate_up).chunk(2, dim=-1)
@@ -346,8 +352,16 @@ class Llama(nn.Module):
                 and self.head_weight.dtype is torch.float32)
 
     def _fused_kw(self) -> dict:
-        # bf16 only when set: a build from before bf16 (bench_native_ab's baseline) still runs
-        return {"bf16": True} if self.weight_dtype is torch.bfloat16 else {}
+        # flags only when set: a build from before them (bench_native_ab's baseline) still runs
+        if self.weight_dtype is not torch.bfloat16:
+            return {}
+        return {"bf16": True, "attn_bf16": True} if self._attn_bf16() else {"bf16": True}
+
+    def _attn_bf16(self) -> bool:
+        """Whether attention takes bf16 products (AMX): with bf16 weights, where the CPU
+        kernel has them (:func:`specrt.ops.amx_attention_available`)."""
+        return (self.weight_dtype is torch.bfloat16
+                and ops.amx_attention_available(self.args.head_dim))
 
     def _fused_table(self) -> torch.Tensor:
         """``[L, 7]`` int64 addresses of each layer's weights for the native decoder:

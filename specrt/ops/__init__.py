@@ -16,7 +16,8 @@ Modules, one per op family:
 
 * :mod:`specrt.ops.attention`: :func:`plan_tree_attention` (once per step) ->
   :class:`TreeAttentionPlan`, whose :meth:`~TreeAttentionPlan.run` attends one layer;
-  :func:`tree_attention` (plan + run in one call); :func:`build_tree_mask`.
+  :func:`tree_attention` (plan + run in one call); :func:`build_tree_mask`;
+  :func:`amx_attention_available` (the CPU kernel's bf16 products on AMX tiles).
 * :mod:`specrt.ops.kv`: :func:`append_kv`, :func:`commit_kv`.
 * :mod:`specrt.ops.verify`: :func:`verify_tree`, :func:`chain_verify` (lossless
   rejection sampling; the proof and the random-number contract are in its docstring).
@@ -31,11 +32,11 @@ and other stacks can call them): ``append_kv``, ``commit_kv``, ``verify_tree``,
 implementations, registered for the CPU and CUDA dispatch keys, pick the backend.
 """
 from specrt.ops._backend import backend_for, load_native, using_backend, using_native
-from specrt.ops.attention import (TreeAttentionPlan, build_tree_mask, plan_tree_attention,
-                                  tree_attention)
+from specrt.ops.attention import (TreeAttentionPlan, amx_attention_available, build_tree_mask,
+                                  plan_tree_attention, tree_attention)
 from specrt.ops.kv import append_kv, commit_kv
 from specrt.ops.verify import chain_verify, verify_tree
 
 __all__ = ["using_backend", "append_kv", "commit_kv", "tree_attention", "plan_tree_attention",
            "TreeAttentionPlan", "verify_tree", "chain_verify", "backend_for",
-           "build_tree_mask", "load_native", "using_native"]
+           "build_tree_mask", "load_native", "using_native", "amx_attention_available"]

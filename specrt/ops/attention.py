@@ -18,7 +18,10 @@ once by :func:`plan_tree_attention`, which also picks the implementation
   the mask as bytes; :meth:`TreeAttentionPlan.run` calls
   ``torch.ops.specrt.cpu_tree_attention``, specrt._C's kernel (csrc/attention_cpu.cpp)
   that reads K/V straight from the blocks (no gather) for fp32 q and cache; other
-  dtypes take the ``torch`` path below.
+  dtypes take the ``torch`` path below. ``run(..., bf16=True)`` takes its AMX variant
+  (csrc/attention_amx.cpp, where :func:`amx_attention_available`): q, K, the softmax
+  weights and V rounded to bf16 for the two products, fp32 softmax and accumulation;
+  the attention of a model whose weights stream as bf16.
 * ``torch`` (``SPECRT_OPS_BACKEND=torch`` on any device; CUDA tensors with
   ``SPECRT_OPS_BACKEND=cuda``, since specrt._C has no CUDA attention kernel): the plan
   keeps the gather index of every sequence's positions and a ``[B, 1, T, L]``
@@ -38,7 +41,17 @@ import torch
 
 from specrt.ops._backend import LIB, as_i64, backend_for, check_cache, native
 
-__all__ = ["tree_attention", "plan_tree_attention", "TreeAttentionPlan", "build_tree_mask"]
+__all__ = ["tree_attention", "plan_tree_attention", "TreeAttentionPlan", "build_tree_mask",
+           "amx_attention_available"]
+
+
+def amx_attention_available(head_dim: int) -> bool:
+    """Whether the CPU kernel's bf16 variant (``bf16=True`` of :meth:`TreeAttentionPlan.run`
+    and :func:`tree_attention`) runs here: AMX tiles the OS lets a thread use,
+    AVX512-BF16, and ``head_dim`` 32, 64 or 128. False with a build of specrt._C that
+    predates it."""
+    fn = getattr(native(), "amx_attention_usable", None)
+    return bool(fn is not None and fn(int(head_dim)))
 
 
 def build_tree_mask(parents: torch.Tensor, tree_lens: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,7 +176,8 @@ class TreeAttentionPlan:
         self.visible = None if bool(mask.all()) else mask[:, None].to(dev)
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float | None = None, *,
-            out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, num_splits: int | None = None,
+            bf16: bool = False) -> torch.Tensor:
         """Attention of one layer's tree queries over its paged cache.
 
         Args:
@@ -178,13 +192,18 @@ class TreeAttentionPlan:
                 device; every element is written and it is returned.
             num_splits: keyword-only, split-KV factor of the Triton kernel (None: auto;
                 1: single pass; at most 64); ignored by the torch path.
+            bf16: keyword-only, ``cpu`` plans with fp32 q and cache only: the products
+                ``q K^T`` and ``P V`` take bf16-rounded inputs on AMX tiles (softmax and
+                accumulation in fp32; :func:`amx_attention_available`). A row's result
+                still depends on that row and the cache only.
 
         Returns:
             ``[B, T, H_q, D]`` in q's dtype (fp32 accumulation); rows ``t >=
             tree_lens[b]`` are 0.
 
         Raises:
-            ValueError: shapes, dtypes or devices that do not match the plan or each other.
+            ValueError: shapes, dtypes or devices that do not match the plan or each other;
+                ``bf16`` on another backend or dtype, or where the CPU lacks AMX.
         """
         if q.dim() != 4 or q.shape[0] != self.B or q.shape[1] != self.T:
             raise ValueError(f"q must be [B={self.B}, T={self.T}, H_q, D], got {tuple(q.shape)}")
@@ -205,10 +224,16 @@ class TreeAttentionPlan:
                                 or out.device != q.device):
             raise ValueError(f"out must be [{B}, {T}, {Hq}, {D}] {q.dtype} on {q.device}, got "
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
-        if self.backend == "cpu" and q.dtype == kv_cache.dtype == torch.float32:
+        cpu = self.backend == "cpu" and q.dtype == kv_cache.dtype == torch.float32
+        if bf16 and not (cpu and amx_attention_available(D)):
+            raise ValueError("bf16 attention runs on the cpu backend with fp32 q and cache, on "
+                             f"a CPU with AMX and AVX512-BF16, head dim 32, 64 or 128 (backend "
+                             f"{self.backend}, {q.dtype}, head dim {D}, AMX "
+                             f"{'yes' if amx_attention_available(64) else 'no'})")
+        if cpu:
             dst = out if out is not None and out.is_contiguous() else q.new_empty((B, T, Hq, D))
             _cpu_op(q, kv_cache, self.block_tables, self.prefix_lens, self.byte_mask,
-                    self.tree_lens, scale, dst)
+                    self.tree_lens, scale, dst, bf16)
             return dst if out is None or dst is out else out.copy_(dst)
         if self.backend != "triton":
             if self.gather_blocks is None:  # a cpu plan run on other dtypes: torch's path
@@ -279,7 +304,7 @@ def tree_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
                    prefix_lens: torch.Tensor, tree_mask: torch.Tensor | None = None,
                    tree_lens: torch.Tensor | None = None, scale: float | None = None, *,
                    packed_mask: torch.Tensor | None = None, num_splits: int | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, bf16: bool = False) -> torch.Tensor:
     """Attention of draft-tree queries over a paged cache (prefix + the tree itself), one
     shot: :func:`plan_tree_attention` then :meth:`TreeAttentionPlan.run`. Several layers
     of one step should plan once and run the plan per layer instead.
@@ -303,6 +328,8 @@ def tree_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
             1 = single pass); ignored by the torch path.
         out: keyword-only, preallocated ``[B, T, H_q, D]`` output in q's dtype; every
             element is written and it is returned.
+        bf16: keyword-only, the CPU kernel's bf16 products on AMX tiles (see
+            :meth:`TreeAttentionPlan.run`).
 
     Returns:
         ``[B, T, H_q, D]`` in q's dtype (accumulation in fp32).
@@ -314,7 +341,7 @@ def tree_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows for B={q.shape[0]}")
     plan = plan_tree_attention(block_tables, prefix_lens, q.shape[1], kv_cache.shape[2],
                                tree_mask, tree_lens, packed_mask=packed_mask)
-    return plan.run(q, kv_cache, scale, out=out, num_splits=num_splits)
+    return plan.run(q, kv_cache, scale, out=out, num_splits=num_splits, bf16=bf16)
 
 
 # ---------------------------------------------------------------------------
@@ -337,15 +364,18 @@ def _gathered_impl(q, kv_cache, gather_blocks, gather_offsets, visible, zero_row
     return o
 
 
-def _cpu_impl(q, kv_cache, block_tables, prefix_lens, byte_mask, tree_lens, scale, out):
-    """specrt._C's fp32 kernel over the paged cache (csrc/attention_cpu.cpp)."""
+def _cpu_impl(q, kv_cache, block_tables, prefix_lens, byte_mask, tree_lens, scale, out,
+              bf16=False):
+    """specrt._C's kernel over the paged cache: fp32 (csrc/attention_cpu.cpp) or, with
+    ``bf16``, bf16 products on AMX tiles (csrc/attention_amx.cpp)."""
     if q.dtype != torch.float32 or kv_cache.dtype != torch.float32 or out.dtype != q.dtype:
         raise ValueError(f"cpu_tree_attention is fp32: got q {q.dtype}, cache {kv_cache.dtype}")
     if not out.is_contiguous():
         raise ValueError("cpu_tree_attention: out must be contiguous")
     native().tree_attention_cpu(q.contiguous().numpy(), kv_cache.numpy(), block_tables.numpy(),
                                 prefix_lens.numpy(), byte_mask.numpy(), tree_lens.numpy(),
-                                scale, out.numpy(), torch.get_num_threads())
+                                scale, out.numpy(), torch.get_num_threads(),
+                                **({"bf16": True} if bf16 else {}))
 
 
 def _paged_impl(q, kv_cache, block_tables, prefix_lens, packed_mask, tree_lens, scale,
@@ -374,7 +404,7 @@ LIB.define("tree_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tenso
            "Tensor? tree_mask, Tensor? tree_lens, float scale) -> Tensor")
 LIB.define("cpu_tree_attention(Tensor q, Tensor kv_cache, Tensor block_tables, "
            "Tensor prefix_lens, Tensor byte_mask, Tensor tree_lens, float scale, "
-           "Tensor(a!) out) -> ()")
+           "Tensor(a!) out, bool bf16=False) -> ()")
 LIB.impl("cpu_tree_attention", _cpu_impl, "CPU")
 for _key in ("CPU", "CUDA"):
     LIB.impl("gathered_tree_attention", _gathered_impl, _key)
@@ -402,7 +432,7 @@ def _(q, kv_cache, block_tables, prefix_lens, tree_mask, tree_lens, scale):
 
 
 @torch.library.register_fake("specrt::cpu_tree_attention", lib=LIB)
-def _(q, kv_cache, block_tables, prefix_lens, byte_mask, tree_lens, scale, out):
+def _(q, kv_cache, block_tables, prefix_lens, byte_mask, tree_lens, scale, out, bf16=False):
     return None
 
 
