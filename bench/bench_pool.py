@@ -11,7 +11,8 @@ oracle row (per prompt, the drafter with the longest mean accepted length, in hi
 ``--only`` keeps just the named candidates (the run's time grows with every mode).
 
     python bench/bench_pool.py [--pool specrt/pools/default] [--per-task 3]
-        [--max-tokens 64] [--draft-len K] [--only NAME,...] [--batch 8] [--json OUT]
+        [--max-tokens 64] [--draft-len K] [--only NAME,...] [--batch 8] [--weights bf16]
+        [--json OUT]
 
 Prints the per-task table (speedup over ar, acceptance rate, mean accepted length), the
 routing of every prompt, and the targets as ratios: the pool's speedup over plain
@@ -31,6 +32,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 import specrt
 from specrt.benchmark import format_table, run_e2e
@@ -144,12 +147,15 @@ def main() -> int:
                     help="comma list: of the pool's other candidates, measure just these")
     ap.add_argument("--batch", type=int, default=8,
                     help="also compare throughput at this batch size (0: skip)")
+    ap.add_argument("--weights", choices=("fp32", "bf16"), default="fp32",
+                    help="weights the target streams (bf16: on AMX CPUs attention too)")
     ap.add_argument("--json", default=None, help="results file; PNGs are written beside it")
     a = ap.parse_args()
 
     pool = Path(a.pool)
     kw = {"max_draft": a.draft_len, "adaptive": False} if a.draft_len else {}
-    engine = specrt.Engine.from_pretrained(pool=str(pool), device="cpu", **kw)
+    wdt = torch.bfloat16 if a.weights == "bf16" else torch.float32
+    engine = specrt.Engine.from_pretrained(pool=str(pool), device="cpu", weight_dtype=wdt, **kw)
     if engine.router is None:
         raise SystemExit(f"{pool}: no routing head loaded")
     base = json.loads((pool / "pool.json").read_text())["default_drafter"]
@@ -162,7 +168,7 @@ def main() -> int:
         extra = [n for n in extra if n in keep]
     rows = balanced_sample(split(load_prompts(a.prompts))[1], a.per_task, seed=0)
     modes = ["ar", base, "pool", *extra]
-    print(f"{machine()}; {len(rows)} eval prompts; modes {modes}; "
+    print(f"{machine()}; {len(rows)} eval prompts; {a.weights} weights; modes {modes}; "
           f"{'fixed draft ' + str(a.draft_len) if a.draft_len else 'adaptive draft length'}")
     res = run_e2e(engine, rows, modes, max_tokens=a.max_tokens)
     print(format_table(res))
@@ -208,7 +214,7 @@ def main() -> int:
               f"{bt['spec_tok_s']:.1f} tok/s, {bt['ratio']:.3f}x (target >= 1.1)")
     if a.json:
         out = {"date": datetime.date.today().isoformat(), "machine": machine(),
-               "max_tokens": a.max_tokens, "draft_len": a.draft_len, "routes": routes,
+               "weights": a.weights, "max_tokens": a.max_tokens, "draft_len": a.draft_len, "routes": routes,
                "check": check, **res}
         Path(a.json).write_text(json.dumps(out, indent=1))
         plot(out, tasks, [m for m in modes if m != "ar"], Path(a.json))
