@@ -3,8 +3,8 @@
 //   h = rmsnorm(x) ; q, k, v = h @ Wqkv^T (+ b) ; rope(q, k) ; k, v -> paged cache
 //   x += attention(q, cache) @ Wo^T
 //   h = rmsnorm(x) ; g, u = h @ Wgu^T ; x += (silu(g) * u) @ Wd^T
-// with the skinny GEMM (gemm_cpu.cpp) and the tree attention kernel (attention_cpu.cpp)
-// called directly. It is the same arithmetic as specrt.model.llama's op-by-op path; what
+// with the skinny GEMM (gemm_cpu.cpp, gemm_bf16_cpu.cpp) and the tree attention kernel
+// (attention_cpu.cpp; attention_amx.cpp with attn_bf16) called directly. It is the same arithmetic as specrt.model.llama's op-by-op path; what
 // it removes is ~30 dispatched torch ops per layer (a third of a decode step's time at
 // batch 1 on a 2-core CPU). Every row's result depends on that row (and the cache) only,
 // never on how many other rows share the call.
@@ -120,7 +120,8 @@ void rows_loop(int64_t N, int threads, F&& f) {
 // weights [L, 7] addresses (attn_norm [H], Wqkv packed, qkv bias [Nqkv] or 0, Wo packed,
 // mlp_norm [H], Wgu packed, Wd packed); cos, sin [N, D]; kv [L, NB, 2, bs, Hkv, D];
 // bt [B, maxb]; prefix, lens [B]; mask [B, T, T] or empty (causal); rows [N] = b T + t
-// of each row (t < lens[b]); taps ascending layer ids, tapped [N, len(taps), H].
+// of each row (t < lens[b]); taps ascending layer ids, tapped [N, len(taps), H]; bf16:
+// the weights are bf16 panels; attn_bf16: attention's products on AMX tiles.
 void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, f32 cos,
                         f32 sin, f32 kv, i32 bt, i64 prefix, u8 mask, i64 lens, i64 rows,
                         int64_t T, double eps, double scale, i64 taps, f32 tapped,
