@@ -43,24 +43,6 @@ using specrt::attn::visible_bits;
 #define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
 #define UNROLL _Pragma("GCC unroll 16")
 
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Every tile 16 rows of 64 bytes (static: see gemm_bf16_cpu.cpp on GCC's ldtilecfg).
-constexpr TileConfig make_config() {
-  TileConfig c{};
-  c.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = 16;
-    c.colsb[t] = 64;
-  }
-  return c;
-}
-alignas(64) constexpr TileConfig kTileConfig = make_config();
-
 // One thread's scratch, grown as needed and kept between calls.
 struct Scratch {
   std::vector<uint32_t> kt, vt;  // converted K and V (layouts above)
@@ -77,32 +59,6 @@ struct Scratch {
     return reinterpret_cast<typename V::value_type*>((p + 63) & ~uintptr_t(63));
   }
 };
-
-// r[i] (16 dwords each) transposed in place: r[j] lane i = old r[i] lane j. Shuffles
-// only, so every dword keeps its bits.
-AMX_TARGET inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  UNROLL for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  UNROLL for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  UNROLL for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  UNROLL for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-  }
-}
 
 // 32 floats (lo = x[0..15], hi = x[16..31]) as 32 bf16, round to nearest even
 AMX_TARGET inline __m512i bf16x32(__m512 lo, __m512 hi) {
@@ -135,7 +91,7 @@ AMX_TARGET void convert_kv(const Ctx& c, int64_t b, int64_t h, int64_t npos, uin
           const float* k = krow[half * 16 + i] + kk * 32;
           r[i] = _mm512_castsi512_ps(bf16x32(_mm512_loadu_ps(k), _mm512_loadu_ps(k + 16)));
         }
-        transpose16(r);
+        specrt::attn::transpose16(r);
         UNROLL for (int i = 0; i < 16; ++i) _mm512_store_ps(dst + kk * 256 + i * 16, r[i]);
       }
     }
@@ -303,9 +259,6 @@ AmxItem amx_item_for(int64_t D) {
   }
 }
 
-AMX_TARGET void tiles_on() { _tile_loadconfig(&kTileConfig); }
-AMX_TARGET void tiles_off() { _tile_release(); }
-
 }  // namespace
 
 namespace specrt {
@@ -342,14 +295,14 @@ void tree_attention_amx_raw(const float* Q, const float* C, const int32_t* BT, i
 #pragma omp parallel num_threads(std::max(1, threads)) if (threads > 1 && items > 1)
   {
     thread_local Scratch w;
-    tiles_on();
+    specrt::amx_tiles_on();  // every tile 16 rows of 64 bytes
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t b = it / (Hkv * nqb), h = (it / nqb) % Hkv, qb = it % nqb;
       const int64_t nq = L[b] * G, q0 = qb * per * 16, q1 = std::min(nq, (qb + 1) * per * 16);
       if (q0 < q1) fn(c, b, h, q0, q1, w);
     }
-    tiles_off();
+    specrt::amx_tiles_off();
   }
 }
 

@@ -63,29 +63,10 @@ __attribute__((target("avx512f"))) void transpose_chunk_avx512(const float* cons
   alignas(64) static const float zeros[16] = {0};  // the row of every key past n
   for (int64_t x0 = 0; x0 < CH; x0 += 16)
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
-      __m512 r[16], t[16];
+      __m512 r[16];
       UNROLL for (int i = 0; i < 16; ++i)
         r[i] = x0 + i < n ? _mm512_loadu_ps(krow[x0 + i] + d0) : _mm512_load_ps(zeros);
-      UNROLL for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-      }
-      UNROLL for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-      }
-      UNROLL for (int i = 0; i < 4; ++i) {
-        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
-        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
-      }
-      UNROLL for (int i = 0; i < 8; ++i) {
-        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-      }
+      specrt::attn::transpose16(r);
       UNROLL for (int i = 0; i < 16; ++i) _mm512_store_ps(kt + (d0 + i) * CH + x0, r[i]);
     }
 }

@@ -2,6 +2,8 @@
 // portable; attention_amx.cpp: bf16 products on AMX tiles): one call's arguments and
 // the paged cache's addressing and visibility rules.
 #pragma once
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -65,6 +67,36 @@ inline void chunk_rows(const Ctx& c, int64_t b, int64_t h, int64_t c0, int64_t n
 // no query's arithmetic.
 inline int64_t item_end(const Ctx& c, int64_t q1, int64_t pre, int64_t tl) {
   return c.M ? pre + tl : pre + std::min(tl, (q1 - 1) / c.G + 1);
+}
+
+// r[0..15] (16 dwords each) transposed in place: r[j] lane i = the old r[i] lane j.
+// Shuffles only, so every element keeps its bits.
+__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
 }
 
 }  // namespace specrt::attn

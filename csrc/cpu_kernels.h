@@ -21,6 +21,10 @@ void skinny_mm_bf16_raw(const float* x, int64_t ldx, const uint16_t* wq, float* 
 // Whether this CPU and OS let a thread use AMX tiles (gemm_bf16_cpu.cpp; asks Linux for
 // the tile state once per process).
 bool amx_tiles_usable();
+// This thread's tile configuration: all 8 tiles 16 rows of 64 bytes (on: before the
+// first tile instruction; off: releases the tile state).
+void amx_tiles_on();
+void amx_tiles_off();
 
 // Tree attention with bf16 products on AMX tiles (attention_amx.cpp), the arguments of
 // tree_attention_raw; only where amx_attention_usable(D) (AMX, AVX512-BF16, D 32 / 64 / 128).

@@ -436,6 +436,8 @@ void skinny_mm_bf16(py::array x, u16arr wq, py::array y, int64_t n, int threads,
 
 namespace specrt {
 bool amx_tiles_usable() { return best_isa() == Isa::amx; }
+void amx_tiles_on() { amx_configure(); }
+void amx_tiles_off() { amx_release(); }
 
 void skinny_mm_bf16_raw(const float* x, int64_t ldx, const uint16_t* wq, float* y, int64_t ldy,
                         int64_t M, int64_t K, int64_t N, int threads) {
