@@ -274,3 +274,21 @@ def test_a_requests_first_draft_is_not_priced_by_the_length_rule(tiny_dir, refer
                         drafter="slow_first")
     assert all(o.stats["drafted_tokens"] > 0 for o in outs)
     assert 0 < eng.lengths.draft_cost["slow_first"] < 0.01, eng.lengths.draft_cost
+
+
+def test_a_prefill_does_not_price_the_length_rules_forwards(tiny_dir, reference):
+    """The rule prices verification forwards of a few dozen tokens. A prefill's hundreds
+    of tokens, fed to its cost line, set the line's slope by their leverage (on the AMX
+    Xeon a 24-token step at batch 8 was priced at 46 ms against ~30 measured, and the rule
+    stopped drafting at batch 8): only verification steps are observed."""
+    ref, _ = reference
+    eng = specrt.Engine.from_pretrained(str(tiny_dir), device="cpu", block_size=4,
+                                        cache_tokens=4096,
+                                        drafters=[ScriptedTreeDrafter("t", ref, 96, seed=1)])
+    prompt = "a long prompt, " * 8
+    n_prompt = len(eng.tokenizer.encode(prompt))
+    eng.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True), drafter="t",
+                 chat=False)
+    seen = set(eng.lengths._table)      # token counts of the forwards it observed
+    assert n_prompt > 1 + eng.lengths.max_draft
+    assert seen and max(seen) <= 1 + eng.lengths.max_draft, (seen, n_prompt)
