@@ -80,7 +80,10 @@ def test_routed_mixed_batch_is_lossless(engine, tiny_dir, tmp_path):
                                         block_size=4, cache_tokens=4096, max_batch=6)
     assert eng.router is not None and eng.default_drafter == "ngram"
     for _ in range(2):  # the second pass: recycling's matrix is warm, more acceptance
-        outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))
+        # a fixed budget: with the adaptive rule, whether a tiny model's sub-millisecond
+        # steps look worth drafting is up to timing noise
+        with eng.lengths.fixed_budget(3):
+            outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))
         for o, w, c in zip(outs, ref, labels):
             assert o.token_ids == w.token_ids
             assert o.stats["cluster"] == c
