@@ -5,7 +5,7 @@
 // query, tree nodes by the mask or causally, rows t >= tree_lens[b] written as 0, K/V read
 // straight from the paged cache), with other arithmetic:
 //   S = bf16(q) . bf16(k)          (AMX, fp32 accumulation over d in one fixed order)
-//   p = exp(S * scale - max)       (fp32, max and sum over the visible keys)
+//   p = exp(S * scale - max * scale)   (fp32, max and sum over the visible keys)
 //   o = (bf16(p) @ bf16(V)) / sum(p)   (AMX, fp32 accumulation over keys in order)
 // For one sequence b and KV head h the G = H_q / H_kv heads' T queries go in tiles of 16
 // rows; every key of the item is converted once into the tiles' layouts:
@@ -16,7 +16,9 @@
 // A query's result depends on its own row and the cache only: an AMX tile computes each
 // output from its row and column, keys past what a query sees add exact zeros (its mask
 // gives p = 0), and chunk boundaries sit at fixed multiples of 16 / 32 positions, so a
-// token's bits do not depend on its tree's size, its tile-mates or the thread count.
+// token's bits do not depend on its tree's size, its tile-mates or the thread count. They
+// do depend on the slots its ancestors take (as in attention_cpu.cpp): the sums group
+// keys by position, and a branch's ancestors are not where they sit once committed.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
