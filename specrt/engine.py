@@ -30,7 +30,7 @@ from specrt import ops
 from specrt.cache import PagedKVCache
 from specrt.draft.adaptive import LengthController
 from specrt.draft.base import Drafter, DraftTree, SeqState, Verified
-from specrt.draft.registry import drafter_set, routes_within
+from specrt.draft.registry import drafter_set, routes_within, uses_model
 from specrt.model import Detokenizer, Llama, Tokenizer, load_model
 from specrt.model.prefill import mean_prompt_state, ragged_prefill
 from specrt.acceptance import accept
@@ -449,9 +449,43 @@ class Engine:
         if not auto:
             return
         feats = torch.stack([mean_prompt_state(self.model, h[i, :lens[i]]) for i in auto])
+        fallback = self._load_fallback(len(self._active))
         for i, (name, cluster, conf) in zip(auto, self._router.route(feats)):
+            if fallback and self._yields(name, len(self._active)):
+                name = fallback  # under load this drafter costs more than it returns
             reqs[i].drafter = name
             reqs[i].cluster, reqs[i].route_confidence = cluster, conf
+
+    def _load_fallback(self, batch: int) -> str | None:
+        """The drafter that routed requests fall back to at ``batch`` requests in flight
+        (``EngineConfig.load_fallback``): the default drafter when it runs no model, and
+        only under load (batch > 1)."""
+        d = self._default
+        if (not self._config.load_fallback or batch <= 1 or d not in self._drafters
+                or uses_model(self._drafters[d])):
+            return None
+        return d
+
+    def _yields(self, name: str | None, batch: int) -> bool:
+        """Whether drafter ``name`` gives way to the fallback at ``batch``: it runs a
+        model and the length rule says it would not draft there."""
+        return (name is not None and name in self._drafters
+                and uses_model(self._drafters[name]) and not self._lengths.pays(name, batch))
+
+    def _fall_back(self, reqs: list[Request]) -> None:
+        """Routed requests whose drafter no longer pays at this batch size (it learns its
+        cost per drafted token there as it drafts) move to the model-free default drafter
+        for the rest of the request (one way: the model drafter's state is released)."""
+        fb = self._load_fallback(len(reqs))
+        if fb is None:
+            return
+        for r in reqs:
+            if r.auto_route and r.seq is not None and self._yields(r.drafter, len(reqs)):
+                self._drafters[r.drafter].release(r.seq)
+                r.seq.state.clear()
+                r.seq.tokens = r.prompt_ids + r.out_ids
+                self._drafters[fb].begin(r.seq, None)
+                r.drafter = fb
 
     def _sample_first(self, r: Request, logits: torch.Tensor) -> int:
         """The first token after prefill, from ``logits`` ``[V]``."""
@@ -465,6 +499,7 @@ class Engine:
         """Draft trees, batched per drafter; a root-only tree for plain decoding. A
         drafter that raises or returns a bad tree fails the requests it serves (only
         those); returns the requests still going and their trees."""
+        self._fall_back(reqs)
         trees: list[DraftTree | None] = [None] * len(reqs)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(reqs):

@@ -83,3 +83,23 @@ def test_draft_cost_is_priced_at_the_batch_it_was_measured_at():
     assert c.budget("d", st, batch=8, remaining=64) == 0
     assert c.drafter_cost("d", 3) == c.draft_cost["d"]            # 3-4: never measured
     assert c.drafter_cost("unseen", 8) == 0.0
+
+
+def test_pays_tells_whether_a_drafter_would_draft_at_a_batch_size_without_side_effects():
+    """``pays``: the rule's own test (acceptance across requests against the cost per
+    drafted token at that batch size) for a request not yet started; it changes no
+    history (the engine asks it when routing under load)."""
+    c = LengthController(max_draft=4)
+    for n in range(1, 40):
+        c.observe_forward(n, 0.02)
+        c.observe_forward(n, 0.02)
+    for _ in range(5):
+        c.observe_draft("head", 4, 4 * 0.0005, batch=1)
+        c.observe_draft("head", 8, 8 * 0.02, batch=8)   # a forward's worth per token
+    c.observe_accept("head", "r0", 2, 4)
+    before = (c.tracked, dict(c.drafter_rate["head"].__dict__))
+    assert c.pays("head", 1) and not c.pays("head", 8)
+    assert (c.tracked, dict(c.drafter_rate["head"].__dict__)) == before
+    assert c.pays("never_seen", 8)                      # no cost measured: the prior
+    c.adaptive = False
+    assert c.pays("head", 8)

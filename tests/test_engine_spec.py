@@ -292,3 +292,70 @@ def test_a_prefill_does_not_price_the_length_rules_forwards(tiny_dir, reference)
     seen = set(eng.lengths._table)      # token counts of the forwards it observed
     assert n_prompt > 1 + eng.lengths.max_draft
     assert seen and max(seen) <= 1 + eng.lengths.max_draft, (seen, n_prompt)
+
+
+def test_under_load_a_drafter_that_does_not_pay_yields_to_the_model_free_default(
+        tiny_dir, reference):
+    """A routed request joining a batch at which its drafter costs more than it returns
+    (the length rule's ``pays``) decodes with the default drafter when that one runs no
+    model; alone, or with ``load_fallback=False``, it keeps its drafter. Greedy output
+    equals plain decoding either way."""
+    ref, want = reference
+
+    class ToHead:  # a router that sends every prompt to the model-like drafter
+        def route(self, feats):
+            return [("head", 0, 1.0)] * len(feats)
+
+    def engine(**kw):
+        eng = specrt.Engine.from_pretrained(
+            str(tiny_dir), device="cpu", block_size=4, cache_tokens=4096, max_batch=3,
+            drafters=[NgramDrafter(), ScriptedTreeDrafter("head", ref, 96, seed=1)],
+            default_drafter="ngram", router=ToHead(), **kw)
+        for n in range(1, 40):
+            eng.lengths.observe_forward(n, 0.02)
+        for b in (2, 3):  # the head: a forward's worth of time per drafted token at 2-3
+            eng.lengths.observe_draft("head", 4, 4 * 0.05, batch=b)
+        return eng
+
+    p = SamplingParams(max_tokens=N, ignore_eos=True)
+    for fallback in (True, False):
+        eng = engine(load_fallback=fallback)
+        outs = eng.generate(PROMPTS[:3], p)
+        assert [o.token_ids for o in outs] == want[:3]
+        assert {o.stats["drafter"] for o in outs} == ({"ngram"} if fallback else {"head"})
+        assert all(o.stats["cluster"] == 0 for o in outs)
+        alone = eng.generate(PROMPTS[0], p)[0]
+        assert alone.stats["drafter"] == "head" and alone.token_ids == want[0]
+
+
+def test_a_routed_request_moves_to_the_fallback_when_its_drafter_stops_paying(
+        tiny_dir, reference):
+    """Mid-request: once the rule has measured that the drafter does not pay at the
+    batch size, its routed requests move to the model-free default for the rest (the
+    drafter's state released), losslessly; a request forced to the drafter stays."""
+    ref, want = reference
+
+    class ToHead:
+        def route(self, feats):
+            return [("head", 0, 1.0)] * len(feats)
+
+    head = ScriptedTreeDrafter("head", ref, 96, seed=1)
+    eng = specrt.Engine.from_pretrained(
+        str(tiny_dir), device="cpu", block_size=4, cache_tokens=4096, max_batch=3,
+        drafters=[NgramDrafter(), head], default_drafter="ngram", router=ToHead())
+    p = SamplingParams(max_tokens=N, ignore_eos=True)
+    ids = [eng.add_request(q, p) for q in PROMPTS[:2]] + [
+        eng.add_request(PROMPTS[2], p, drafter="head")]
+    eng.step()
+    assert [eng._requests[i].drafter for i in ids] == ["head"] * 3
+    for n in range(1, 40):
+        eng.lengths.observe_forward(n, 0.02)
+    for _ in range(20):
+        eng.lengths.observe_draft("head", 4, 4 * 0.05, batch=3)
+    done = {}
+    while eng.has_unfinished():
+        for ev in eng.step():
+            if ev.finished:
+                done[ev.request_id] = ev.output
+    assert [done[i].token_ids for i in ids] == want[:3]
+    assert [done[i].stats["drafter"] for i in ids] == ["ngram", "ngram", "head"]

@@ -196,14 +196,9 @@ class LengthController:
         g.trials = g.trials * 0.995 + trials
 
     # -------------------------------------------------------------- choice
-    def budget(self, drafter: str, request: Hashable, batch: int, remaining: int) -> int:
-        """Draft tokens for ``request``'s next tree (0 = plain decode) in a batch of
-        ``batch`` requests, with ``remaining`` tokens left to generate."""
-        cap = min(self.max_draft, max(remaining - 1, 0))
-        if not self.adaptive or cap == 0:
-            return cap
-        a = self.rate(drafter, request)
-        d = self.drafter_cost(drafter, batch)
+    def _best_k(self, a: float, d: float, batch: int, cap: int) -> int:
+        """The budget in ``0..cap`` with the best expected tokens per second at
+        acceptance ``a``, drafter cost ``d`` per drafted token, ``batch`` requests."""
         best_k, best = 0, 0.0
         for k in range(cap + 1):
             exp_tokens = (1 - a ** (k + 1)) / (1 - a)
@@ -211,6 +206,26 @@ class LengthController:
             # a larger tree must beat the best so far by 2%: costs are noisy measurements
             if exp_tokens / cost > best * 1.02:
                 best_k, best = k, exp_tokens / cost
+        return best_k
+
+    def pays(self, drafter: str, batch: int) -> bool:
+        """Whether ``drafter`` would draft at all for a new request at ``batch``
+        requests: its acceptance across requests against its cost per drafted token at
+        that batch size (no side effects; True when the rule is off)."""
+        if not self.adaptive or self.max_draft == 0:
+            return True
+        g = self.drafter_rate.get(drafter)
+        a = min(max(g.hits / g.trials if g and g.trials >= 1 else self.prior, 0.0), 0.98)
+        return self._best_k(a, self.drafter_cost(drafter, batch), batch, self.max_draft) > 0
+
+    def budget(self, drafter: str, request: Hashable, batch: int, remaining: int) -> int:
+        """Draft tokens for ``request``'s next tree (0 = plain decode) in a batch of
+        ``batch`` requests, with ``remaining`` tokens left to generate."""
+        cap = min(self.max_draft, max(remaining - 1, 0))
+        if not self.adaptive or cap == 0:
+            return cap
+        best_k = self._best_k(self.rate(drafter, request), self.drafter_cost(drafter, batch),
+                              batch, cap)
         r = self._request(request)
         if best_k == 0:
             r.off += 1

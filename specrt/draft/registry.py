@@ -76,6 +76,15 @@ def model_drafter(config_json: str | Path, model, *, name: str | None = None,
     return ModelDrafter.load(config_json, model, name=name, **opts)
 
 
+def uses_model(drafter) -> bool:
+    """Whether ``drafter`` runs a model forward to draft (a model drafter, or a fused
+    drafter with one among its members); the lookup drafters (n-gram, suffix, token
+    recycling) do not."""
+    if isinstance(drafter, FusedDrafter):
+        return any(uses_model(m) for m in drafter.members)
+    return not isinstance(drafter, (NgramDrafter, RecyclingDrafter, SuffixDrafter))
+
+
 def fuse(members: list, name: str | None = None, split: str = "fill") -> FusedDrafter:
     """The fused drafter of ``members`` (named after them joined by ``+`` by default)."""
     return FusedDrafter(members, name=name, split=split)
