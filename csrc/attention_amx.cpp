@@ -30,6 +30,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "attention_paged.h"
@@ -164,10 +165,10 @@ AMX_TARGET void amx_item(const Ctx& c, int64_t b, int64_t h, int64_t q0, int64_t
     // summed in fp32, 0 for keys the row does not see (prefix chunks: every key)
     float lsum[16];
     const int64_t full16 = std::min(pre, tnpos) / 16;  // chunks wholly in the prefix
-    // vb[k16 - full16]: visible keys of chunk k16 for query token vt (the G heads of a
-    // token are adjacent rows and share them)
-    uint16_t* vb = Scratch::at_least(w.vis, n16 - full16);
-    int64_t vt_tok = -1;
+    // vis[k16 - full16]: visible keys of chunk k16 for query token vis_tok (the G heads
+    // of a token are adjacent rows and share them)
+    uint16_t* vis = Scratch::at_least(w.vis, n16 - full16);
+    int64_t vis_tok = -1;
     for (int r = 0; r < 16; ++r) {
       const float* sr = s + r * ld;
       uint16_t* pr = pa + r * 32;
@@ -177,18 +178,18 @@ AMX_TARGET void amx_item(const Ctx& c, int64_t b, int64_t h, int64_t q0, int64_t
         continue;
       }
       const int64_t t = (t0 + r) / c.G;
-      if (t != vt_tok) {
+      if (t != vis_tok) {
         for (int64_t k16 = full16; k16 < n16; ++k16) {
           const int64_t c0 = k16 * 16;
-          vb[k16 - full16] = static_cast<uint16_t>(
+          vis[k16 - full16] = static_cast<uint16_t>(
               visible_bits(c, b, t, c0, std::min<int64_t>(16, tnpos - c0), pre, tl));
         }
-        vt_tok = t;
+        vis_tok = t;
       }
       __m512 mv = ninf;
       for (int64_t k16 = 0; k16 < full16; ++k16) mv = _mm512_max_ps(mv, _mm512_load_ps(sr + k16 * 16));
       for (int64_t k16 = full16; k16 < n16; ++k16)
-        mv = _mm512_mask_max_ps(mv, vb[k16 - full16], mv, _mm512_load_ps(sr + k16 * 16));
+        mv = _mm512_mask_max_ps(mv, vis[k16 - full16], mv, _mm512_load_ps(sr + k16 * 16));
       const float mx = _mm512_reduce_max_ps(mv);
       if (mx == -std::numeric_limits<float>::infinity()) {  // sees nothing: p = 0
         for (int64_t k32 = 0; k32 < m32; ++k32) _mm512_store_si512(pr + k32 * 512, _mm512_setzero_si512());
@@ -200,7 +201,7 @@ AMX_TARGET void amx_item(const Ctx& c, int64_t b, int64_t h, int64_t q0, int64_t
         __m512 p[2];
         UNROLL for (int u = 0; u < 2; ++u) {
           const int64_t j = 2 * k32 + u;
-          const __mmask16 keep = j < full16 ? 0xffff : j < n16 ? vb[j - full16] : 0;
+          const __mmask16 keep = j < full16 ? 0xffff : j < n16 ? vis[j - full16] : 0;
           p[u] = _mm512_maskz_mov_ps(keep, specrt::exp512(_mm512_fmsub_ps(
                                                 _mm512_load_ps(sr + j * 16), scv, msc)));
           sum = _mm512_add_ps(sum, p[u]);
@@ -273,6 +274,14 @@ bool amx_attention_usable(int64_t D) {
   }();
   return cpu && amx_item_for(D) != nullptr;
 }
+
+void require_amx_attention(const char* op, int64_t D) {
+  if (!amx_attention_usable(D))
+    throw std::invalid_argument(std::string(op) + ": bf16 attention needs AMX tiles and "
+                                "AVX512-BF16 and head dim 32, 64 or 128 (head dim " +
+                                std::to_string(D) + ")");
+}
+
 
 void tree_attention_amx_raw(const float* Q, const float* C, const int32_t* BT, int64_t maxb,
                             const int64_t* P, const int64_t* L, const uint8_t* M, float* O,

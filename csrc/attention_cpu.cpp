@@ -498,10 +498,7 @@ void tree_attention_cpu(f32 q, f32 cache, i32 bt, i64 prefix, u8 mask, i64 lens,
   float* O = out.mutable_data();
   const int64_t G = Hq / Hkv;
   specrt::check_paged_plan("tree_attention_cpu", BT, maxb, NB, P, L, B, T, bs);
-  if (bf16 && !specrt::amx_attention_usable(D))
-    throw std::invalid_argument("tree_attention_cpu: bf16 attention needs AMX tiles and "
-                                "AVX512-BF16 and head dim 32, 64 or 128 (head dim " +
-                                std::to_string(D) + ")");
+  if (bf16) specrt::require_amx_attention("tree_attention_cpu", D);
   py::gil_scoped_release nogil;
   if (bf16)
     specrt::tree_attention_amx_raw(Q, C, BT, maxb, P, L, M, O, B, T, Hq, Hkv, D, bs, scale, threads);

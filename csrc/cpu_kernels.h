@@ -29,6 +29,8 @@ void amx_tiles_off();
 // Tree attention with bf16 products on AMX tiles (attention_amx.cpp), the arguments of
 // tree_attention_raw; only where amx_attention_usable(D) (AMX, AVX512-BF16, D 32 / 64 / 128).
 bool amx_attention_usable(int64_t D);
+// Throws std::invalid_argument naming ``op`` unless amx_attention_usable(D).
+void require_amx_attention(const char* op, int64_t D);
 void tree_attention_amx_raw(const float* Q, const float* C, const int32_t* BT, int64_t maxb,
                             const int64_t* P, const int64_t* L, const uint8_t* M, float* O,
                             int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,

@@ -4,10 +4,11 @@
 //   x += attention(q, cache) @ Wo^T
 //   h = rmsnorm(x) ; g, u = h @ Wgu^T ; x += (silu(g) * u) @ Wd^T
 // with the skinny GEMM (gemm_cpu.cpp, gemm_bf16_cpu.cpp) and the tree attention kernel
-// (attention_cpu.cpp; attention_amx.cpp with attn_bf16) called directly. It is the same arithmetic as specrt.model.llama's op-by-op path; what
-// it removes is ~30 dispatched torch ops per layer (a third of a decode step's time at
-// batch 1 on a 2-core CPU). Every row's result depends on that row (and the cache) only,
-// never on how many other rows share the call.
+// (attention_cpu.cpp; attention_amx.cpp with attn_bf16) called directly. It is the same
+// arithmetic as specrt.model.llama's op-by-op path; what it removes is ~30 dispatched
+// torch ops per layer (a third of a decode step's time at batch 1 on a 2-core CPU).
+// Every row's result depends on that row (and the cache) only, never on how many other
+// rows share the call.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -177,9 +178,7 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (attn_bf16 && !specrt::amx_attention_usable(D))
-    throw std::invalid_argument("decoder_layers_cpu: bf16 attention needs AMX tiles and "
-                                "AVX512-BF16 and head dim 32, 64 or 128");
+  if (attn_bf16) specrt::require_amx_attention("decoder_layers_cpu", D);
 
   py::gil_scoped_release nogil;
   std::vector<float> h(N * H), qkv(N * nqkv), tmp(N * H), gu(N * 2 * I), act(N * I);

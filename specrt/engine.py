@@ -479,8 +479,13 @@ class Engine:
         fb = self._load_fallback(len(reqs))
         if fb is None:
             return
+        yields: dict[str | None, bool] = {}  # per drafter, once per step
         for r in reqs:
-            if r.auto_route and r.seq is not None and self._yields(r.drafter, len(reqs)):
+            if not r.auto_route or r.seq is None:
+                continue
+            if r.drafter not in yields:
+                yields[r.drafter] = self._yields(r.drafter, len(reqs))
+            if yields[r.drafter]:
                 self._drafters[r.drafter].release(r.seq)
                 r.seq.state.clear()
                 r.seq.tokens = r.prompt_ids + r.out_ids

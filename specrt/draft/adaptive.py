@@ -174,10 +174,14 @@ class LengthController:
         return self.draft_cost.get(drafter, 0.0) if got is None else got
 
     # ---------------------------------------------------------- acceptance
+    def _drafter_prior(self, drafter: str) -> float:
+        """``drafter``'s running acceptance across requests (the prior until measured)."""
+        g = self.drafter_rate.get(drafter)
+        return g.hits / g.trials if g and g.trials >= 1 else self.prior
+
     def rate(self, drafter: str, request: Hashable) -> float:
         """Estimated per-position acceptance of ``request`` under ``drafter``."""
-        g = self.drafter_rate.get(drafter)
-        prior = g.hits / g.trials if g and g.trials >= 1 else self.prior
+        prior = self._drafter_prior(drafter)
         r = self._requests.get(request) or _RequestRate()
         a = (r.hits + self.prior_weight * prior) / (r.trials + self.prior_weight)
         return min(max(a, 0.0), 0.98)
@@ -214,8 +218,7 @@ class LengthController:
         that batch size (no side effects; True when the rule is off)."""
         if not self.adaptive or self.max_draft == 0:
             return True
-        g = self.drafter_rate.get(drafter)
-        a = min(max(g.hits / g.trials if g and g.trials >= 1 else self.prior, 0.0), 0.98)
+        a = min(max(self._drafter_prior(drafter), 0.0), 0.98)
         return self._best_k(a, self.drafter_cost(drafter, batch), batch, self.max_draft) > 0
 
     def budget(self, drafter: str, request: Hashable, batch: int, remaining: int) -> int:

@@ -353,9 +353,10 @@ class Llama(nn.Module):
 
     def _fused_kw(self) -> dict:
         # flags only when set: a build from before them (bench_native_ab's baseline) still runs
-        if self.weight_dtype is not torch.bfloat16:
-            return {}
-        return {"bf16": True, "attn_bf16": True} if self._attn_bf16() else {"bf16": True}
+        kw = {"bf16": True} if self.weight_dtype is torch.bfloat16 else {}
+        if self._attn_bf16():
+            kw["attn_bf16"] = True
+        return kw
 
     def _attn_bf16(self) -> bool:
         """Whether attention takes bf16 products (AMX): with bf16 weights, where the CPU
