@@ -99,6 +99,8 @@ def _reference(q, kv_cache, block_tables, prefix_lens, tree_mask, tree_lens, sca
         P = int(pl[b])
         n = T if tree_lens is None else int(tree_lens[b])
         L = P + n
+        if L == 0:                                                  # sees nothing: rows stay 0
+            continue
         pos = torch.arange(L)
         kv = kv_cache[bt[b, pos // bs], :, pos % bs]                 # [L, 2, Hkv, D]
         k = kv[:, 0].repeat_interleave(G, dim=1)                    # [L, Hq, D]
