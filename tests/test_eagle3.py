@@ -60,6 +60,50 @@ def test_forward_taps_are_the_layer_states(target):
         target_hidden(m, ids, taps=(0, 4))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_heads_run_once_with_the_same_states(target, seed):
+    """``target_hidden(..., shared=)``: lists that start with the same head (sampled
+    outputs of one prompt) run the head once and their tails over it as a cached
+    prefix; every state equals the one-prefill-per-list result (within fp32 rounding),
+    taps included, for heads shorter than a block, lists alone with their head, and
+    tails of one token. A wrong prefix (the tails' positions restarting at 0) fails."""
+    m = target.model
+    g = torch.Generator().manual_seed(seed)
+    r = lambda n: torch.randint(3, 90, (n,), generator=g).tolist()  # noqa: E731
+    h1, h2, h3 = r(9), r(14), r(3)                    # block_size 4: heads 8, 12, none
+    ids = [h1 + r(5), h2 + r(7), h1 + r(1), h2 + r(11), r(6), h1 + r(8), h3 + r(4),
+           h3 + r(2)]
+    shared = [9, 14, 9, 14, 6, 9, 3, 3]
+    want = target_hidden(m, ids, taps=(0, 2, 3))
+    got = target_hidden(m, ids, taps=(0, 2, 3), shared=shared, block_size=4)
+    for i, (a, b) in enumerate(zip(want, got)):
+        assert b.shape == a.shape, i
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=f"list {i}")
+    last = target_hidden(m, ids, shared=shared, block_size=4)
+    for a, b in zip(want, last):
+        torch.testing.assert_close(b, a[:, -1], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="head lengths"):
+        target_hidden(m, ids, shared=shared[:-1])
+
+
+def test_shared_heads_negative_control(target, monkeypatch):
+    """The equality above is not vacuous: tails run at positions from 0 (their prefix's
+    RoPE offset lost) give other states."""
+    import specrt.align.features as feat
+
+    m = target.model
+    ids = [[5, 9, 14, 3, 22, 7, 40, 41, 9, 2], [5, 9, 14, 3, 22, 7, 40, 41, 11, 12]]
+    want = target_hidden(m, ids)
+    orig = m.forward
+
+    def shifted(tokens, positions, *a, **k):
+        return orig(tokens, positions - positions[:, :1], *a, **k)
+
+    monkeypatch.setattr(m, "forward", shifted)
+    got = feat.target_hidden(m, ids, shared=[8, 8], block_size=4)
+    assert not torch.allclose(got[0][8:], want[0][8:], atol=1e-3)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ttt_steps_equal_drafting_depths(target, seed):
     """A chain of D drafts from the ModelDrafter (catch-up chunk over target features,

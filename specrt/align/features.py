@@ -25,7 +25,8 @@ from specrt.model.prefill import mean_prompt_state, ragged_prefill
 @torch.inference_mode()
 def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 8192,
                   max_batch: int = 16, block_size: int = 16, progress: bool = False,
-                  reduce=None, taps: tuple[int, ...] = ()) -> list[torch.Tensor]:
+                  reduce=None, taps: tuple[int, ...] = (),
+                  shared: list[int] | None = None) -> list[torch.Tensor]:
     """Pre-norm last-layer states of the target over each token list (one causal
     prefill each, batched by similar lengths through the paged cache).
 
@@ -37,6 +38,11 @@ def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 81
             the batch (keeps memory small); default keeps ``h`` itself (on CPU).
         taps: ascending layer indices: ``h`` is then ``[T_i, len(taps), hidden]``, those
             layers' output states (pre-norm) instead of the last layer's.
+        shared: optional, per list, the length of a head (a prompt) that other lists
+            may start with too (sampled outputs of one prompt). Lists whose heads are
+            equal run that head once, to its last whole cache block, and their tails
+            over it as a cached prefix (:func:`_shared_prefix_states`): the same states
+            within the kernels' rounding, at the cost of one head instead of one each.
 
     Returns: N tensors, ``[T_i, hidden]`` (model dtype, CPU) or ``reduce``'s result.
     """
@@ -46,7 +52,29 @@ def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 81
     for i, t in enumerate(token_lists):
         if not 1 <= len(t) <= a.max_position_embeddings:
             raise ValueError(f"sequence {i} has {len(t)} tokens (need 1..{a.max_position_embeddings})")
-    order = sorted(range(N), key=lambda i: len(token_lists[i]))
+    out: list = [None] * N
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=N, desc="target states", unit="seq")
+    todo = list(range(N))
+    if shared is not None:
+        if len(shared) != N:
+            raise ValueError(f"shared: {len(shared)} head lengths for {N} token lists")
+        groups: dict[tuple, list[int]] = {}
+        for i in todo:
+            F = min(shared[i], len(token_lists[i]) - 1) // block_size * block_size
+            if F > 0:
+                groups.setdefault(tuple(token_lists[i][:F]), []).append(i)
+        groups = {h: g for h, g in groups.items() if len(g) > 1}
+        if groups:
+            _shared_prefix_states(model, token_lists, list(groups.items()), out,
+                                  batch_tokens=batch_tokens, max_batch=max_batch,
+                                  block_size=block_size, taps=taps, reduce=reduce, bar=bar)
+            done = {i for g in groups.values() for i in g}
+            todo = [i for i in todo if i not in done]
+    order = sorted(todo, key=lambda i: len(token_lists[i]))
     batches, cur = [], []
     for i in order:
         L = len(token_lists[i])
@@ -56,15 +84,16 @@ def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 81
         cur.append(i)
     if cur:
         batches.append(cur)
-    out: list = [None] * N
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=N, desc="target states", unit="seq")
+    # one scratch cache for every batch, zeroed once (a pool sized for 8192 tokens is
+    # ~0.4 GB: zeroing one per batch cost more than the prefill of short sequences)
+    need = max((sum(-(-len(token_lists[i]) // block_size) for i in idx) for idx in batches),
+               default=0)
+    cache = PagedKVCache(a.num_hidden_layers, max(need, 1), block_size,
+                         a.num_key_value_heads, a.head_dim, dtype=model.embed.weight.dtype,
+                         device=dev)
     for idx in batches:
         lens = [len(token_lists[i]) for i in idx]
-        h = _prefill_states(model, [token_lists[i] for i in idx], block_size, dev, taps)
+        h = _prefill_states(model, [token_lists[i] for i in idx], cache, taps)
         for j, i in enumerate(idx):
             hi = h[j, :lens[j]]
             out[i] = reduce(hi, i) if reduce is not None else hi.detach().cpu().clone()
@@ -75,20 +104,107 @@ def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 81
     return out
 
 
-def _prefill_states(model, seqs: list[list[int]], block_size: int, dev,
-                    taps: tuple[int, ...] = ()) -> torch.Tensor:
-    """The engine's prefill call (:func:`specrt.model.prefill.ragged_prefill`) over a
-    scratch paged cache. Returns pre-norm states ``[B, T, hidden]`` (with ``taps``: the
-    tapped layers' ``[B, T, k, hidden]``)."""
+def _shared_prefix_states(model, token_lists: list[list[int]], groups: list, out: list, *,
+                          batch_tokens: int, max_batch: int, block_size: int,
+                          taps: tuple[int, ...], reduce, bar) -> None:
+    """:func:`target_hidden` for ``groups`` ``[(head, [i, ...]), ...]``: lists ``i`` that
+    start with the same ``head`` (a whole number of cache blocks, shorter than each list).
+    A few groups at a time: their heads run as one ragged prefill; then their lists'
+    tails, batched, run over the head's blocks as a cached prefix (every tail's block
+    table starts with its head's blocks, read only; the tail writes its own blocks).
+    Fills ``out[i]`` (``reduce``-d as in :func:`target_hidden`)."""
     a = model.args
-    B, T = len(seqs), max(len(s) for s in seqs)
-    cache = PagedKVCache(a.num_hidden_layers, B * -(-T // block_size), block_size,
-                         a.num_key_value_heads, a.head_dim, dtype=model.embed.weight.dtype,
-                         device=dev)
-    for b, s in enumerate(seqs):
-        cache.add(b)
-        cache.reserve(b, len(s))
-    out = ragged_prefill(model, seqs, cache.kv, cache.block_table(list(range(B))), taps)
+    dev = next(model.parameters()).device
+    per_tok = lambda n: -(-n // block_size)  # noqa: E731
+    chunks, cur, cur_tok = [], [], 0     # groups whose heads and tails fit one pool
+    for g in groups:
+        n = len(g[0]) + sum(len(token_lists[i]) - len(g[0]) for i in g[1])
+        if cur and cur_tok + n > 4 * batch_tokens:
+            chunks.append(cur)
+            cur, cur_tok = [], 0
+        cur.append(g)
+        cur_tok += n
+    if cur:
+        chunks.append(cur)
+    need = max(sum(per_tok(len(h)) + sum(per_tok(len(token_lists[i]) - len(h)) + 1
+                                         for i in g) for h, g in c) for c in chunks)
+    cache = PagedKVCache(a.num_hidden_layers, need, block_size, a.num_key_value_heads,
+                         a.head_dim, dtype=model.embed.weight.dtype, device=dev)
+    alloc = cache.allocator
+    for chunk in chunks:
+        heads = [list(h) for h, _ in chunk]
+        head_blocks = [alloc.allocate(per_tok(len(h))) for h in heads]
+        try:
+            bt = _table(head_blocks, dev)
+            hh = ragged_prefill(model, heads, cache.kv, bt, taps)
+            hh = hh[1] if taps else hh                       # [C, Fmax, (k,) H]
+            members = [(c, i) for c, (_, g) in enumerate(chunk) for i in g]
+            members.sort(key=lambda m: len(token_lists[m[1]]) - len(heads[m[0]]))
+            batches, cur = [], []
+            for m in members:
+                L = len(token_lists[m[1]]) - len(heads[m[0]])
+                if cur and ((len(cur) + 1) * L > batch_tokens or len(cur) >= max_batch):
+                    batches.append(cur)
+                    cur = []
+                cur.append(m)
+            if cur:
+                batches.append(cur)
+            for bat in batches:
+                F = [len(heads[c]) for c, _ in bat]
+                tails = [token_lists[i][f:] for (_, i), f in zip(bat, F)]
+                own = [alloc.allocate(per_tok(f + len(t)) - f // block_size)
+                       for f, t in zip(F, tails)]
+                try:
+                    T = max(len(t) for t in tails)
+                    toks = torch.zeros(len(bat), T, dtype=torch.long)
+                    for r, t in enumerate(tails):
+                        toks[r, :len(t)] = torch.tensor(t)
+                    F_t = torch.tensor(F)
+                    res = model(toks.to(dev), (F_t[:, None] + torch.arange(T)).to(dev),
+                                cache.kv,
+                                _table([head_blocks[c] + o for (c, _), o in zip(bat, own)],
+                                       dev),
+                                F_t.to(dev), tree_lens=torch.tensor([len(t) for t in tails],
+                                                                    device=dev),
+                                norm=False, taps=taps)
+                    ht = res[1] if taps else res
+                    for r, ((c, i), f, t) in enumerate(zip(bat, F, tails)):
+                        h = torch.cat([hh[c, :f], ht[r, :len(t)]])
+                        out[i] = reduce(h, i) if reduce is not None else h.detach().cpu().clone()
+                        if bar is not None:
+                            bar.update(1)
+                finally:
+                    for o in own:
+                        alloc.free(o)
+        finally:
+            for b in head_blocks:
+                alloc.free(b)
+
+
+def _table(blocks: list[list[int]], dev) -> torch.Tensor:
+    """Block lists -> ``[B, max_blocks]`` int32 (pad 0)."""
+    bt = torch.zeros(len(blocks), max(1, max(len(b) for b in blocks)), dtype=torch.int32)
+    for r, b in enumerate(blocks):
+        bt[r, :len(b)] = torch.tensor(b, dtype=torch.int32)
+    return bt.to(dev)
+
+
+def _prefill_states(model, seqs: list[list[int]], cache: PagedKVCache,
+                    taps: tuple[int, ...] = ()) -> torch.Tensor:
+    """The engine's prefill call (:func:`specrt.model.prefill.ragged_prefill`) over the
+    scratch paged ``cache`` (its sequences are released again; a prefill writes every
+    position it reads, so what earlier batches left in the blocks is never seen).
+    Returns pre-norm states ``[B, T, hidden]`` (with ``taps``: the tapped layers'
+    ``[B, T, k, hidden]``)."""
+    B = len(seqs)
+    try:
+        for b, s in enumerate(seqs):
+            cache.add(b)
+            cache.reserve(b, len(s))
+        out = ragged_prefill(model, seqs, cache.kv, cache.block_table(list(range(B))), taps)
+    finally:
+        for b in range(B):
+            cache.release(b)
     return out[1] if taps else out
 
 

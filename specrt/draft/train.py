@@ -101,8 +101,10 @@ def sequences(model, recs: list[dict], progress: bool = True,
     ctx_len = model.args.max_position_embeddings
     toks = [(r["prompt_ids"] + r["output_ids"])[:ctx_len + 1] for r in recs]
     keep = [i for i, t in enumerate(toks) if len(t) >= 2]
+    # sampled outputs of one prompt share its prefill (``shared``)
     hs = target_hidden(model, [toks[i][:-1] for i in keep], progress=progress, taps=taps,
-                       reduce=lambda h, i: h.to(torch.float16).cpu().clone())
+                       reduce=lambda h, i: h.to(torch.float16).cpu().clone(),
+                       shared=[len(recs[i]["prompt_ids"]) for i in keep])
     out = []
     for i, h in zip(keep, hs):
         s = {"tokens": torch.tensor(toks[i]), "id": recs[i]["id"],
