@@ -347,3 +347,28 @@ def test_lora_over_base_trains_adapters_only_and_round_trips(tmp_path, target):
     (pool / "base.json").unlink()
     with pytest.raises(FileNotFoundError, match="base drafter"):
         DraftNet.load(pool / "aligned_0.json", target.model)
+
+
+def test_training_windows_cover_outputs_and_optionally_prompts():
+    """The trainer's windows end at the sequence end, so every output position is in
+    one; ``prompt_windows=False`` drops the windows that hold prompt positions only
+    (one prompt's samples would repeat them) and keeps those that hold outputs."""
+    import random
+
+    from specrt.draft.train import _batches
+
+    def seq(prompt_len, n):
+        return {"hidden": torch.zeros(n, 1), "prompt_len": prompt_len}
+
+    def windows(seqs, pw):
+        return sorted((s["prompt_len"], a, e) for g in
+                      _batches(seqs, 256, 4096, random.Random(0), prompt_windows=pw)
+                      for s, a, e in g)
+
+    # 600 prompt tokens + 256 outputs: 855 positions, 599.. predict outputs
+    rag, longout = seq(600, 855), seq(100, 700)
+    assert windows([rag], True) == [(600, 87, 343), (600, 343, 599), (600, 599, 855)]
+    assert windows([rag], False) == [(600, 599, 855)]
+    # output windows are kept whatever their start; the one reaching into the prompt too
+    assert windows([longout], False) == [(100, 0, 188), (100, 188, 444), (100, 444, 700)]
+    assert windows([longout], True) == windows([longout], False)

@@ -156,15 +156,20 @@ def stage_vocab(seqs: list[dict], n: int, extra: list[int]) -> torch.Tensor:
     return out
 
 
-def _batches(seqs: list[dict], max_len: int, batch_tokens: int, rng: random.Random):
+def _batches(seqs: list[dict], max_len: int, batch_tokens: int, rng: random.Random,
+             prompt_windows: bool = True):
     """Windows of at most ``max_len`` positions (ending at the sequence end, so the
-    outputs are always included), grouped into batches of ~``batch_tokens``."""
+    outputs are always included), grouped into batches of ~``batch_tokens``.
+    ``prompt_windows`` False: only windows holding a position that predicts an output
+    token (``j + 1 >= prompt_len``); a long prompt is then context, not data."""
     items = []
     for s in seqs:
         n = s["hidden"].shape[0]
         end = n
         while end > 0:
             start = max(0, end - max_len)
+            if not prompt_windows and end < s["prompt_len"]:
+                break
             items.append((s, start, end))
             end = start
             if end < s["prompt_len"] // 2:  # long prompts: keep one window into them
@@ -244,7 +249,7 @@ def teacher_forced_accuracy(net, target, seqs: list[dict], max_len: int = 256,
     depth_n = [0] * steps
     chain_sum = chain_n = 0
     fl = net.feature_layers if net.arch == "eagle3" else ()
-    for g in _batches(seqs, max_len, batch_tokens, random.Random(0)):
+    for g in _batches(seqs, max_len, batch_tokens, random.Random(0), prompt_windows=False):
         toks, hid, prev, mask, pos, out = _assemble(g, target.args.hidden_size, fl)
         L = pos.shape[1]
         sel = mask & out
@@ -329,7 +334,8 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
                 time_budget_s: float, ttt_steps: int = 1, ttt_decay: float = 0.8,
                 held: list[dict] | None = None, eval_every: int = 0, patience: int = 3,
                 checkpoint: Path | None = None, checkpoint_every_s: float = 120.0,
-                max_batches: int | None = None, bf16: bool = False) -> dict:
+                max_batches: int | None = None, bf16: bool = False,
+                prompt_windows: bool = True) -> dict:
     """Distil ``drafter_net`` (a :class:`specrt.draft.model.DraftNet`) on ``seqs``.
 
     Loss per position j (predicting token j+1): KL(target || drafter) over the reduced
@@ -346,7 +352,9 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
     call after that many batches (as an interruption would; tests). ``bf16``: the
     drafter's forward and backward under bfloat16 autocast (weights, optimiser and the
     target's distribution stay fp32; 2.4x faster on CPUs with AVX512-BF16, see
-    :func:`cpu_has_bf16`). Returns a summary.
+    :func:`cpu_has_bf16`). ``prompt_windows`` False: train only on windows that hold
+    output positions (:func:`_batches`): the sampled outputs of one prompt otherwise
+    repeat its prompt-only windows once per sample. Returns a summary.
     """
     from tqdm import tqdm
 
@@ -357,7 +365,7 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
     net = drafter_net
     params = [p for p in net.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    per_epoch = len(_batches(seqs, max_len, batch_tokens, random.Random(seed)))
+    per_epoch = len(_batches(seqs, max_len, batch_tokens, random.Random(seed), prompt_windows))
     total = max(1, int(per_epoch * epochs))
     warm = max(1, total // 20)
     eval_every = eval_every or max(1, per_epoch // 4)
@@ -402,7 +410,8 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
     stop = False
     while step < total and not stop:
         epoch, skip = divmod(step, per_epoch)
-        groups = _batches(seqs, max_len, batch_tokens, random.Random(seed * 7919 + epoch))
+        groups = _batches(seqs, max_len, batch_tokens, random.Random(seed * 7919 + epoch),
+                          prompt_windows)
         for g in groups[skip:]:
             frac = max(step / total, (time.perf_counter() - t0) / max(time_budget_s, 1e-9))
             if frac >= 1.0:
@@ -551,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="peak learning rate (warm-up, then cosine to 10%%)")
     ap.add_argument("--max-len", type=int, default=256, help="training window (positions)")
     ap.add_argument("--batch-tokens", type=int, default=2048, help="positions per batch")
+    ap.add_argument("--prompt-windows", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train on windows of prompt positions only (--no-prompt-windows: "
+                         "windows that hold output positions only)")
     ap.add_argument("--feat-weight", type=float, default=0.1,
                     help="eagle: weight of the hidden-state regression loss")
     ap.add_argument("--train-minutes", type=float, default=13.0, help="training time cap")
@@ -676,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
                           time_budget_s=a.train_minutes * 60, ttt_steps=a.ttt_steps,
                           held=held, patience=a.patience,
                           checkpoint=work / f"train_{a.name}_{a.kind}.ckpt",
-                          bf16=cpu_has_bf16() if a.bf16 is None else a.bf16)
+                          bf16=cpu_has_bf16() if a.bf16 is None else a.bf16,
+                          prompt_windows=a.prompt_windows)
     times["train_s"] = round(time.perf_counter() - t, 1)
     cover = _coverage(vocab, seqs)
     meta = {
@@ -691,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                  "held_out_fraction": a.held_frac,
                  "positions": n_pos, "output_tokens": n_out, "output_tokens_by_task": by_task,
                  "max_tokens": a.max_tokens, "vocab_coverage_of_outputs": round(cover, 4),
+                 "prompt_windows": a.prompt_windows,
                  "tasks": sorted({s["task"] for s in seqs})},
         "stage_seconds": times,
     }
