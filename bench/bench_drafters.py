@@ -13,7 +13,12 @@ hit all of them alike.
 
 Config syntax: ``ar`` | ``ngram:K`` | ``chain:K[:THRESHOLD]`` | ``tree:K[:THRESHOLD]``,
 prefixed ``adaptive-`` to let the engine's length controller pick budgets up to K
-(otherwise budgets are pinned to K). ``PATH=config`` uses another drafter file.
+(otherwise budgets are pinned to K). ``PATH=config`` uses another drafter file; a
+suffix ``@fp32`` / ``@bf16`` sets the model drafter's weight dtype (default: its
+``auto``). ``--weights bf16`` streams the target's weights as bf16.
+
+    python bench/bench_drafters.py --per-task 2 --max-tokens 64 \
+        --configs ar chain:4:0@fp32 chain:4:0@bf16
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class _Config:
         from specrt.draft.registry import lookup_drafter, model_drafter
 
         self.spec = spec
+        spec, _, weights = spec.partition("@")
         path, _, body = spec.rpartition("=")
         parts = body.split(":")
         kind = parts[0]
@@ -48,7 +54,7 @@ class _Config:
         if kind == "ngram":
             self.drafter = lookup_drafter("ngram", engine.model.args.vocab_size)
         elif kind in ("chain", "tree"):
-            kw = {"mode": kind, "topk": topk}
+            kw = {"mode": kind, "topk": topk, "weights": weights or "auto"}
             if len(parts) > 2:
                 kw["threshold"] = float(parts[2])
             self.drafter = model_drafter(path or default_drafter, engine.model, name="m",
@@ -59,7 +65,7 @@ class _Config:
         d = self.drafter
         # each configuration generates with its own drafter and length rule (budgets up
         # to K; pinned to K unless adaptive-)
-        self.mode = Mode(spec, drafter=d.name if d else None, speculative=d is not None,
+        self.mode = Mode(self.spec, drafter=d.name if d else None, speculative=d is not None,
                          using={"drafters": [d] if d else [],
                                 "lengths": LengthController(max_draft=self.K,
                                                             adaptive=self.adaptive)})
@@ -90,7 +96,8 @@ class _Config:
                 sum(v["emitted_per_step"] for v in tasks.values()) / max(len(tasks), 1), 3),
             "acceptance_by_depth": [round(x, 3) for x in s["acceptance_by_depth"]],
             "ms_per_drafted_token": round(1000 * self.draft_s / max(s["drafted_tokens"], 1), 2),
-            "config": self.spec, "tokens_per_s": round(s["tokens_per_s"], 2),
+            "config": self.spec,
+            "draft_weights": getattr(self.drafter, "weights", None), "tokens_per_s": round(s["tokens_per_s"], 2),
             "acceptance_rate": round(s["acceptance_rate"], 3),
             "mean_accepted_length": round(s["emitted_per_step"], 3),
             "drafted_per_step": round(s["drafted_tokens"] / steps, 2),
@@ -112,9 +119,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--configs", nargs="+", default=["ar", "ngram:5", "chain:5", "tree:8"])
     ap.add_argument("--json", default=None, help="write the summaries here")
     ap.add_argument("--topk", type=int, default=3, help="tree branching")
+    ap.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
+                    help="the target's weight dtype")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     eng = specrt.Engine.from_pretrained(device="cpu", max_batch=1, drafters=[])
+    if a.weights == "bf16":
+        eng.model.use_weight_dtype(torch.bfloat16)
     rows = balanced_sample(split(load_prompts(default_prompts_path()))[1], a.per_task, seed=1)
     cfgs = [_Config(c, eng, a.drafter, a.topk) for c in a.configs]
 

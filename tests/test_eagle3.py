@@ -118,7 +118,7 @@ def test_ttt_steps_equal_drafting_depths(target, seed):
     first = int(torch.randint(3, 90, (1,), generator=g))
     feats = target_hidden(m, [prompt], taps=taps_all)[0]               # [P, k, H]
     d = ModelDrafter(net, name="e3", mode="chain", threshold=0.0, max_depth=D,
-                     cache_tokens=256, block_size=4)
+                     cache_tokens=256, block_size=4, weights="fp32")  # TTT's products
     seq = SeqState(0, prompt + [first], P)
     d.begin(seq, feats)
     tree = d.propose([seq], [D])[0]

@@ -64,6 +64,34 @@ def test_greedy_lossless(tiny_dir, target, reference, arch, mode, batch):
     assert d.cache.allocator.num_free == d.cache.allocator.num_blocks  # all released
 
 
+@pytest.mark.parametrize("arch", ["lm", "eagle3"])
+def test_bf16_drafting_weights_stay_lossless(tiny_dir, target, reference, arch):
+    """``weights="bf16"``: the drafting forward streams bf16 packs (its logits are the
+    fp32 ones within bf16 rounding, not equal), and the output is still the target's."""
+    from specrt.model.llama import _mm
+
+    nets = {}
+    for w in ("fp32", "bf16"):
+        net = DraftNet.from_target(target.model, arch=arch, num_layers=2, vocab_ids=_vocab())
+        d = ModelDrafter(net, name="m", mode="tree", topk=3, threshold=0.0, cache_tokens=1024,
+                         block_size=4, weights=w)
+        want = torch.bfloat16 if w == "bf16" else torch.float32
+        assert d.weights == w and net.weight_dtype is want
+        assert _mm(net.layers[0].qkv).weight_dtype is want
+        outs = _engine(tiny_dir, target, d).generate(
+            PROMPTS[:2], SamplingParams(max_tokens=N, ignore_eos=True))
+        assert [o.token_ids for o in outs] == reference[:2], w
+        assert all(o.stats["drafted_tokens"] > 0 for o in outs)
+        nets[w] = net
+    x = torch.randn(3, 5, target.model.args.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        lf, lb = nets["fp32"].logits(x), nets["bf16"].logits(x)
+    assert not torch.equal(lf, lb)
+    torch.testing.assert_close(lb, lf, rtol=0.05, atol=0.05 * float(lf.abs().max()))
+    with pytest.raises(ValueError, match="weights"):
+        ModelDrafter(nets["fp32"], weights="fp16")
+
+
 class _Spy(ModelDrafter):
     """Records, after every propose, the drafter's first proposal and the root state,
     to compare against a recomputation from scratch."""
@@ -102,7 +130,7 @@ def test_drafter_kv_matches_recomputation(tiny_dir, target, reference, arch, fus
     lookup fills the budget and sees merged trees: it must stay in step all the same."""
     net = DraftNet.from_target(target.model, arch=arch, num_layers=2, vocab_ids=_vocab())
     d = _Spy(net, name="m", mode="tree", topk=2, threshold=0.0, cache_tokens=1024,
-             block_size=4)
+             block_size=4, weights="fp32")  # the dense recomputation's products
     served = FusedDrafter([NgramDrafter(), d], name="f") if fused else d
     eng = _engine(tiny_dir, target, served)
     outs = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=N, ignore_eos=True))
@@ -329,7 +357,8 @@ def test_lora_over_base_trains_adapters_only_and_round_trips(tmp_path, target):
         assert torch.allclose(back.train_forward(t, pos, prev), want, atol=1e-5)
         plain = DraftNet.load(tmp_path / "base.json", target.model)
         assert not torch.allclose(plain.train_forward(t, pos, prev), want, atol=1e-4)
-    served = ModelDrafter.load(tmp_path / "al.json", target.model)  # merged for serving
+    served = ModelDrafter.load(tmp_path / "al.json", target.model,  # merged for serving
+                                   weights="fp32")
     assert not served.net.lora
     with torch.no_grad():
         assert torch.allclose(served.net.train_forward(t, pos, prev), want, atol=1e-4)

@@ -32,7 +32,7 @@ from torch import nn
 
 from specrt import ops
 from specrt.ops.gemm import PackedLinear
-from specrt.model.llama import (Layer, Llama, ModelArgs, RopeTable, apply_rope, linear,
+from specrt.model.llama import (Layer, Llama, ModelArgs, RopeTable, _mm, apply_rope, linear,
                                 rms_norm, rope_inv_freq)
 
 LORA_TARGETS = ("q", "k", "v", "qkv", "o", "gate_up", "down")
@@ -286,6 +286,28 @@ class DraftNet(nn.Module):
                         out = torch.cat([out[..., :sl.start], out[..., sl] + d,
                                          out[..., sl.stop:]], dim=-1)
         return out
+
+    def use_weight_dtype(self, dtype: torch.dtype) -> "DraftNet":
+        """Stream the drafting forward's weights (every linear layer and the reduced
+        head) as ``dtype`` on CPU, as :meth:`specrt.model.Llama.use_weight_dtype` does
+        for the target: ``torch.float32`` (the default) or ``torch.bfloat16`` (half the
+        bytes, the AMX / AVX512-BF16 GEMM where the CPU has it). Drafts are proposals
+        the target verifies, so this changes which tokens are drafted, never what is
+        emitted. Training (autograd) always runs ``F.linear``. Returns ``self``."""
+        from specrt.ops.gemm import WEIGHT_DTYPES
+
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        self._head_mm.weight_dtype = dtype
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                _mm(mod).weight_dtype = dtype
+        return self
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the drafting forward streams its weights in (:meth:`use_weight_dtype`)."""
+        return self._head_mm.weight_dtype
 
     # --------------------------------------------------------------- pieces
     def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:

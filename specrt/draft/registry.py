@@ -31,7 +31,7 @@ from specrt.draft.recycling import RecyclingDrafter
 from specrt.draft.suffix import SuffixDrafter
 
 KINDS = ("model", "ngram", "recycling", "suffix", "fused")
-RUNTIME_KEYS = ("mode", "topk", "max_depth", "threshold")
+RUNTIME_KEYS = ("mode", "topk", "max_depth", "threshold", "weights")
 """A model drafter's runtime options (:class:`specrt.draft.model.ModelDrafter`)."""
 
 SHIPPED_BASELINE = Path(__file__).resolve().parents[1] / "pools" / "default" / "baseline.json"
