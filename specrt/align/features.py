@@ -74,18 +74,8 @@ def target_hidden(model, token_lists: list[list[int]], *, batch_tokens: int = 81
                                   block_size=block_size, taps=taps, reduce=reduce, bar=bar)
             done = {i for g in groups.values() for i in g}
             todo = [i for i in todo if i not in done]
-    order = sorted(todo, key=lambda i: len(token_lists[i]))
-    batches, cur = [], []
-    for i in order:
-        L = len(token_lists[i])
-        if cur and ((len(cur) + 1) * L > batch_tokens or len(cur) >= max_batch):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    # one scratch cache for every batch, zeroed once (a pool sized for 8192 tokens is
-    # ~0.4 GB: zeroing one per batch cost more than the prefill of short sequences)
+    batches = _by_length(todo, lambda i: len(token_lists[i]), batch_tokens, max_batch)
+    # one scratch cache for every batch, zeroed once, not once per batch
     need = max((sum(-(-len(token_lists[i]) // block_size) for i in idx) for idx in batches),
                default=0)
     cache = PagedKVCache(a.num_hidden_layers, max(need, 1), block_size,
@@ -139,17 +129,8 @@ def _shared_prefix_states(model, token_lists: list[list[int]], groups: list, out
             hh = ragged_prefill(model, heads, cache.kv, bt, taps)
             hh = hh[1] if taps else hh                       # [C, Fmax, (k,) H]
             members = [(c, i) for c, (_, g) in enumerate(chunk) for i in g]
-            members.sort(key=lambda m: len(token_lists[m[1]]) - len(heads[m[0]]))
-            batches, cur = [], []
-            for m in members:
-                L = len(token_lists[m[1]]) - len(heads[m[0]])
-                if cur and ((len(cur) + 1) * L > batch_tokens or len(cur) >= max_batch):
-                    batches.append(cur)
-                    cur = []
-                cur.append(m)
-            if cur:
-                batches.append(cur)
-            for bat in batches:
+            for bat in _by_length(members, lambda m: len(token_lists[m[1]]) - len(heads[m[0]]),
+                                  batch_tokens, max_batch):
                 F = [len(heads[c]) for c, _ in bat]
                 tails = [token_lists[i][f:] for (_, i), f in zip(bat, F)]
                 own = [alloc.allocate(per_tok(f + len(t)) - f // block_size)
@@ -179,6 +160,20 @@ def _shared_prefix_states(model, token_lists: list[list[int]], groups: list, out
         finally:
             for b in head_blocks:
                 alloc.free(b)
+
+
+def _by_length(items: list, length, batch_tokens: int, max_batch: int) -> list[list]:
+    """``items`` sorted by ``length(item)`` and cut into batches of at most ``max_batch``
+    items and ``batch_tokens`` padded tokens (``len(batch) * longest``)."""
+    batches, cur = [], []
+    for it in sorted(items, key=length):
+        if cur and ((len(cur) + 1) * length(it) > batch_tokens or len(cur) >= max_batch):
+            batches.append(cur)
+            cur = []
+        cur.append(it)
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 def _table(blocks: list[list[int]], dev) -> torch.Tensor:
