@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from specrt.cache import PagedKVCache
+from specrt.cache.paged import block_table_of
 from specrt.model.prefill import mean_prompt_state, ragged_prefill
 
 
@@ -125,7 +126,7 @@ def _shared_prefix_states(model, token_lists: list[list[int]], groups: list, out
         heads = [list(h) for h, _ in chunk]
         head_blocks = [alloc.allocate(per_tok(len(h))) for h in heads]
         try:
-            bt = _table(head_blocks, dev)
+            bt = block_table_of(head_blocks, dev)
             hh = ragged_prefill(model, heads, cache.kv, bt, taps)
             hh = hh[1] if taps else hh                       # [C, Fmax, (k,) H]
             members = [(c, i) for c, (_, g) in enumerate(chunk) for i in g]
@@ -141,12 +142,11 @@ def _shared_prefix_states(model, token_lists: list[list[int]], groups: list, out
                     for r, t in enumerate(tails):
                         toks[r, :len(t)] = torch.tensor(t)
                     F_t = torch.tensor(F)
+                    bt = block_table_of([head_blocks[c] + o for (c, _), o in zip(bat, own)],
+                                        dev)             # the head's blocks, then its own
                     res = model(toks.to(dev), (F_t[:, None] + torch.arange(T)).to(dev),
-                                cache.kv,
-                                _table([head_blocks[c] + o for (c, _), o in zip(bat, own)],
-                                       dev),
-                                F_t.to(dev), tree_lens=torch.tensor([len(t) for t in tails],
-                                                                    device=dev),
+                                cache.kv, bt, F_t.to(dev),
+                                tree_lens=torch.tensor([len(t) for t in tails], device=dev),
                                 norm=False, taps=taps)
                     ht = res[1] if taps else res
                     for r, ((c, i), f, t) in enumerate(zip(bat, F, tails)):
@@ -174,14 +174,6 @@ def _by_length(items: list, length, batch_tokens: int, max_batch: int) -> list[l
     if cur:
         batches.append(cur)
     return batches
-
-
-def _table(blocks: list[list[int]], dev) -> torch.Tensor:
-    """Block lists -> ``[B, max_blocks]`` int32 (pad 0)."""
-    bt = torch.zeros(len(blocks), max(1, max(len(b) for b in blocks)), dtype=torch.int32)
-    for r, b in enumerate(blocks):
-        bt[r, :len(b)] = torch.tensor(b, dtype=torch.int32)
-    return bt.to(dev)
 
 
 def _prefill_states(model, seqs: list[list[int]], cache: PagedKVCache,

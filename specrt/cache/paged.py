@@ -40,6 +40,16 @@ class BlockAllocator:
         self._free.extend(reversed(blocks))
 
 
+def block_table_of(blocks: list[list[int]], device) -> torch.Tensor:
+    """Block lists (one per sequence) -> ``[len(blocks), max_blocks]`` int32 on ``device``
+    (pad: 0)."""
+    bt = torch.zeros(len(blocks), max(1, max(len(b) for b in blocks)), dtype=torch.int32)
+    for r, b in enumerate(blocks):
+        if b:
+            bt[r, :len(b)] = torch.tensor(b, dtype=torch.int32)
+    return bt.to(device)
+
+
 @dataclass
 class SeqBlocks:
     """Blocks and committed length of one sequence."""
@@ -130,13 +140,7 @@ class PagedKVCache:
 
     def block_table(self, seq_ids: list[int]) -> torch.Tensor:
         """``[len(seq_ids), max_blocks]`` int32 on the cache's device (pad: 0)."""
-        width = max(1, max(len(self.seqs[i].blocks) for i in seq_ids))
-        bt = torch.zeros(len(seq_ids), width, dtype=torch.int32)
-        for r, i in enumerate(seq_ids):
-            b = self.seqs[i].blocks
-            if b:
-                bt[r, :len(b)] = torch.tensor(b, dtype=torch.int32)
-        return bt.to(self.kv.device)
+        return block_table_of([self.seqs[i].blocks for i in seq_ids], self.kv.device)
 
     def gather(self, seq_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[length, H_kv, D]`` of one sequence (for tests and debugging)."""

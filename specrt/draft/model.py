@@ -127,10 +127,13 @@ class ModelDrafter:
     @classmethod
     def from_config(cls, config: str | Path, target: Llama, **kw) -> "ModelDrafter":
         """Load a shipped drafter with the runtime settings recorded in its config
-        (``"runtime"``: mode, topk, max_depth, threshold); kw override them."""
+        (``"runtime"``: :data:`specrt.draft.registry.RUNTIME_KEYS` and ``name``); kw
+        override them."""
+        from specrt.draft.registry import RUNTIME_KEYS
+
         cfg = json.loads(Path(config).read_text())
         opts = {k: v for k, v in cfg.get("runtime", {}).items()
-                if k in ("mode", "topk", "max_depth", "threshold", "weights", "name")}
+                if k in RUNTIME_KEYS or k == "name"}
         opts.update(kw)
         return cls.load(config, target, **opts)
 

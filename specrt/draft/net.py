@@ -294,10 +294,9 @@ class DraftNet(nn.Module):
         bytes, the AMX / AVX512-BF16 GEMM where the CPU has it). Drafts are proposals
         the target verifies, so this changes which tokens are drafted, never what is
         emitted. Training (autograd) always runs ``F.linear``. Returns ``self``."""
-        from specrt.ops.gemm import WEIGHT_DTYPES
+        from specrt.ops.gemm import check_weight_dtype
 
-        if dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        check_weight_dtype(dtype)
         self._head_mm.weight_dtype = dtype
         for mod in self.modules():
             if isinstance(mod, nn.Linear):

@@ -120,15 +120,13 @@ def load_model(target: str | Path | None = None, dtype: torch.dtype | None = Non
     weight dtype that does not apply, before the target is read.
     """
     from specrt.model.hf import load_hf_model
-    from specrt.ops.gemm import WEIGHT_DTYPES
+    from specrt.ops.gemm import check_weight_dtype
 
     device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if weight_dtype is not None:
-        if weight_dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype must be torch.float32 or torch.bfloat16, got "
-                             f"{weight_dtype}")
+        check_weight_dtype(weight_dtype, "weight_dtype")
         if weight_dtype is not torch.float32 and (device.type != "cpu" or dtype is not torch.float32):
             raise ValueError(f"weight_dtype {weight_dtype} is for CPU fp32 models (the CPU "
                              f"kernels' weight stream); on {device} with dtype {dtype} "

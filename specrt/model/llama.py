@@ -228,10 +228,9 @@ class Llama(nn.Module):
         decoding stays exactly as lossless relative to it. Packed copies (and with them
         the native decoder's weight table) are made again on the next forward. Returns
         ``self``."""
-        from specrt.ops.gemm import WEIGHT_DTYPES
+        from specrt.ops.gemm import check_weight_dtype
 
-        if dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        check_weight_dtype(dtype)
         self._head_mm.weight_dtype = dtype
         for layer in self.layers:
             for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):

@@ -58,6 +58,12 @@ def gemm_bf16_isa() -> str:
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def check_weight_dtype(dtype, what: str = "weight dtype") -> None:
+    """``ValueError`` naming ``what`` unless ``dtype`` is one of :data:`WEIGHT_DTYPES`."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{what} must be torch.float32 or torch.bfloat16, got {dtype}")
+
+
 def _huge_copy(src: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``src`` (CPU) whose memory was advised to transparent huge
     pages before it was written (weights read whole every step: fewer TLB misses)."""
@@ -232,8 +238,7 @@ class PackedLinear:
         self._packed: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
         self._version: int | None = None   # None: an inference tensor (no counter)
-        if weight_dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype}")
+        check_weight_dtype(weight_dtype, "weight_dtype")
         self.weight_dtype = weight_dtype
 
     def packed(self, weight: torch.Tensor) -> torch.Tensor:
