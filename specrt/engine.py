@@ -30,6 +30,7 @@ from specrt import ops
 from specrt.cache import PagedKVCache
 from specrt.draft.adaptive import LengthController
 from specrt.draft.base import Drafter, DraftTree, SeqState, Verified
+from specrt.draft.fused import FusedDrafter
 from specrt.draft.registry import drafter_set, routes_within, uses_model
 from specrt.model import Detokenizer, Llama, Tokenizer, load_model
 from specrt.model.prefill import mean_prompt_state, ragged_prefill
@@ -513,12 +514,21 @@ class Engine:
             else:
                 r.seq.tokens = r.prompt_ids + r.out_ids
                 groups.setdefault(r.drafter, []).append(i)
+        B = len(reqs)
         for name, idx in groups.items():
-            budgets = [self._lengths.budget(name, reqs[i].rid, len(reqs), reqs[i].remaining)
+            d = self._drafters[name]
+            fused = isinstance(d, FusedDrafter)
+            # under load, members of a fused drafter that do not pay there sit out
+            skip = self._lengths.skip_members(name, [m.name for m in d.members], B) \
+                if fused else set()
+            sources = [m.name for m in d.members if m.name not in skip] if skip else None
+            budgets = [self._lengths.budget(name, reqs[i].rid, B, reqs[i].remaining, sources)
                        for i in idx]
             t0 = time.perf_counter()
             try:
-                got = self._drafters[name].propose([reqs[i].seq for i in idx], budgets)
+                seqs = [reqs[i].seq for i in idx]
+                got = d.propose(seqs, budgets, [skip] * len(idx)) if fused \
+                    else d.propose(seqs, budgets)
                 if len(got) != len(idx):
                     raise RuntimeError(f"{len(got)} trees for {len(idx)} requests")
                 for i, b, t in zip(idx, budgets, got):
@@ -529,14 +539,18 @@ class Engine:
                 for i in idx:
                     self._fail(reqs[i], "propose", e)
                 continue
-            for i, t in zip(idx, got):
-                trees[i] = t
             # a request's first draft also runs its whole prompt through the drafter (and
             # a process's first, the drafter's weight packing): 49 ms per drafted token
             # against ~0.5 later, which kept the rule from drafting for most of a request
             if all(reqs[i].drafted > 0 for i in idx):
                 self._lengths.observe_draft(name, sum(len(t) - 1 for t in got),
-                                            time.perf_counter() - t0, len(reqs))
+                                            time.perf_counter() - t0, B)
+                for m, (sec, n) in (d.last_costs.items() if fused else ()):
+                    self._lengths.observe_draft(f"{name}/{m}", n, sec, B)
+            prunable = getattr(d, "prunable", True)
+            for i, t in zip(idx, got):  # nodes not worth their verification at B go
+                trees[i] = self._lengths.prune(name, reqs[i].rid, t, B) \
+                    if prunable and t.probs is None else t
         keep = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         return [reqs[i] for i in keep], [trees[i] for i in keep]  # type: ignore[misc]
 
@@ -593,6 +607,7 @@ class Engine:
             depth = max(trees[i].depths())
             r.count_step(depth, len(paths[i]) - 1)
             self._lengths.observe_accept(r.drafter, r.rid, len(paths[i]) - 1, depth)
+            self._lengths.observe_nodes(r.drafter, trees[i], paths[i])
             r.seq.tokens = r.prompt_ids + r.out_ids + emitted[i]
             try:
                 self._drafters[r.drafter].update(r.seq, Verified(

@@ -103,3 +103,73 @@ def test_pays_tells_whether_a_drafter_would_draft_at_a_batch_size_without_side_e
     assert c.pays("never_seen", 8)                      # no cost measured: the prior
     c.adaptive = False
     assert c.pays("head", 8)
+
+
+def _tree(source):
+    """A chain per source under the root: a -> a -> a, and b under the root."""
+    from specrt.draft import DraftTree
+    return DraftTree([0, 1, 2, 3, 4], [-1, 0, 1, 2, 0], source=source)
+
+
+def _loaded(c, fixed=0.02, per_token=0.004):
+    """Forward cost fixed + per_token * n for n = 1..48 (a compute-bound batch)."""
+    for n in range(1, 49):
+        for _ in range(2):
+            c.observe_forward(n, fixed + per_token * n)
+
+
+def test_node_rates_count_only_nodes_whose_parent_was_accepted():
+    c = LengthController(prior=0.5, prior_weight=4)
+    t = _tree(["", "a", "a", "a", "b"])
+    for _ in range(40):
+        c.observe_nodes("d", t, [0, 1])   # a@1 accepted; a@2 and b@1 rejected; a@3 untested
+    assert c.node_rate("d", "a", 1) > 0.9
+    assert c.node_rate("d", "a", 2) < 0.1 and c.node_rate("d", "b", 1) < 0.1
+    assert c.node_rate("d", "a", 3) == 0.5          # never tested: the prior
+    # scoped like the drafter rates
+    with c.scoped_rates():
+        assert c.node_rate("d", "a", 1) == 0.5
+
+
+def test_prune_keeps_sure_nodes_under_load_and_everything_when_tokens_are_cheap():
+    c = LengthController(prior=0.5, prior_weight=4)
+    for _ in range(60):   # source "a" is always accepted, "b" never
+        c.observe_nodes("d", _tree(["", "a", "a", "a", "b"]), [0, 1, 2, 3])
+    cheap = LengthController(prior=0.5, prior_weight=4)
+    cheap.drafter_rate = c.drafter_rate
+    _loaded(cheap, fixed=0.03, per_token=0.0001)    # batch 1 on a CPU: tokens nearly free
+    t = _tree(["", "a", "a", "a", "b"])
+    assert cheap.prune("d", "r", t, batch=1) is t
+    _loaded(c, fixed=0.03, per_token=0.002)        # batch 8, compute bound
+    p = c.prune("d", "r", t, batch=8)
+    assert p.tokens == [0, 1, 2, 3] and p.source == ["", "a", "a", "a"]
+    # negative control: when "a" is the source that fails, its chain goes instead
+    bad = _tree(["", "b", "b", "b", "a"])
+    assert c.prune("d", "r", bad, batch=8).tokens == [0, 4]
+    off = LengthController(adaptive=False)
+    assert off.prune("d", "r", t, batch=8) is t
+
+
+def test_members_that_do_not_pay_under_load_sit_out_with_probes():
+    from specrt.draft import DraftTree
+    c = LengthController(prior=0.5, prior_weight=4, probe_every=2)
+    t = DraftTree([0, 1, 2, 3], [-1, 0, 0, 0], source=["", "copy", "maybe", "guess"])
+    for i in range(90):   # copy always right; maybe right a third of the time; guess never
+        c.observe_nodes("f", t, [0, 1] if i % 3 else [0, 2])
+    _loaded(c, fixed=0.03, per_token=0.002)       # batch 8, compute bound
+    c.observe_draft("f/guess", 4, 4 * 0.001, batch=8)
+    members = ["copy", "maybe", "guess"]
+    skips = [c.skip_members("f", members, 8) for _ in range(32)]
+    assert skips.count({"maybe", "guess"}) == 30 and skips[15] == skips[31] == set()  # probes
+    one = LengthController(prior=0.5, prior_weight=4)   # batch 1: tokens nearly free
+    one.drafter_rate = c.drafter_rate
+    _loaded(one, fixed=0.03, per_token=0.0001)
+    one.observe_draft("f/guess", 4, 4 * 0.001, batch=1)
+    assert one.skip_members("f", members, 1) == {"guess"}   # never right, and not free
+    # the budget follows the best member that runs: copies (right 2/3) get a budget
+    # under load, a member right 1/3 of the time alone does not
+    assert c.budget("f", "r", 8, 64, sources=["copy", "maybe"]) >= 1
+    assert c.budget("f", "r1", 8, 64, sources=["maybe"]) == 0
+    assert c.budget("f", "r2", 8, 64, sources=[]) == 0
+    off = LengthController(adaptive=False)
+    assert off.skip_members("f", members, 8) == set()

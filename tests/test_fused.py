@@ -9,6 +9,7 @@ import specrt
 from specrt import SamplingParams
 from specrt.draft import (DraftTree, FusedDrafter, NgramDrafter, SeqState, Verified,
                           lookup_drafter)
+from specrt.draft.adaptive import LengthController
 from specrt.draft.model import DraftNet, ModelDrafter
 from tests.drafters import ScriptedTreeDrafter, greedy_reference
 
@@ -202,3 +203,81 @@ def test_lm_model_drafter_cannot_be_fused(setup):
     m = ModelDrafter(net, name="m", cache_tokens=256, block_size=4)
     with pytest.raises(ValueError, match="eagle"):
         FusedDrafter([NgramDrafter(), m])
+
+
+def test_merged_nodes_name_their_member_and_skipped_members_do_not_run():
+    a = Fixed("a", [1, 2], [0, 1])
+    b = Fixed("b", [1, 5, 6], [0, 1, 0])
+    f = FusedDrafter([a, b], split="fill")
+    s = _seq()
+    f.begin(s, None)
+    t = f.propose([s], [5])[0]
+    # b's "1" is a's node: the first proposer names it
+    assert t.tokens == [9, 1, 2, 5, 6] and t.source == ["", "a", "a", "b", "b"]
+    assert set(f.last_costs) == {"a", "b"} and f.last_costs["a"][1] == 2
+    t = f.propose([s], [3], skip=[{"a"}])[0]   # a sits out: b gets the whole budget
+    assert t.tokens == [9, 1, 5, 6] and t.source == ["", "b", "b", "b"]
+    assert len(a.budgets) == 1 and set(f.last_costs) == {"b"}
+    sh = FusedDrafter([a, b], split="share")
+    t = sh.propose([s], [3], skip=[{"b"}])[0]
+    assert t.tokens == [9, 1, 2] and t.source == ["", "a", "a"]
+
+
+def test_subtree_renumbers_and_keeps_node_data():
+    t = DraftTree([9, 1, 2, 5, 6], [-1, 0, 1, 1, 0], conf=[1, .9, .5, .4, .3],
+                  source=["", "a", "a", "b", "b"])
+    s = t.subtree([0, 1, 3, 4])
+    assert s.tokens == [9, 1, 5, 6] and s.parents == [-1, 0, 1, 0]
+    assert s.conf == [1, .9, .4, .3] and s.source == ["", "a", "b", "b"]
+    with pytest.raises(ValueError, match="parent"):
+        t.subtree([0, 2])
+    with pytest.raises(ValueError, match="ascending"):
+        t.subtree([1, 0])
+
+
+class _Expensive(LengthController):
+    """The length rule with a compute-bound forward: a step's fixed cost 40 ms, each
+    token 4 ms more (what a 2-core CPU looks like at batch 8 in fp32, steeper)."""
+
+    def forward_cost(self, n_tokens):
+        return 0.040 + 0.004 * n_tokens
+
+    def forward_model(self):
+        return 0.040, 0.004
+
+
+def test_under_load_the_failing_member_stops_being_verified_and_output_stays_exact(setup):
+    """A right and a wrong member share every budget of 4 at batch 5 under a
+    compute-bound cost model: the rule learns that the wrong member's nodes fail, leaves
+    the member out (but for its probes) and cuts what it still proposes; the output is
+    the target's, token for token. Control: with the rule off (fixed budgets) half of
+    the verified nodes are the wrong member's."""
+    eng, ref, want = setup
+
+    def run(adaptive):
+        fused = FusedDrafter([ScriptedTreeDrafter("wrong", ref, 96, p_true=0.0, chain=True),
+                              ScriptedTreeDrafter("right", ref, 96, p_true=1.0, chain=True)],
+                             split="share")
+        e = specrt.Engine(eng.model, eng.tokenizer, drafters=[fused], block_size=4,
+                          cache_tokens=2048, max_draft=4)
+        lc = _Expensive(max_draft=4, adaptive=adaptive)
+        seen = {"right": 0, "wrong": 0}
+        real = e._verify
+
+        def verify(reqs, trees):
+            for t in trees:
+                for src in (t.source or [])[1:]:
+                    seen[src] += 1
+            return real(reqs, trees)
+
+        e._verify = verify
+        with e.using(lengths=lc):
+            outs = e.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))
+        assert [o.token_ids for o in outs] == want
+        return seen, lc, fused.name
+
+    seen, lc, name = run(adaptive=True)
+    assert seen["wrong"] * 8 < seen["right"], seen
+    assert lc.node_rate(name, "right", 1) > 0.8 > 0.3 > lc.node_rate(name, "wrong", 1)
+    fixed, _, _ = run(adaptive=False)
+    assert fixed["wrong"] >= 0.8 * fixed["right"] > 0, fixed

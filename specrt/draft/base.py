@@ -21,12 +21,15 @@ class DraftTree:
     node ``j >= 1``, the draft distribution its token was *sampled* from (i.i.d. siblings);
     None means the children were chosen deterministically (top-k, n-gram lookup).
     ``conf`` (optional) is the drafter's confidence of each node's whole path.
+    ``source`` (optional) names, per node, what proposed it (a fused drafter's member;
+    the root's entry is ``""``): the length rule learns acceptance per source.
     """
 
     tokens: list[int]
     parents: list[int]
     probs: torch.Tensor | None = None
     conf: list[float] | None = None
+    source: list[str] | None = None
 
     def __post_init__(self):
         if len(self.tokens) != len(self.parents) or not self.tokens:
@@ -44,6 +47,21 @@ class DraftTree:
         for i in range(1, len(d)):
             d[i] = d[self.parents[i]] + 1
         return d
+
+    def subtree(self, keep: list[int]) -> "DraftTree":
+        """The tree of the nodes ``keep`` (ascending, root first, every kept node's
+        parent kept too), renumbered in that order; ``probs``, ``conf`` and ``source``
+        follow their nodes."""
+        where = {j: i for i, j in enumerate(keep)}
+        if not keep or keep[0] != 0 or any(b <= a for a, b in zip(keep, keep[1:])):
+            raise ValueError(f"keep must be ascending node indices from the root, got {keep}")
+        if any(self.parents[j] not in where for j in keep[1:]):
+            raise ValueError(f"keep {keep} holds a node without its parent")
+        return DraftTree([self.tokens[j] for j in keep],
+                         [-1] + [where[self.parents[j]] for j in keep[1:]],
+                         None if self.probs is None else self.probs[keep],
+                         None if self.conf is None else [self.conf[j] for j in keep],
+                         None if self.source is None else [self.source[j] for j in keep])
 
     @classmethod
     def chain(cls, root: int, drafts: list[int]) -> "DraftTree":
@@ -105,6 +123,10 @@ class Drafter(Protocol):
 
     def release(self, seq: SeqState) -> None:
         """The request is done; drop its state."""
+
+    # Optional: ``prunable = False`` keeps the engine from cutting this drafter's trees
+    # before verification (the length rule drops nodes not worth verifying under load;
+    # a drafter that keys state by its own node indices sets it).
 
     # Optional: ``reset()`` forgets what a drafter learned across requests (token
     # recycling's matrix); measurements call it so that replayed prompts start cold.

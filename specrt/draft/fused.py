@@ -38,6 +38,8 @@ cache scratch by their own node indices and so cannot be fused (eagle ones can).
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from specrt.draft.base import DraftTree, SeqState, Verified
@@ -79,6 +81,8 @@ class FusedDrafter:
         self.feature_layers = layers.pop() if layers else ()
         self.members, self.split = list(members), split
         self.name = name or "+".join(m.name for m in members)
+        #: per member (by name) of the last :meth:`propose`: ``(seconds, tokens drafted)``
+        self.last_costs: dict[str, tuple[float, int]] = {}
 
     def reset(self) -> None:
         """Reset every member that keeps state across requests (``reset()``)."""
@@ -92,31 +96,49 @@ class FusedDrafter:
         for m, v in zip(self.members, self._views(seq)):
             m.begin(v, prompt_hidden)
 
-    def propose(self, seqs: list[SeqState], budgets: list[int]) -> list[DraftTree]:
+    def propose(self, seqs: list[SeqState], budgets: list[int],
+                skip: list[set[str]] | None = None) -> list[DraftTree]:
         """A merged tree of at most ``budgets[i] + 1`` nodes per request (batched per
-        member)."""
+        member). ``skip[i]`` (optional) names members that do not propose for request
+        ``i`` this step (the engine's length rule leaves out members that do not pay at
+        the batch size). Each node's ``source`` is the member that proposed it first;
+        :attr:`last_costs` holds each member's time and drafted tokens."""
         views = [self._views(s) for s in seqs]
         merged = [_Trie(s.tokens[-1]) for s in seqs]
+        skip = skip or [set()] * len(seqs)
+        self.last_costs = {}
         if self.split == "fill":
             for mi, m in enumerate(self.members):
-                idx = [i for i, b in enumerate(budgets) if b - merged[i].drafted > 0]
+                idx = [i for i, b in enumerate(budgets)
+                       if b - merged[i].drafted > 0 and m.name not in skip[i]]
                 if not idx:
-                    break
+                    continue
+                t0 = time.perf_counter()
                 got = m.propose([views[i][mi] for i in idx],
                                 [budgets[i] - merged[i].drafted for i in idx])
+                self.last_costs[m.name] = (time.perf_counter() - t0,
+                                           sum(len(t) - 1 for t in got))
                 for i, t in zip(idx, got):
                     self._check(m, t, seqs[i])
-                    merged[i].add_all(t, budgets[i])
+                    merged[i].add_all(t, budgets[i], m.name)
         else:
-            idx = [i for i, b in enumerate(budgets) if b > 0]
             per_member = []
-            for mi, m in enumerate(self.members if idx else []):
-                got = m.propose([views[i][mi] for i in idx], [budgets[i] for i in idx])
-                for i, t in zip(idx, got):
-                    self._check(m, t, seqs[i])
+            for mi, m in enumerate(self.members):
+                idx = [i for i, b in enumerate(budgets) if b > 0 and m.name not in skip[i]]
+                got = [DraftTree([s.tokens[-1]], [-1]) for s in seqs]
+                if idx:
+                    t0 = time.perf_counter()
+                    part = m.propose([views[i][mi] for i in idx], [budgets[i] for i in idx])
+                    self.last_costs[m.name] = (time.perf_counter() - t0,
+                                               sum(len(t) - 1 for t in part))
+                    for i, t in zip(idx, part):
+                        self._check(m, t, seqs[i])
+                        got[i] = t
                 per_member.append(got)
-            for j, i in enumerate(idx):
-                merged[i].add_round_robin([g[j] for g in per_member], budgets[i])
+            for i, b in enumerate(budgets):
+                if b > 0:
+                    merged[i].add_round_robin([g[i] for g in per_member], b,
+                                              [m.name for m in self.members])
         return [t.tree() for t in merged]
 
     def update(self, seq: SeqState, result: Verified) -> None:
@@ -150,15 +172,16 @@ class _Trie:
     """A draft tree under construction: merging dedupes (parent, token) pairs."""
 
     def __init__(self, root: int):
-        self.tokens, self.parents = [root], [-1]
+        self.tokens, self.parents, self.source = [root], [-1], [""]
         self.child: dict[tuple[int, int], int] = {}
 
     @property
     def drafted(self) -> int:
         return len(self.tokens) - 1
 
-    def _add(self, parent: int, token: int, budget: int) -> int | None:
-        """Index of (parent, token), added if new and the budget allows; None if not."""
+    def _add(self, parent: int, token: int, budget: int, source: str) -> int | None:
+        """Index of (parent, token), added (proposed by ``source``) if new and the
+        budget allows; None if not."""
         at = self.child.get((parent, token))
         if at is not None:
             return at
@@ -167,15 +190,18 @@ class _Trie:
         self.child[(parent, token)] = len(self.tokens)
         self.tokens.append(token)
         self.parents.append(parent)
+        self.source.append(source)
         return len(self.tokens) - 1
 
-    def add_all(self, t: DraftTree, budget: int) -> None:
+    def add_all(self, t: DraftTree, budget: int, source: str) -> None:
         """Merge a whole tree (parents first), as far as the budget goes."""
-        self.add_round_robin([t], budget)
+        self.add_round_robin([t], budget, [source])
 
-    def add_round_robin(self, trees: list[DraftTree], budget: int) -> None:
+    def add_round_robin(self, trees: list[DraftTree], budget: int,
+                        sources: list[str]) -> None:
         """Merge node 1 of each tree, then node 2 of each, ... until ``budget`` drafted
-        nodes; a node whose parent did not fit is dropped with its subtree."""
+        nodes; a node whose parent did not fit is dropped with its subtree. ``sources``:
+        who proposed each tree."""
         where = [{0: 0} for _ in trees]   # tree node -> merged node
         for j in range(1, max(len(t) for t in trees)):
             for ti, t in enumerate(trees):
@@ -184,9 +210,9 @@ class _Trie:
                 p = where[ti].get(t.parents[j])
                 if p is None:
                     continue
-                at = self._add(p, t.tokens[j], budget)
+                at = self._add(p, t.tokens[j], budget, sources[ti])
                 if at is not None:
                     where[ti][j] = at
 
     def tree(self) -> DraftTree:
-        return DraftTree(list(self.tokens), list(self.parents))
+        return DraftTree(list(self.tokens), list(self.parents), source=list(self.source))

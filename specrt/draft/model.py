@@ -105,6 +105,9 @@ class ModelDrafter:
         self.name, self.mode = name, mode
         self.topk = 1 if mode == "chain" else topk
         self.max_depth, self.threshold = max_depth, threshold
+        #: whether the engine may cut this drafter's trees before verification: the
+        #: ``lm`` architecture keys its draft-time K/V by its own node indices
+        self.prunable = net.arch != "lm"
         a = net.args
         dev = net.embed_weight.device
         self.feature_layers = net.feature_layers  # eagle3: the target layers it reads
