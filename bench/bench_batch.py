@@ -5,9 +5,11 @@ Eval-split prompts (``--per-task`` per task), ``--max-tokens`` each with EOS ign
 greedy. Every batched run must give the same tokens as batch 1 (checked, each
 arithmetic against itself). Modes: ``plain``, ``spec`` (the default engine),
 ``plain_ops`` / ``spec_ops``, the same with the model run op by op from Python (the path
-before the native decoder), and ``plain_bf16`` / ``spec_bf16``, the same with the weights
-streamed as bf16 (``--weights bf16``: another arithmetic, so its tokens are checked
-against its own batch-1 run).
+before the native decoder), ``plain_bf16`` / ``spec_bf16``, the same with the weights
+streamed as bf16 (another arithmetic, so its tokens are checked against its own batch-1
+run), and ``spec_whole`` / ``spec_whole_bf16``, speculation with the length rule's
+per-node part off (``LengthController.per_node``: trees verified whole, every fused
+member drafting).
 
     python bench/bench_batch.py [--per-task 2] [--max-tokens 64] [--batches 1,16]
         [--rounds 2] [--json F]
@@ -29,15 +31,18 @@ from specrt.model import llama
 
 MODES = {"plain": dict(speculative=False), "spec": dict(),
          "plain_ops": dict(speculative=False), "spec_ops": dict(),
-         "plain_bf16": dict(speculative=False), "spec_bf16": dict()}
+         "plain_bf16": dict(speculative=False), "spec_bf16": dict(),
+         "spec_whole": dict(), "spec_whole_bf16": dict()}
 
 
 @contextmanager
 def path(mode: str, engine, warm):
     """``*_ops`` modes run the model op by op from Python (the path before the native
     decoder, csrc/decoder_cpu.cpp); ``*_bf16`` modes stream bf16 weights (``warm()`` then
-    packs them outside the timing); the others the shipped path."""
-    fusable = llama.Llama._fusable
+    packs them outside the timing); ``spec_whole*`` turn the per-node rule off; the
+    others the shipped path."""
+    fusable, per_node = llama.Llama._fusable, engine.lengths.per_node
+    engine.lengths.per_node = "_whole" not in mode
     if mode.endswith("_ops"):
         llama.Llama._fusable = lambda *a: False
     want = torch.bfloat16 if mode.endswith("_bf16") else torch.float32
@@ -48,6 +53,7 @@ def path(mode: str, engine, warm):
         yield
     finally:
         llama.Llama._fusable = fusable
+        engine.lengths.per_node = per_node
 
 
 def run(engine, prompts, batch, params, kw):
@@ -92,7 +98,8 @@ def main() -> int:
                 s, outs = run(engine, prompts, b, params, MODES[m])
             secs[(m, b)] += s
             toks = [o.token_ids for o in outs]
-            key = m.split("_")[-1] if "_" in m else ""   # each arithmetic against itself
+            # each arithmetic against itself: fp32 fused, op by op, bf16
+            key = next((k for k in ("ops", "bf16") if m.endswith("_" + k)), "")
             ref.setdefault(key, toks)
             same[(m, b)] = same.get((m, b), True) and toks == ref[key]
             stats[(m, b)] = sum(o.stats["mean_accepted_length"] for o in outs) / len(outs)

@@ -2,13 +2,14 @@
 
 One run on a task-balanced sample of the EVAL split of ../shared/data/prompts.jsonl
 (prompts `specrt align` never reads), greedy, batch 1, modes interleaved prompt by
-prompt: the target alone (ar), the baseline drafter alone (vanilla SD), the routed pool,
-and every other candidate the pool was built from (n-gram, token recycling, the
-per-cluster aligned drafters found in POOL/work/align, and each of those model drafters
-and the baseline fused with n-gram, as ``ngram+X`` and ``ngram2+X+ngram``, and with the
-pool's suffix datastore, alone as ``suffix`` and fused as ``ngram2+suffix+X+ngram``),
-which feed the oracle row (per prompt, the drafter with the longest mean accepted length, in hindsight).
-``--only`` keeps just the named candidates (the run's time grows with every mode).
+prompt: the target alone (ar), the pool's default drafter, the routed pool, and every
+other candidate the pool was built from (n-gram, token recycling, the baseline model
+drafter alone (vanilla SD), the per-cluster aligned drafters found in POOL/work/align,
+and each of those model drafters fused with n-gram, as ``ngram+X`` and
+``ngram2+X+ngram``, and with the pool's suffix datastore, alone as ``suffix`` and fused
+as ``ngram2+suffix+X+ngram``), which feed the oracle row (per prompt, the drafter with
+the longest mean accepted length, in hindsight). ``--only`` keeps just the named
+candidates (the run's time grows with every mode).
 
     python bench/bench_pool.py [--pool specrt/pools/default] [--per-task 3]
         [--max-tokens 64] [--draft-len K] [--only NAME,...] [--batch 8] [--weights bf16]
@@ -49,9 +50,9 @@ def _extra_drafters(engine, pool: Path) -> list[str]:
     """Add the pool's unassigned candidates to ``engine``; return their names."""
     names = []
     aligned = sorted((pool / "work" / "align").glob("aligned_*.json"))
-    specs = ["ngram", "recycling", *map(str, aligned)]
     base = pool / "baseline.json"
     fuse = [base, *aligned] if base.is_file() else aligned
+    specs = ["ngram", "recycling", *map(str, fuse)]   # the model drafters alone too
     # fused candidates (see specrt.draft.fused): n-gram-first fill and the tiered
     # lookup-model-lookup fill, with the baseline and with each aligned drafter
     specs += [f"ngram+{p}" for p in fuse] + [f"ngram2+{p}+ngram" for p in fuse]

@@ -148,6 +148,8 @@ def test_prune_keeps_sure_nodes_under_load_and_everything_when_tokens_are_cheap(
     assert c.prune("d", "r", bad, batch=8).tokens == [0, 4]
     off = LengthController(adaptive=False)
     assert off.prune("d", "r", t, batch=8) is t
+    c.per_node = False                             # the per-node part alone off
+    assert c.prune("d", "r", t, batch=8) is t
 
 
 def test_members_that_do_not_pay_under_load_sit_out_with_probes():
@@ -173,3 +175,5 @@ def test_members_that_do_not_pay_under_load_sit_out_with_probes():
     assert c.budget("f", "r2", 8, 64, sources=[]) == 0
     off = LengthController(adaptive=False)
     assert off.skip_members("f", members, 8) == set()
+    c.per_node = False
+    assert c.skip_members("f", members, 8) == set()

@@ -68,11 +68,15 @@ class LengthController:
         probe_every: plain-decode steps between probes at batch 1 (times the batch
             size under load).
         adaptive: False pins every budget to ``max_draft``.
+        per_node: the per-node part of the rule (members that do not pay sit out, nodes
+            not worth verifying are cut); False keeps trees whole (an attribute too, for
+            benchmarks that compare).
     """
 
     def __init__(self, max_draft: int = 6, prior: float = 0.5, prior_weight: float = 4.0,
-                 probe_every: int = 8, adaptive: bool = True):
+                 probe_every: int = 8, adaptive: bool = True, per_node: bool = True):
         self.max_draft = max_draft
+        self.per_node = per_node
         self.prior, self.prior_weight = prior, prior_weight
         self.probe_every = probe_every
         self.adaptive = adaptive
@@ -246,7 +250,7 @@ class LengthController:
         """``tree`` cut to the nodes worth verifying at ``batch`` requests (see the
         module docstring); the tree itself when every node is (or the rule is off)."""
         n = len(tree)
-        if not self.adaptive or n < 2:
+        if not (self.adaptive and self.per_node) or n < 2:
             return tree
         c_base = self.forward_cost(batch) / batch
         c_tok = self.forward_model()[1]
@@ -269,7 +273,7 @@ class LengthController:
         depth-1 node from one adds its acceptance rate in tokens for ``t_token`` plus its
         cost per drafted token (measured under ``"drafter/member"``), against a plain
         step's share per request. Every ``probe_every x batch`` calls none is skipped."""
-        if not self.adaptive:
+        if not (self.adaptive and self.per_node):
             return set()
         probe = self._probe_count.get(drafter, 0) + 1
         self._probe_count[drafter] = probe
