@@ -26,6 +26,7 @@ import torch
 
 import specrt
 from specrt.data import balanced_sample, default_prompts_path, load_prompts, split
+from specrt.draft.adaptive import LengthController
 from specrt.measure import machine
 from specrt.model import llama
 
@@ -36,24 +37,28 @@ MODES = {"plain": dict(speculative=False), "spec": dict(),
 
 
 @contextmanager
-def path(mode: str, engine, warm):
+def path(mode: str, engine, warm, rules: dict):
     """``*_ops`` modes run the model op by op from Python (the path before the native
     decoder, csrc/decoder_cpu.cpp); ``*_bf16`` modes stream bf16 weights (``warm()`` then
     packs them outside the timing); ``spec_whole*`` turn the per-node rule off; the
-    others the shipped path."""
-    fusable, per_node = llama.Llama._fusable, engine.lengths.per_node
-    engine.lengths.per_node = "_whole" not in mode
+    others the shipped path. Each mode keeps its own length rule (``rules[mode]``, its
+    learned rates and costs carried from round to round), so no mode runs on what
+    another learned."""
+    fusable = llama.Llama._fusable
     if mode.endswith("_ops"):
         llama.Llama._fusable = lambda *a: False
     want = torch.bfloat16 if mode.endswith("_bf16") else torch.float32
     if engine.model.weight_dtype is not want:
         engine.model.use_weight_dtype(want)
         warm()
+    lc = engine.lengths
+    rule = rules.setdefault(mode, LengthController(
+        max_draft=lc.max_draft, adaptive=lc.adaptive, per_node="_whole" not in mode))
     try:
-        yield
+        with engine.using(lengths=rule):
+            yield
     finally:
         llama.Llama._fusable = fusable
-        engine.lengths.per_node = per_node
 
 
 def run(engine, prompts, batch, params, kw):
@@ -89,12 +94,12 @@ def main() -> int:
 
     warm()
     secs = {(m, b): 0.0 for m in modes for b in batches}
-    ref, same, stats = {}, {}, {}
+    ref, same, stats, rules = {}, {}, {}, {}
     for r in range(args.rounds):
         order = [(m, b) for m in modes for b in batches]
         order = order[r % len(order):] + order[:r % len(order)]
         for m, b in order:
-            with path(m, engine, warm):
+            with path(m, engine, warm, rules):
                 s, outs = run(engine, prompts, b, params, MODES[m])
             secs[(m, b)] += s
             toks = [o.token_ids for o in outs]
