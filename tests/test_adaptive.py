@@ -137,10 +137,11 @@ def test_prune_keeps_sure_nodes_under_load_and_everything_when_tokens_are_cheap(
         c.observe_nodes("d", _tree(["", "a", "a", "a", "b"]), [0, 1, 2, 3])
     cheap = LengthController(prior=0.5, prior_weight=4)
     cheap.drafter_rate = c.drafter_rate
-    _loaded(cheap, fixed=0.03, per_token=0.0001)    # batch 1 on a CPU: tokens nearly free
+    _loaded(cheap, fixed=0.03, per_token=0.0001)    # a memory-bound forward: tokens nearly free
     t = _tree(["", "a", "a", "a", "b"])
-    assert cheap.prune("d", "r", t, batch=1) is t
+    assert cheap.prune("d", "r", t, batch=2) is t
     _loaded(c, fixed=0.03, per_token=0.002)        # batch 8, compute bound
+    assert c.prune("d", "r", t, batch=1) is t      # alone: the budget rule sizes the tree
     p = c.prune("d", "r", t, batch=8)
     assert p.tokens == [0, 1, 2, 3] and p.source == ["", "a", "a", "a"]
     # negative control: when "a" is the source that fails, its chain goes instead
@@ -163,11 +164,12 @@ def test_members_that_do_not_pay_under_load_sit_out_with_probes():
     members = ["copy", "maybe", "guess"]
     skips = [c.skip_members("f", members, 8) for _ in range(32)]
     assert skips.count({"maybe", "guess"}) == 30 and skips[15] == skips[31] == set()  # probes
-    one = LengthController(prior=0.5, prior_weight=4)   # batch 1: tokens nearly free
+    one = LengthController(prior=0.5, prior_weight=4)   # tokens nearly free
     one.drafter_rate = c.drafter_rate
     _loaded(one, fixed=0.03, per_token=0.0001)
-    one.observe_draft("f/guess", 4, 4 * 0.001, batch=1)
-    assert one.skip_members("f", members, 1) == {"guess"}   # never right, and not free
+    one.observe_draft("f/guess", 4, 4 * 0.001, batch=2)
+    assert one.skip_members("f", members, 2) == {"guess"}   # never right, and not free
+    assert one.skip_members("f", members, 1) == set()       # alone every member runs
     # the budget follows the best member that runs: copies (right 2/3) get a budget
     # under load, a member right 1/3 of the time alone does not
     assert c.budget("f", "r", 8, 64, sources=["copy", "maybe"]) >= 1

@@ -81,7 +81,8 @@ class FusedDrafter:
         self.feature_layers = layers.pop() if layers else ()
         self.members, self.split = list(members), split
         self.name = name or "+".join(m.name for m in members)
-        #: per member (by name) of the last :meth:`propose`: ``(seconds, tokens drafted)``
+        #: per member (by name) of the last :meth:`propose`: ``(seconds, tokens drafted)``;
+        #: a call that was some request's first to that member is left out
         self.last_costs: dict[str, tuple[float, int]] = {}
 
     def reset(self) -> None:
@@ -116,8 +117,7 @@ class FusedDrafter:
                 t0 = time.perf_counter()
                 got = m.propose([views[i][mi] for i in idx],
                                 [budgets[i] - merged[i].drafted for i in idx])
-                self.last_costs[m.name] = (time.perf_counter() - t0,
-                                           sum(len(t) - 1 for t in got))
+                self._cost(m, time.perf_counter() - t0, got, [views[i][mi] for i in idx])
                 for i, t in zip(idx, got):
                     self._check(m, t, seqs[i])
                     merged[i].add_all(t, budgets[i], m.name)
@@ -129,8 +129,7 @@ class FusedDrafter:
                 if idx:
                     t0 = time.perf_counter()
                     part = m.propose([views[i][mi] for i in idx], [budgets[i] for i in idx])
-                    self.last_costs[m.name] = (time.perf_counter() - t0,
-                                               sum(len(t) - 1 for t in part))
+                    self._cost(m, time.perf_counter() - t0, part, [views[i][mi] for i in idx])
                     for i, t in zip(idx, part):
                         self._check(m, t, seqs[i])
                         got[i] = t
@@ -155,6 +154,15 @@ class FusedDrafter:
         seq.state.pop("fused", None)
 
     # ------------------------------------------------------------ internals
+    def _cost(self, m, seconds: float, got: list[DraftTree], views: list[SeqState]) -> None:
+        """Record member ``m``'s call in :attr:`last_costs` unless it was some request's
+        first call to ``m`` (a model member then runs the whole prompt: not what a
+        drafted token costs); mark the requests as seen by ``m``."""
+        if all(v.state.get("fused_seen") for v in views):
+            self.last_costs[m.name] = (seconds, sum(len(t) - 1 for t in got))
+        for v in views:
+            v.state["fused_seen"] = True
+
     def _views(self, seq: SeqState) -> list[SeqState]:
         """Per-member views of one request: same tokens, the member's own state dict."""
         return [SeqState(seq.seq_id, seq.tokens, seq.prompt_len, seq.temperature, st)
