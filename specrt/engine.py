@@ -527,8 +527,7 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 seqs = [reqs[i].seq for i in idx]
-                got = d.propose(seqs, budgets, [skip] * len(idx)) if fused \
-                    else d.propose(seqs, budgets)
+                got = d.propose(seqs, budgets, skip) if fused else d.propose(seqs, budgets)
                 if len(got) != len(idx):
                     raise RuntimeError(f"{len(got)} trees for {len(idx)} requests")
                 for i, b, t in zip(idx, budgets, got):
@@ -549,7 +548,7 @@ class Engine:
                     self._lengths.observe_draft(f"{name}/{m}", n, sec, B)
             prunable = getattr(d, "prunable", True)
             for i, t in zip(idx, got):  # nodes not worth their verification at B go
-                trees[i] = self._lengths.prune(name, reqs[i].rid, t, B) \
+                trees[i] = self._lengths.prune(name, t, B) \
                     if prunable and t.probs is None else t
         keep = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         return [reqs[i] for i in keep], [trees[i] for i in keep]  # type: ignore[misc]

@@ -139,18 +139,18 @@ def test_prune_keeps_sure_nodes_under_load_and_everything_when_tokens_are_cheap(
     cheap.drafter_rate = c.drafter_rate
     _loaded(cheap, fixed=0.03, per_token=0.0001)    # a memory-bound forward: tokens nearly free
     t = _tree(["", "a", "a", "a", "b"])
-    assert cheap.prune("d", "r", t, batch=2) is t
+    assert cheap.prune("d", t, batch=2) is t
     _loaded(c, fixed=0.03, per_token=0.002)        # batch 8, compute bound
-    assert c.prune("d", "r", t, batch=1) is t      # alone: the budget rule sizes the tree
-    p = c.prune("d", "r", t, batch=8)
+    assert c.prune("d", t, batch=1) is t      # alone: the budget rule sizes the tree
+    p = c.prune("d", t, batch=8)
     assert p.tokens == [0, 1, 2, 3] and p.source == ["", "a", "a", "a"]
     # negative control: when "a" is the source that fails, its chain goes instead
     bad = _tree(["", "b", "b", "b", "a"])
-    assert c.prune("d", "r", bad, batch=8).tokens == [0, 4]
+    assert c.prune("d", bad, batch=8).tokens == [0, 4]
     off = LengthController(adaptive=False)
-    assert off.prune("d", "r", t, batch=8) is t
+    assert off.prune("d", t, batch=8) is t
     c.per_node = False                             # the per-node part alone off
-    assert c.prune("d", "r", t, batch=8) is t
+    assert c.prune("d", t, batch=8) is t
 
 
 def test_members_that_do_not_pay_under_load_sit_out_with_probes():

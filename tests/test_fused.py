@@ -219,11 +219,11 @@ def test_merged_nodes_name_their_member_and_skipped_members_do_not_run():
     assert f.last_costs == {}
     f.propose([s], [5])
     assert set(f.last_costs) == {"a", "b"} and f.last_costs["a"][1] == 2
-    t = f.propose([s], [3], skip=[{"a"}])[0]   # a sits out: b gets the whole budget
+    t = f.propose([s], [3], skip={"a"})[0]   # a sits out: b gets the whole budget
     assert t.tokens == [9, 1, 5, 6] and t.source == ["", "b", "b", "b"]
     assert len(a.budgets) == 2 and set(f.last_costs) == {"b"}
     sh = FusedDrafter([a, b], split="share")
-    t = sh.propose([s], [3], skip=[{"b"}])[0]
+    t = sh.propose([s], [3], skip={"b"})[0]
     assert t.tokens == [9, 1, 2] and t.source == ["", "a", "a"]
 
 

@@ -249,7 +249,12 @@ class LengthController:
             return self.prior
         return (g.hits + self.prior_weight * self.prior) / (g.trials + self.prior_weight)
 
-    def prune(self, drafter: str, request: Hashable, tree, batch: int):
+    def _load_costs(self, batch: int) -> tuple[float, float]:
+        """(a plain step's share per request, the forward's cost per token) at
+        ``batch`` requests: what a node or a member is priced against."""
+        return self.forward_cost(batch) / batch, self.forward_model()[1]
+
+    def prune(self, drafter: str, tree, batch: int):
         """``tree`` cut to the nodes worth verifying at ``batch`` requests (see the
         module docstring); the tree itself when every node is, when the rule is off, or
         alone (``batch`` 1: rates across requests undersell a request that copies well,
@@ -257,8 +262,7 @@ class LengthController:
         n = len(tree)
         if not (self.adaptive and self.per_node) or n < 2 or batch <= 1:
             return tree
-        c_base = self.forward_cost(batch) / batch
-        c_tok = self.forward_model()[1]
+        c_base, c_tok = self._load_costs(batch)
         d, src = tree.depths(), tree.source
         q = [1.0] * n
         for j in range(1, n):
@@ -286,8 +290,7 @@ class LengthController:
         self._probe_count[drafter] = probe
         if probe % (self.probe_every * max(1, batch)) == 0:
             return set()
-        c_base = self.forward_cost(batch) / batch
-        c_tok = self.forward_model()[1]
+        c_base, c_tok = self._load_costs(batch)
         return {m for m in members
                 if self.node_rate(drafter, m, 1) * c_base
                 < c_tok + self.drafter_cost(f"{drafter}/{m}", batch)}

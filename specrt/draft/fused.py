@@ -98,21 +98,21 @@ class FusedDrafter:
             m.begin(v, prompt_hidden)
 
     def propose(self, seqs: list[SeqState], budgets: list[int],
-                skip: list[set[str]] | None = None) -> list[DraftTree]:
+                skip: set[str] | frozenset[str] = frozenset()) -> list[DraftTree]:
         """A merged tree of at most ``budgets[i] + 1`` nodes per request (batched per
-        member). ``skip[i]`` (optional) names members that do not propose for request
-        ``i`` this step (the engine's length rule leaves out members that do not pay at
-        the batch size). Each node's ``source`` is the member that proposed it first;
-        :attr:`last_costs` holds each member's time and drafted tokens."""
+        member). ``skip`` names members that do not propose this step (the engine's
+        length rule leaves out members that do not pay at the batch size). Each node's
+        ``source`` is the member that proposed it first; :attr:`last_costs` holds each
+        member's time and drafted tokens."""
         views = [self._views(s) for s in seqs]
         merged = [_Trie(s.tokens[-1]) for s in seqs]
-        skip = skip or [set()] * len(seqs)
         self.last_costs = {}
         if self.split == "fill":
             for mi, m in enumerate(self.members):
-                idx = [i for i, b in enumerate(budgets)
-                       if b - merged[i].drafted > 0 and m.name not in skip[i]]
+                idx = [i for i, b in enumerate(budgets) if b - merged[i].drafted > 0]
                 if not idx:
+                    break
+                if m.name in skip:
                     continue
                 t0 = time.perf_counter()
                 got = m.propose([views[i][mi] for i in idx],
@@ -123,10 +123,10 @@ class FusedDrafter:
                     merged[i].add_all(t, budgets[i], m.name)
         else:
             per_member = []
+            idx = [i for i, b in enumerate(budgets) if b > 0]
             for mi, m in enumerate(self.members):
-                idx = [i for i, b in enumerate(budgets) if b > 0 and m.name not in skip[i]]
                 got = [DraftTree([s.tokens[-1]], [-1]) for s in seqs]
-                if idx:
+                if idx and m.name not in skip:
                     t0 = time.perf_counter()
                     part = m.propose([views[i][mi] for i in idx], [budgets[i] for i in idx])
                     self._cost(m, time.perf_counter() - t0, part, [views[i][mi] for i in idx])
