@@ -7,12 +7,20 @@ arithmetic against itself). Modes: ``plain``, ``spec`` (the default engine),
 ``plain_ops`` / ``spec_ops``, the same with the model run op by op from Python (the path
 before the native decoder), ``plain_bf16`` / ``spec_bf16``, the same with the weights
 streamed as bf16 (another arithmetic, so its tokens are checked against its own batch-1
-run), and ``spec_whole`` / ``spec_whole_bf16``, speculation with the length rule's
+run), ``plain_high`` / ``spec_high`` and ``plain_fp32`` / ``spec_fp32``, fp32 weights
+at "high" (bf16x3) or "highest" (fp32) precision (``Llama.use_fp32_precision``; ``plain``
+and ``spec`` run the engine's own, ``load_model``'s "auto" on this CPU),
+and ``spec_whole`` / ``spec_whole_bf16``, speculation with the length rule's
 per-node part off (``LengthController.per_node``: trees verified whole, every fused
 member drafting).
 
     python bench/bench_batch.py [--per-task 2] [--max-tokens 64] [--batches 1,16]
-        [--rounds 2] [--json F]
+        [--rounds 2] [--schedule continuous|static] [--json F]
+
+``--schedule continuous`` (default) submits every prompt at once with the engine's batch
+capped at BATCH, which admits a waiting request as soon as one finishes (how a server
+runs); ``static`` runs groups of BATCH that each wait for their slowest request (the
+schedule of the figures before 2026-12-06's fifth session).
 """
 from __future__ import annotations
 
@@ -33,7 +41,23 @@ from specrt.model import llama
 MODES = {"plain": dict(speculative=False), "spec": dict(),
          "plain_ops": dict(speculative=False), "spec_ops": dict(),
          "plain_bf16": dict(speculative=False), "spec_bf16": dict(),
-         "spec_whole": dict(), "spec_whole_bf16": dict()}
+         "spec_whole": dict(), "spec_whole_bf16": dict(),
+         "plain_high": dict(speculative=False), "spec_high": dict(),
+         "plain_fp32": dict(speculative=False), "spec_fp32": dict()}
+
+
+def arithmetic(mode: str) -> str:
+    """The arithmetic ``mode`` runs (its tokens are checked against that one's first
+    run): ``ops`` (op by op), ``bf16``, else the fp32 precision, ``high`` or ``highest``."""
+    for k in ("ops", "bf16"):
+        if mode.endswith("_" + k):
+            return k
+    return ("high" if mode.endswith("_high") else "highest" if mode.endswith("_fp32")
+            else DEFAULT_PRECISION[0])
+
+
+#: the engine's own fp32 precision (``load_model``'s ``"auto"`` on this CPU), set in main
+DEFAULT_PRECISION = ["highest"]
 
 
 @contextmanager
@@ -48,8 +72,10 @@ def path(mode: str, engine, warm, rules: dict):
     if mode.endswith("_ops"):
         llama.Llama._fusable = lambda *a: False
     want = torch.bfloat16 if mode.endswith("_bf16") else torch.float32
-    if engine.model.weight_dtype is not want:
-        engine.model.use_weight_dtype(want)
+    prec = ("high" if mode.endswith("_high") else "highest" if mode.endswith("_fp32")
+            else DEFAULT_PRECISION[0])
+    if engine.model.weight_dtype is not want or engine.model.fp32_precision != prec:
+        engine.model.use_weight_dtype(want).use_fp32_precision(prec)
         warm()
     lc = engine.lengths
     rule = rules.setdefault(mode, LengthController(
@@ -61,11 +87,18 @@ def path(mode: str, engine, warm, rules: dict):
         llama.Llama._fusable = fusable
 
 
-def run(engine, prompts, batch, params, kw):
-    """(seconds, outputs) of ``prompts`` in groups of ``batch``."""
+def run(engine, prompts, batch, params, kw, schedule="continuous"):
+    """(seconds, outputs) of ``prompts`` at most ``batch`` at a time: ``continuous``
+    submits them all and the engine admits a waiting request whenever one finishes (as
+    a server runs); ``static`` runs them in groups of ``batch``, each group waiting for
+    its slowest request (speculation's uneven step counts then idle the others)."""
     outs, t0 = [], time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        outs += engine.generate(prompts[i:i + batch], params, **kw)
+    if schedule == "continuous":
+        with engine.using(max_batch=batch):
+            outs = engine.generate(prompts, params, **kw)
+    else:
+        for i in range(0, len(prompts), batch):
+            outs += engine.generate(prompts[i:i + batch], params, **kw)
     return time.perf_counter() - t0, outs
 
 
@@ -77,18 +110,23 @@ def main() -> int:
     ap.add_argument("--modes", default="plain,spec")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-prompt-chars", type=int, default=2000)
+    ap.add_argument("--schedule", choices=("continuous", "static"), default="continuous",
+                    help="continuous: all prompts submitted, at most BATCH running (default); "
+                         "static: groups of BATCH, each waiting for its slowest")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = balanced_sample(split(load_prompts(default_prompts_path()))[1], args.per_task, seed=0)
     prompts = [r["prompt"][:args.max_prompt_chars] for r in rows]
     engine = specrt.Engine.from_pretrained(device="cpu", max_batch=max(
         int(b) for b in args.batches.split(",")))
+    DEFAULT_PRECISION[0] = engine.model.fp32_precision
     params = specrt.SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
     print(f"device: {machine()}  threads: {torch.get_num_threads()}  date: "
           f"{datetime.date.today()}  prompts: {len(prompts)} (eval split)  "
-          f"max_tokens {args.max_tokens}  rounds {args.rounds}")
+          f"max_tokens {args.max_tokens}  rounds {args.rounds}  schedule {args.schedule}  "
+          f"fp32 precision {DEFAULT_PRECISION[0]} (modes *_fp32: highest, *_high: high)")
     def warm():                                              # packs the weights
         run(engine, prompts[:2], 2, specrt.SamplingParams(max_tokens=2, ignore_eos=True), {})
 
@@ -100,11 +138,11 @@ def main() -> int:
         order = order[r % len(order):] + order[:r % len(order)]
         for m, b in order:
             with path(m, engine, warm, rules):
-                s, outs = run(engine, prompts, b, params, MODES[m])
+                s, outs = run(engine, prompts, b, params, MODES[m], args.schedule)
             secs[(m, b)] += s
             toks = [o.token_ids for o in outs]
             # each arithmetic against itself: fp32 fused, op by op, bf16
-            key = next((k for k in ("ops", "bf16") if m.endswith("_" + k)), "")
+            key = arithmetic(m)
             ref.setdefault(key, toks)
             same[(m, b)] = same.get((m, b), True) and toks == ref[key]
             stats[(m, b)] = sum(o.stats["mean_accepted_length"] for o in outs) / len(outs)
@@ -127,7 +165,9 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"device": machine(), "date": str(datetime.date.today()),
                        "threads": torch.get_num_threads(), "prompts": len(prompts),
-                       "max_tokens": args.max_tokens, "rounds": args.rounds, "rows": res},
+                       "max_tokens": args.max_tokens, "rounds": args.rounds,
+                       "schedule": args.schedule, "fp32_precision": DEFAULT_PRECISION[0],
+                       "rows": res},
                       f, indent=1)
     return 0
 

@@ -151,13 +151,17 @@ def main() -> int:
                     help="also compare throughput at this batch size (0: skip)")
     ap.add_argument("--weights", choices=("fp32", "bf16"), default="fp32",
                     help="weights the target streams (bf16: on AMX CPUs attention too)")
+    ap.add_argument("--fp32-precision", choices=("auto", "high", "highest"), default="auto",
+                    help="fp32 weights: highest = fp32 products, high = bf16x3 (auto: high "
+                         "where the CPU has bf16 dot products)")
     ap.add_argument("--json", default=None, help="results file; PNGs are written beside it")
     a = ap.parse_args()
 
     pool = Path(a.pool)
     kw = {"max_draft": a.draft_len, "adaptive": False} if a.draft_len else {}
     wdt = torch.bfloat16 if a.weights == "bf16" else torch.float32
-    engine = specrt.Engine.from_pretrained(pool=str(pool), device="cpu", weight_dtype=wdt, **kw)
+    engine = specrt.Engine.from_pretrained(pool=str(pool), device="cpu", weight_dtype=wdt,
+                                           fp32_precision=a.fp32_precision, **kw)
     if engine.router is None:
         raise SystemExit(f"{pool}: no routing head loaded")
     base = json.loads((pool / "pool.json").read_text())["default_drafter"]
@@ -170,7 +174,7 @@ def main() -> int:
         extra = [n for n in extra if n in keep]
     rows = balanced_sample(split(load_prompts(a.prompts))[1], a.per_task, seed=0)
     modes = ["ar", base, "pool", *extra]
-    print(f"{machine()}; {len(rows)} eval prompts; {a.weights} weights; modes {modes}; "
+    print(f"{machine()}; {len(rows)} eval prompts; {a.weights} weights (fp32 precision {engine.model.fp32_precision}); modes {modes}; "
           f"{'fixed draft ' + str(a.draft_len) if a.draft_len else 'adaptive draft length'}")
     res = run_e2e(engine, rows, modes, max_tokens=a.max_tokens)
     print(format_table(res))
@@ -223,7 +227,8 @@ def main() -> int:
               f"{bt['spec_tok_s']:.1f} tok/s, {bt['ratio']:.3f}x (target >= 1.1)")
     if a.json:
         out = {"date": datetime.date.today().isoformat(), "machine": machine(),
-               "weights": a.weights, "max_tokens": a.max_tokens, "draft_len": a.draft_len, "routes": routes,
+               "weights": a.weights, "fp32_precision": engine.model.fp32_precision,
+               "max_tokens": a.max_tokens, "draft_len": a.draft_len, "routes": routes,
                "check": check, **res}
         Path(a.json).write_text(json.dumps(out, indent=1))
         plot(out, tasks, [m for m in modes if m != "ar"], Path(a.json))

@@ -4,7 +4,9 @@ target forward (body), LM head, verification and KV commit, as ratios to T = 1.
 Configurations, interleaved size by size: ``specrt`` (the shipped path: every decoder
 layer in one native call, csrc/decoder_cpu.cpp, with the skinny GEMM and the CPU
 attention kernel; the head through the skinny GEMM), ``bf16`` (the same with the weights
-streamed as bf16, ``Llama.use_weight_dtype``: AMX tiles where the CPU has them), ``ops``
+streamed as bf16, ``Llama.use_weight_dtype``: AMX tiles where the CPU has them), ``high``
+(fp32 weights at "high" precision, ``Llama.use_fp32_precision``: bf16x3 products on the
+bf16 units), ``ops``
 (the fp32 kernels called op by op from Python: the path before the native decoder) and
 ``torch`` (``F.linear`` everywhere, gather + SDPA attention). Ratios ``x T=1`` are each
 configuration's own; ``bf16/specrt`` compares bf16 with fp32 at the same T.
@@ -44,7 +46,9 @@ def config(name: str, model, before=None):
             yield
         return
     rows, fusable, wdt = gemm.MAX_ROWS, llama.Llama._fusable, model.weight_dtype
+    prec = model.fp32_precision
     model.use_weight_dtype(torch.bfloat16 if name == "bf16" else torch.float32)
+    model.use_fp32_precision("high" if name == "high" else "highest")
     if name == "torch":
         gemm.MAX_ROWS = 0
     if name == "ops":
@@ -57,9 +61,10 @@ def config(name: str, model, before=None):
         gemm.MAX_ROWS = rows
         llama.Llama._fusable = fusable
         model.use_weight_dtype(wdt)
+        model.use_fp32_precision(prec)
 
 
-CONFIGS = ("specrt", "bf16", "ops", "torch")
+CONFIGS = ("specrt", "bf16", "high", "ops", "torch")
 
 
 def med(f, runs):

@@ -18,6 +18,10 @@ void skinny_mm_raw(const float* x, int64_t ldx, const float* wp, float* y, int64
 void skinny_mm_bf16_raw(const float* x, int64_t ldx, const uint16_t* wq, float* y, int64_t ldy,
                         int64_t M, int64_t K, int64_t N, int threads);
 
+// bf16x3 from fp32 weights packed as high and low bf16 parts [ceil(N/32), ceil(K/32), 2, 16,
+// 2, 32] (gemm_bf16_cpu.cpp): y = xh Wh + xh Wl + xl Wh, fp32 accumulation.
+void skinny_mm_bf16x3_raw(const float* x, int64_t ldx, const uint16_t* wq, float* y,
+                          int64_t ldy, int64_t M, int64_t K, int64_t N, int threads);
 // Whether this CPU and OS let a thread use AMX tiles (gemm_bf16_cpu.cpp; asks Linux for
 // the tile state once per process).
 bool amx_tiles_usable();

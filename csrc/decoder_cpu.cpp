@@ -43,12 +43,16 @@ struct LayerW {
   const float *attn_norm, *wqkv, *bqkv, *wo, *mlp_norm, *wgu, *wd;
 };
 
-// wp: fp32 panels [ceil(N/32), K, 32], or with bf16 the VNNI panels of gemm_bf16_cpu.cpp
+// wp: fp32 panels [ceil(N/32), K, 32], or with bf16 the VNNI panels of gemm_bf16_cpu.cpp,
+// or with x3 its bf16x3 panels (high and low parts of fp32 weights)
 void gemm(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, float* y,
-          int threads, bool bf16) {
+          int threads, bool bf16, bool x3 = false) {
   for (int64_t m = 0; m < M; m += ROWS) {
     const int64_t rows = std::min(ROWS, M - m);
-    if (bf16)
+    if (x3)
+      specrt::skinny_mm_bf16x3_raw(x + m * K, K, reinterpret_cast<const uint16_t*>(wp),
+                                   y + m * N, N, rows, K, N, threads);
+    else if (bf16)
       specrt::skinny_mm_bf16_raw(x + m * K, K, reinterpret_cast<const uint16_t*>(wp), y + m * N,
                                  N, rows, K, N, threads);
     else
@@ -122,11 +126,13 @@ void rows_loop(int64_t N, int threads, F&& f) {
 // mlp_norm [H], Wgu packed, Wd packed); cos, sin [N, D]; kv [L, NB, 2, bs, Hkv, D];
 // bt [B, maxb]; prefix, lens [B]; mask [B, T, T] or empty (causal); rows [N] = b T + t
 // of each row (t < lens[b]); taps ascending layer ids, tapped [N, len(taps), H]; bf16:
-// the weights are bf16 panels; attn_bf16: attention's products on AMX tiles.
+// the weights are bf16 panels; x3: bf16x3 panels of fp32 weights; attn_bf16: attention's
+// products on AMX tiles.
 void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, f32 cos,
                         f32 sin, f32 kv, i32 bt, i64 prefix, u8 mask, i64 lens, i64 rows,
                         int64_t T, double eps, double scale, i64 taps, f32 tapped,
-                        int threads, bool bf16, bool attn_bf16) {
+                        int threads, bool bf16, bool attn_bf16, bool x3) {
+  if (bf16 && x3) throw std::invalid_argument("decoder_layers_cpu: bf16 and x3 exclude each other");
   if (x.ndim() != 2 || weights.ndim() != 2 || weights.shape(1) != 7 || cos.ndim() != 2 ||
       sin.ndim() != 2 || kv.ndim() != 6 || kv.shape(2) != 2 || bt.ndim() != 2)
     throw std::invalid_argument("decoder_layers_cpu: bad ranks");
@@ -191,7 +197,7 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
     rows_loop(N, threads, [&](int64_t r) {
       rms_row(X + r * H, w.attn_norm, h.data() + r * H, H, feps);
     });
-    gemm(h.data(), N, H, w.wqkv, nqkv, qkv.data(), threads, bf16);
+    gemm(h.data(), N, H, w.wqkv, nqkv, qkv.data(), threads, bf16, x3);
     rows_loop(N, threads, [&](int64_t r) {
       float* row = qkv.data() + r * nqkv;
       if (w.bqkv)
@@ -214,14 +220,14 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
         std::memcpy(orow.data() + r * qd, ob.data() + R[r] * qd, sizeof(float) * qd);
       o = orow.data();
     }
-    gemm(o, N, qd, w.wo, H, tmp.data(), threads, bf16);
+    gemm(o, N, qd, w.wo, H, tmp.data(), threads, bf16, x3);
     rows_loop(N, threads, [&](int64_t r) {
       float* xr = X + r * H;
       const float* tr = tmp.data() + r * H;
       for (int64_t i = 0; i < H; ++i) xr[i] += tr[i];
       rms_row(xr, w.mlp_norm, h.data() + r * H, H, feps);
     });
-    gemm(h.data(), N, H, w.wgu, 2 * I, gu.data(), threads, bf16);
+    gemm(h.data(), N, H, w.wgu, 2 * I, gu.data(), threads, bf16, x3);
     rows_loop(N, threads, [&](int64_t r) {
       const float* g = gu.data() + r * 2 * I;
       if (avx512)
@@ -231,7 +237,7 @@ void decoder_layers_cpu(f32 x, i64 weights, int64_t Hq, int64_t Hkv, int64_t I, 
       else
         silu_mul_scalar(g, g + I, act.data() + r * I, I);
     });
-    gemm(act.data(), N, I, w.wd, H, tmp.data(), threads, bf16);
+    gemm(act.data(), N, I, w.wd, H, tmp.data(), threads, bf16, x3);
     rows_loop(N, threads, [&](int64_t r) {
       float* xr = X + r * H;
       const float* tr = tmp.data() + r * H;
@@ -253,5 +259,5 @@ void bind_decoder(py::module_& m) {
         py::arg("cos"), py::arg("sin"), py::arg("kv").noconvert(), py::arg("bt"), py::arg("prefix"),
         py::arg("mask"), py::arg("lens"), py::arg("rows"), py::arg("T"), py::arg("eps"),
         py::arg("scale"), py::arg("taps"), py::arg("tapped").noconvert(), py::arg("threads"), py::arg("bf16") = false,
-        py::arg("attn_bf16") = false);
+        py::arg("attn_bf16") = false, py::arg("x3") = false);
 }

@@ -20,7 +20,8 @@ WEIGHTS = {"fp32": None, "bf16": "bfloat16"}
 
 
 def load_engine(target: str | None = None, pool: str | None = None, *, no_pool: bool = False,
-                device: str | None = None, weights: str = "fp32", **kwargs):
+                device: str | None = None, weights: str = "fp32",
+                fp32_precision: str = "auto", **kwargs):
     """The engine the subcommands run, and the pool directory it loaded (None: none).
 
     ``target``: HF directory or .gguf file; None or the default model's own GGUF file
@@ -29,7 +30,8 @@ def load_engine(target: str | None = None, pool: str | None = None, *, no_pool: 
     the drafters :func:`specrt.draft.default_drafters` gives (n-gram, token recycling,
     and for the default model the shipped baseline). ``weights``: ``fp32`` or ``bf16``,
     the dtype the CPU kernels stream the weights in (see
-    :func:`specrt.model.load_model`). kwargs: :class:`specrt.Engine` /
+    :func:`specrt.model.load_model`); ``fp32_precision``: ``auto``, ``high`` or
+    ``highest``, how fp32 weights are multiplied (the same function). kwargs: :class:`specrt.Engine` /
     :class:`specrt.EngineConfig` fields."""
     import specrt
     from specrt.model import is_default_target
@@ -47,7 +49,8 @@ def load_engine(target: str | None = None, pool: str | None = None, *, no_pool: 
         from specrt.draft import default_drafters
         from specrt.model import load_model
 
-        model, tok = load_model(target, device=device, weight_dtype=wdt)
+        model, tok = load_model(target, device=device, weight_dtype=wdt,
+                                fp32_precision=fp32_precision)
         return specrt.Engine(model, tok, drafters=default_drafters(model, target),
                              **kwargs), None
     if pool is None and target is None:
@@ -55,13 +58,13 @@ def load_engine(target: str | None = None, pool: str | None = None, *, no_pool: 
 
         pool = str(SHIPPED_POOL) if (SHIPPED_POOL / "pool.json").is_file() else None
     return specrt.Engine.from_pretrained(target, pool=pool, device=device, weight_dtype=wdt,
-                                         **kwargs), pool
+                                         fp32_precision=fp32_precision, **kwargs), pool
 
 
 def _engine_of(args, **kwargs):
     """:func:`load_engine` with a subcommand's ``--target/--pool/--no-pool/--device``."""
     return load_engine(args.target, args.pool, no_pool=args.no_pool, device=args.device,
-                       weights=args.weights, **kwargs)
+                       weights=args.weights, fp32_precision=args.fp32_precision, **kwargs)
 
 
 def _force_drafter(engine, name: str | None) -> str | None:
@@ -338,6 +341,12 @@ def _add_engine_options(p, device_help: str = "cpu, cuda or cuda:N (default: cud
                    help="CPU: the dtype the kernels stream the weights in; bf16 halves the "
                         "bytes (and on AMX CPUs makes wide draft trees and batches cheap), "
                         "with the target's logits rounded accordingly")
+    p.add_argument("--fp32-precision", choices=("auto", "high", "highest"), default="auto",
+                   help="CPU, fp32 weights: highest = fp32 products; high = bf16x3 (each "
+                        "operand split in two bf16 parts, ~16 significant bits, on the bf16 "
+                        "units: trees and batches of a few dozen rows cost little more than "
+                        "one); auto (default) = high where the CPU has bf16 dot products "
+                        "(AMX, AVX512-BF16)")
 
 
 def _parser() -> argparse.ArgumentParser:

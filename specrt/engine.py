@@ -90,7 +90,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, target: str | None = None, pool: str | None = None, *,
                         device: str | None = None, dtype: torch.dtype | None = None,
-                        weight_dtype: torch.dtype | None = None, **kwargs) -> "Engine":
+                        weight_dtype: torch.dtype | None = None,
+                        fp32_precision: str = "auto", **kwargs) -> "Engine":
         """Load a target (HF directory, .gguf file, or the default model when None or
         its own GGUF file) with its drafters.
 
@@ -100,9 +101,11 @@ class Engine:
         default pool (``specrt/pools/default/pool.json``) is used when it exists.
         Without a pool the drafters are the model-free ones (n-gram prompt lookup and
         token recycling) plus the shipped baseline drafter when ``target`` is the
-        default model. ``dtype`` / ``weight_dtype``: see :func:`specrt.model.load_model`
-        (``weight_dtype=torch.bfloat16`` streams bf16 weights on CPU: faster; the drafters
-        then verify against that bf16-weight model, losslessly). kwargs go to
+        default model. ``dtype`` / ``weight_dtype`` / ``fp32_precision``: see
+        :func:`specrt.model.load_model` (``weight_dtype=torch.bfloat16`` streams bf16
+        weights on CPU: faster; ``fp32_precision="high"``, the default where the CPU has
+        bf16 dot products, multiplies fp32 weights as bf16x3; the drafters verify against
+        whichever model that makes, losslessly). kwargs go to
         :class:`Engine` (explicit ``drafters`` /
         ``default_drafter`` / ``router`` override the pool's; the rest are
         :class:`EngineConfig` fields).
@@ -111,7 +114,8 @@ class Engine:
 
         if target is not None and is_default_target(target):
             target = None  # the default model's own file: its pool and baseline too
-        model, tok = load_model(target, dtype=dtype, device=device, weight_dtype=weight_dtype)
+        model, tok = load_model(target, dtype=dtype, device=device, weight_dtype=weight_dtype,
+                                fp32_precision=fp32_precision)
         if pool is None and target is None and "drafters" not in kwargs:
             from specrt.pool import SHIPPED_POOL
 

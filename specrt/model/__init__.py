@@ -109,18 +109,24 @@ def _converted_gguf(p: Path) -> Path:
 
 def load_model(target: str | Path | None = None, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None,
-               weight_dtype: torch.dtype | None = None) -> tuple[Llama, Tokenizer]:
+               weight_dtype: torch.dtype | None = None,
+               fp32_precision: str = "auto") -> tuple[Llama, Tokenizer]:
     """Load a target (HF directory, GGUF file, or the default model when None).
 
     dtype defaults to fp32 on CPU and bf16 on CUDA; device to CUDA when available.
     ``weight_dtype`` (CPU fp32 models only): the dtype the CPU kernels stream the linear
     layers' weights in, ``torch.float32`` (default) or ``torch.bfloat16`` (faster, and
     logits rounded accordingly: see :meth:`Llama.use_weight_dtype`).
-    ``ValueError`` for a device this machine lacks (see :func:`resolve_device`) or a
-    weight dtype that does not apply, before the target is read.
+    ``fp32_precision`` (CPU fp32 models): how fp32 weights are multiplied, ``"highest"``
+    (fp32 products), ``"high"`` (bf16x3: ~16 significant bits of each operand, on the
+    bf16 units; see :meth:`Llama.use_fp32_precision`) or ``"auto"`` (the default:
+    ``"high"`` where the CPU has bf16 dot products, :func:`specrt.ops.gemm.bf16x3_fast`,
+    else ``"highest"``).
+    ``ValueError`` for a device this machine lacks (see :func:`resolve_device`), a
+    weight dtype or precision that does not apply, before the target is read.
     """
     from specrt.model.hf import load_hf_model
-    from specrt.ops.gemm import check_weight_dtype
+    from specrt.ops.gemm import FP32_PRECISIONS, bf16x3_fast, check_weight_dtype
 
     device = resolve_device(device)
     if dtype is None:
@@ -131,8 +137,17 @@ def load_model(target: str | Path | None = None, dtype: torch.dtype | None = Non
             raise ValueError(f"weight_dtype {weight_dtype} is for CPU fp32 models (the CPU "
                              f"kernels' weight stream); on {device} with dtype {dtype} "
                              f"choose dtype instead")
+    if fp32_precision not in ("auto",) + FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be auto, high or highest, got {fp32_precision!r}")
+    cpu32 = device.type == "cpu" and dtype is torch.float32
+    if fp32_precision == "high" and not cpu32:
+        raise ValueError(f"fp32_precision 'high' is for CPU fp32 models (the CPU kernels' "
+                         f"products); on {device} with dtype {dtype} leave it 'auto'")
+    if fp32_precision == "auto":
+        fp32_precision = "high" if cpu32 and bf16x3_fast() else "highest"
     d = resolve_target(target)
     model = load_hf_model(d, dtype=dtype, device=device)
+    model.use_fp32_precision(fp32_precision)
     if weight_dtype is not None:
         model.use_weight_dtype(weight_dtype)
     tok = Tokenizer(d, eos_ids=model.args.eos_token_id)

@@ -238,6 +238,31 @@ class Llama(nn.Module):
         return self
 
     @property
+    def fp32_precision(self) -> str:
+        """How fp32 weights are multiplied on CPU (see :meth:`use_fp32_precision`)."""
+        return self._head_mm.fp32_precision
+
+    def use_fp32_precision(self, precision: str) -> "Llama":
+        """``"highest"`` (the default): fp32 weights are multiplied in fp32 (the same
+        products as ``F.linear``); ``"high"``: as bf16x3 (:func:`specrt.ops.gemm.
+        skinny_mm_bf16x3`: activations and weights each split into two bf16 parts,
+        ~16 significant bits of each, sums in fp32; PyTorch's name for this precision)
+        where the CPU has bf16 dot products (:func:`specrt.ops.gemm.bf16x3_fast`), fp32
+        elsewhere. The same weight bytes as fp32; on AMX a tree or a batch of a few
+        dozen rows then costs little more than one row. Like bf16 weights it is one
+        model at every batch size and tree width (a row's bits never depend on the other
+        rows), so speculation is as lossless relative to it. Applies while the weights
+        are fp32 (:meth:`use_weight_dtype`). Returns ``self``."""
+        from specrt.ops.gemm import check_fp32_precision
+
+        check_fp32_precision(precision)
+        self._head_mm.fp32_precision = precision
+        for layer in self.layers:
+            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                _mm(lin).fp32_precision = precision
+        return self
+
+    @property
     def head_weight(self) -> torch.Tensor:
         """The LM head ``[V, hidden]`` (the embedding when tied)."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -353,6 +378,8 @@ class Llama(nn.Module):
     def _fused_kw(self) -> dict:
         # flags only when set: a build from before them (bench_native_ab's baseline) still runs
         kw = {"bf16": True} if self.weight_dtype is torch.bfloat16 else {}
+        if self._head_mm.format() == "bf16x3":
+            kw["x3"] = True
         if self._attn_bf16():
             kw["attn_bf16"] = True
         return kw
@@ -378,7 +405,8 @@ class Llama(nn.Module):
         if cached is not None and len(cached[0]) == len(held) and all(
                 p is q for p, q in zip(cached[0], held)):
             return cached[1]
-        packed_dtype = self.weight_dtype
+        packed_dtype = torch.float32 if _mm(self.layers[0].qkv).format() == "fp32" \
+            else torch.bfloat16
         for j, t in enumerate(held):
             want = packed_dtype if j % 7 in (1, 3, 5, 6) else torch.float32
             if t is not None and (t.dtype is not want or not t.is_contiguous()):

@@ -18,6 +18,12 @@ OpenMP over panels).
   of a few dozen rows costs about what one row does. ``x`` is rounded to bf16, the sums
   and ``y`` are fp32. Opt-in (``Llama.use_weight_dtype``): its logits are not the fp32
   model's.
+* :func:`pack_weight_bf16x3` / :func:`skinny_mm_bf16x3` (``torch.ops.specrt.skinny_mm_bf16x3``):
+  fp32 weights at "high" precision (PyTorch's name for it,
+  ``torch.set_float32_matmul_precision``): ``x`` and ``W`` each split into a high and a
+  low bf16 part and ``y = xh Wh + xh Wl + xl Wh`` on the bf16 units, ~16 significant
+  bits of each operand (bf16: 8; fp32: 24). The same weight bytes as fp32, but on AMX a
+  few dozen rows cost little more than one (``PackedLinear.fp32_precision``).
 * :class:`PackedLinear` runs the kernel on CPU fp32 without autograd (in chunks of
   :data:`MAX_ROWS` rows), ``F.linear`` otherwise: the model's linear layers use it.
 """
@@ -28,8 +34,9 @@ import torch.nn.functional as F
 
 from specrt.ops._backend import LIB, native
 
-__all__ = ["pack_weight", "skinny_mm", "pack_weight_bf16", "skinny_mm_bf16", "PackedLinear",
-           "MAX_ROWS", "gemm_isa", "gemm_bf16_isa", "WEIGHT_DTYPES"]
+__all__ = ["pack_weight", "skinny_mm", "pack_weight_bf16", "skinny_mm_bf16",
+           "pack_weight_bf16x3", "skinny_mm_bf16x3", "PackedLinear", "MAX_ROWS", "gemm_isa",
+           "gemm_bf16_isa", "WEIGHT_DTYPES", "FP32_PRECISIONS", "bf16x3_fast"]
 
 #: Panel width of the packed layout (outputs per panel).
 PANEL = 32
@@ -56,6 +63,25 @@ def gemm_bf16_isa() -> str:
 #: The weight dtypes :class:`PackedLinear` streams: fp32 (:func:`skinny_mm`) or bf16
 #: (:func:`skinny_mm_bf16`).
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+#: How fp32 weights are multiplied (PyTorch's names): ``"highest"`` fp32 products
+#: (:func:`skinny_mm`); ``"high"`` bf16x3 (:func:`skinny_mm_bf16x3`) where the CPU has
+#: bf16 dot products (:func:`bf16x3_fast`), else fp32 as with ``"highest"``.
+FP32_PRECISIONS = ("highest", "high")
+
+
+def bf16x3_fast() -> bool:
+    """Whether :func:`skinny_mm_bf16x3` runs on bf16 units here (AMX or AVX512-BF16):
+    where it does not, ``"high"`` precision keeps the fp32 kernel (faster there)."""
+    return gemm_bf16_isa() in ("amx", "avx512bf16")
+
+
+def check_fp32_precision(precision, what: str = "fp32_precision") -> None:
+    """``ValueError`` naming ``what`` unless ``precision`` is one of
+    :data:`FP32_PRECISIONS`."""
+    if precision not in FP32_PRECISIONS:
+        raise ValueError(f"{what} must be one of {FP32_PRECISIONS}, got {precision!r}")
 
 
 def check_weight_dtype(dtype, what: str = "weight dtype") -> None:
@@ -222,6 +248,90 @@ def skinny_mm_bf16(x: torch.Tensor, wq: torch.Tensor, n: int) -> torch.Tensor:
     return _skinny_mm_bf16_op(x, wq, n)
 
 
+def pack_weight_bf16x3(w: torch.Tensor) -> torch.Tensor:
+    """Pack an fp32 weight ``[N, K]`` (CPU) for :func:`skinny_mm_bf16x3`.
+
+    Returns ``wq3`` ``[P, KB, 2, 16, 2, 32]`` bfloat16 contiguous (``P = ceil(N / 32)``,
+    ``KB = ceil(K / 32)``): ``wq3[:, :, 0]`` is :func:`pack_weight_bf16` of ``Wh =
+    bf16(w)``, ``wq3[:, :, 1]`` of ``Wl = bf16(w - Wh)`` (``w - Wh`` is exact in fp32; both
+    round to nearest even), so each k block of a panel holds its high then its low part
+    (4 KB, read in address order). ``Wh + Wl`` equals ``w`` to ~2^-17 relative.
+    """
+    if w.dim() != 2 or w.dtype is not torch.float32 or w.device.type != "cpu":
+        raise ValueError(f"pack_weight_bf16x3 needs a [N, K] float32 CPU tensor, got "
+                         f"{tuple(w.shape)} {w.dtype} on {w.device}")
+    w = w.detach()
+    hi = w.to(torch.bfloat16)
+    lo = (w - hi.float()).to(torch.bfloat16)
+    return _huge_copy(torch.stack((pack_weight_bf16(hi), pack_weight_bf16(lo)), 2))
+
+
+def _check_x3(x: torch.Tensor, wq: torch.Tensor, n: int) -> None:
+    if x.dim() != 2 or wq.dim() != 6 or tuple(wq.shape[2:]) != (2, 16, 2, 32):
+        raise ValueError(f"skinny_mm_bf16x3 needs x [M, K] and wq [P, KB, 2, 16, 2, 32], "
+                         f"got {tuple(x.shape)} and {tuple(wq.shape)}")
+    if not (wq.shape[1] - 1) * PANEL < x.shape[1] <= wq.shape[1] * PANEL:
+        raise ValueError(f"x has K={x.shape[1]}, the packed weight {wq.shape[1]} blocks of 32")
+    if not (wq.shape[0] - 1) * PANEL < n <= wq.shape[0] * PANEL:
+        raise ValueError(f"n={n} does not fit a packed weight of {wq.shape[0]} panels")
+    if x.dtype != torch.float32 or wq.dtype != torch.bfloat16:
+        raise ValueError(f"skinny_mm_bf16x3 takes fp32 x and bf16 wq: got x {x.dtype}, "
+                         f"wq {wq.dtype}")
+
+
+def _skinny_mm_bf16x3_impl(x: torch.Tensor, wq: torch.Tensor, n: int) -> torch.Tensor:
+    _check_x3(x, wq, n)
+    if x.device.type != "cpu" or wq.device.type != "cpu":
+        raise ValueError("skinny_mm_bf16x3 runs on CPU tensors only")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if not wq.is_contiguous():
+        raise ValueError("skinny_mm_bf16x3: wq must be contiguous (as pack_weight_bf16x3 "
+                         "makes it)")
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    native().skinny_mm_bf16x3(x.numpy(), wq.view(torch.uint16).numpy(), y.numpy(), n,
+                              torch.get_num_threads())
+    return y
+
+
+LIB.define("skinny_mm_bf16x3(Tensor x, Tensor wq, int n) -> Tensor")
+LIB.impl("skinny_mm_bf16x3", _skinny_mm_bf16x3_impl, "CPU")
+
+
+@torch.library.register_fake("specrt::skinny_mm_bf16x3", lib=LIB)
+def _(x, wq, n):
+    _check_x3(x, wq, n)
+    return x.new_empty(x.shape[0], n)
+
+
+_skinny_mm_bf16x3_op = torch.ops.specrt.skinny_mm_bf16x3.default
+
+
+def skinny_mm_bf16x3(x: torch.Tensor, wq: torch.Tensor, n: int) -> torch.Tensor:
+    """``x @ W.T`` at "high" fp32 precision from W packed by :func:`pack_weight_bf16x3`.
+
+    ``x`` is split as W is (``xh = bf16(x)``, ``xl = bf16(x - xh)``) and ``y = xl Wh + xh
+    Wl + xh Wh`` summed in fp32 (the ``xl Wl`` term, below 2^-18 of each product, is
+    dropped): each product carries ~16 significant bits of its operands against fp32's
+    24 and bf16's 8. On AMX the tile unit does the three products (:func:`bf16x3_fast`).
+
+    Args:
+        x: ``[M, K]`` float32 CPU (rows may be strided; each row contiguous); finite (an
+            infinite entry gives NaN: its low part is ``inf - inf``).
+        wq: ``[P, KB, 2, 16, 2, 32]`` bfloat16 CPU, ``pack_weight_bf16x3(W)`` of ``W``
+            ``[n, K]``.
+        n: output columns (W's rows), ``32 (P - 1) < n <= 32 P``.
+
+    Returns:
+        ``[M, n]`` float32, new memory. A row's result never depends on ``M``, the other
+        rows or the thread count.
+
+    Raises:
+        ValueError: shapes, dtypes or devices that do not fit.
+    """
+    return _skinny_mm_bf16x3_op(x, wq, n)
+
+
 class PackedLinear:
     """``F.linear(x, weight, bias)`` that runs the skinny GEMM on CPU fp32 activations (in
     chunks of :data:`MAX_ROWS` rows), from a copy of ``weight`` packed on first use (and
@@ -232,23 +342,39 @@ class PackedLinear:
         weight_dtype: the packed copy's dtype, one of :data:`WEIGHT_DTYPES`: fp32
             (:func:`skinny_mm`, the default: the same products as ``F.linear``) or bf16
             (:func:`skinny_mm_bf16`).
+        fp32_precision: with fp32 weights, ``"highest"`` (fp32 products, the default)
+            or ``"high"`` (:func:`skinny_mm_bf16x3` where :func:`bf16x3_fast`); see
+            :data:`FP32_PRECISIONS`.
     """
 
-    def __init__(self, weight_dtype: torch.dtype = torch.float32):
+    def __init__(self, weight_dtype: torch.dtype = torch.float32,
+                 fp32_precision: str = "highest"):
         self._packed: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
         self._version: int | None = None   # None: an inference tensor (no counter)
+        self._format: str | None = None
         check_weight_dtype(weight_dtype, "weight_dtype")
+        check_fp32_precision(fp32_precision)
         self.weight_dtype = weight_dtype
+        self.fp32_precision = fp32_precision
+
+    def format(self) -> str:
+        """The packed layout the next call uses: ``"fp32"``, ``"bf16"`` or ``"bf16x3"``."""
+        if self.weight_dtype is torch.bfloat16:
+            return "bf16"
+        return "bf16x3" if self.fp32_precision == "high" and bf16x3_fast() else "fp32"
 
     def packed(self, weight: torch.Tensor) -> torch.Tensor:
         """The packed copy of ``weight`` (made again when it is another tensor, was
-        changed in place, or :attr:`weight_dtype` changed)."""
-        if (self._weight is weight and self._packed.dtype is self.weight_dtype
+        changed in place, or :attr:`weight_dtype` / :attr:`fp32_precision` changed)."""
+        fmt = self.format()
+        if (self._weight is weight and self._format == fmt
                 and (self._version is None or weight._version == self._version)):
             return self._packed
-        self._packed = (pack_weight_bf16(weight) if self.weight_dtype is torch.bfloat16
-                        else pack_weight(weight))
+        self._packed = self._weight = None   # the old copy goes before the new one is made
+        self._packed = (pack_weight_bf16(weight) if fmt == "bf16" else
+                        pack_weight_bf16x3(weight) if fmt == "bf16x3" else pack_weight(weight))
+        self._format = fmt
         self._weight = weight
         self._version = None if weight.is_inference() else weight._version
         return self._packed
@@ -264,7 +390,8 @@ class PackedLinear:
         if rows <= 0 or MAX_ROWS <= 0:   # MAX_ROWS 0: the kernel off (benchmarks' baseline)
             return F.linear(x, weight, bias)
         wp, N = self.packed(weight), weight.shape[0]
-        op = _skinny_mm_bf16_op if wp.dtype is torch.bfloat16 else _skinny_mm_op
+        op = (_skinny_mm_op if wp.dtype is torch.float32 else
+              _skinny_mm_bf16x3_op if wp.dim() == 6 else _skinny_mm_bf16_op)
         x2 = x.reshape(rows, K)
         if rows <= MAX_ROWS:
             y = op(x2, wp, N)

@@ -40,7 +40,8 @@ def run(args) -> int:
     from specrt.cli import load_engine
 
     engine = load_engine(args.target, args.pool, no_pool=args.no_pool, device=args.device,
-                         weights=args.weights, **kw)[0]
+                         weights=args.weights,
+                         fp32_precision=getattr(args, "fp32_precision", "auto"), **kw)[0]
     return serve(engine, cfg)
 
 
