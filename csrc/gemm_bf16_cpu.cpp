@@ -186,6 +186,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block_x3(const Args& a, in
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const uint16_t* wk = w + kb * 2 * BLOCK;
     if (PF_X3) {
+      // 2 blocks (8 KB) ahead: on the AMX Xeon 1 / 4 / 8 gave a 1-row forward 1.5-3 ms
+      // slower (bench_verify_cost, 2026-12-06)
       const char* pf = reinterpret_cast<const char*>(wk + PF_BLOCKS * 2 * BLOCK);
       UNROLL for (int r = 0; r < 64; ++r) _mm_prefetch(pf + 64 * r, _MM_HINT_T0);
     }
