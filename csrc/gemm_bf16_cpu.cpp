@@ -120,6 +120,34 @@ __attribute__((target("amx-tile"))) void amx_configure() { _tile_loadconfig(&kTi
 
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
+// C tiles tmm0-1 (and tmm2-3 with two m-tiles) to zero
+template <int MT>
+__attribute__((target("amx-tile"))) inline void amx_zero() {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (MT == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+}
+
+// C tiles of rows m0 .. m0 + 16 * MT of panel p to y: a whole block (every row and column
+// inside y) straight, an edge block through buf, trimmed by store_block
+template <int MT>
+__attribute__((target("amx-tile"))) inline void amx_store(const Args& a, int64_t p, int64_t m0,
+                                                         float* buf) {
+  const bool whole = m0 + 16 * MT <= a.M && (p + 1) * NR <= a.N;
+  float* dst = whole ? a.y + m0 * a.ldy + p * NR : buf;
+  const int64_t ld = whole ? a.ldy : NR;
+  _tile_stored(0, dst, ld * 4);
+  _tile_stored(1, dst + 16, ld * 4);
+  if (MT == 2) {
+    _tile_stored(2, dst + 16 * ld, ld * 4);
+    _tile_stored(3, dst + 16 * ld + 16, ld * 4);
+  }
+  if (!whole) store_block(a, p, m0, 16 * MT, buf);
+}
+
 // Rows m0 .. m0 + 16 * MT of panel p (the panel read once for both m-tiles).
 template <int MT>
 __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const Args& a, int64_t p,
@@ -127,12 +155,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const Args& a, int64
   const uint16_t* w = panel(a, p);
   const uint16_t* x = a.xb + m0 * a.Kp;
   const int64_t nkb = a.Kp / KB, sx = a.Kp * 2;
-  _tile_zero(0);
-  _tile_zero(1);
-  if (MT == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
+  amx_zero<MT>();
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const uint16_t* wk = w + kb * BLOCK;
     const char* pf = reinterpret_cast<const char*>(wk + PF_BLOCKS * BLOCK);
@@ -149,18 +172,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const Args& a, int64
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  // a whole block (every row and column inside y) goes straight to y; an edge block
-  // through buf, trimmed by store_block
-  const bool whole = m0 + 16 * MT <= a.M && (p + 1) * NR <= a.N;
-  float* dst = whole ? a.y + m0 * a.ldy + p * NR : buf;
-  const int64_t ld = whole ? a.ldy : NR;
-  _tile_stored(0, dst, ld * 4);
-  _tile_stored(1, dst + 16, ld * 4);
-  if (MT == 2) {
-    _tile_stored(2, dst + 16 * ld, ld * 4);
-    _tile_stored(3, dst + 16 * ld + 16, ld * 4);
-  }
-  if (!whole) store_block(a, p, m0, 16 * MT, buf);
+  amx_store<MT>(a, p, m0, buf);
 }
 
 // bf16x3: rows m0 .. m0 + 16 * MT of panel p (the panel read once for both m-tiles).
@@ -177,12 +189,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block_x3(const Args& a, in
   const uint16_t* xl0 = a.xl + m0 * a.Kp;
   const uint16_t* xh1 = xh0 + 16 * a.Kp;
   const uint16_t* xl1 = xl0 + 16 * a.Kp;
-  _tile_zero(0);
-  _tile_zero(1);
-  if (MT == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
+  amx_zero<MT>();
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const uint16_t* wk = w + kb * 2 * BLOCK;
     if (PF_X3) {
@@ -230,16 +237,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block_x3(const Args& a, in
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  const bool whole = m0 + 16 * MT <= a.M && (p + 1) * NR <= a.N;
-  float* dst = whole ? a.y + m0 * a.ldy + p * NR : buf;
-  const int64_t ld = whole ? a.ldy : NR;
-  _tile_stored(0, dst, ld * 4);
-  _tile_stored(1, dst + 16, ld * 4);
-  if (MT == 2) {
-    _tile_stored(2, dst + 16 * ld, ld * 4);
-    _tile_stored(3, dst + 16 * ld + 16, ld * 4);
-  }
-  if (!whole) store_block(a, p, m0, 16 * MT, buf);
+  amx_store<MT>(a, p, m0, buf);
 }
 
 void amx_panel(const Args& a, int64_t p, float* buf) {
@@ -581,51 +579,41 @@ void run_gemm(const float* x, int64_t ldx, int64_t K, const uint16_t* wq, float*
 
 using u16arr = py::array_t<uint16_t, py::array::c_style>;
 
-// x [M, K] fp32, wq3 [P, Kp / 32, 2, 16, 2, 32] as uint16 (high, low parts), y [M, N].
-void skinny_mm_bf16x3(py::array x, u16arr wq, py::array y, int64_t n, int threads,
-                      const std::string& isa) {
-  if (x.ndim() != 2 || y.ndim() != 2 || wq.ndim() != 6 || wq.shape(2) != 2 ||
-      wq.shape(3) != 16 || wq.shape(4) != 2 || wq.shape(5) != 32)
-    throw std::invalid_argument(
-        "skinny_mm_bf16x3: need x [M, K], wq [P, Kp / 32, 2, 16, 2, 32], y [M, N]");
+// x [M, K] fp32 (row stride ldx given by the array), y [M, N] fp32 written in full; wq as
+// uint16: [P, Kp / 32, 16, 2, 32] (bf16 weights) or, x3, [P, Kp / 32, 2, 16, 2, 32] (the
+// high and low parts of fp32 weights).
+void packed_mm(const char* op, bool x3, py::array x, u16arr wq, py::array y, int64_t n,
+               int threads, const std::string& isa) {
+  const std::string name(op);
+  const int lead = x3 ? 3 : 2;  // wq's first dim of the [16, 2, 32] tail
+  if (x.ndim() != 2 || y.ndim() != 2 || wq.ndim() != lead + 3 || (x3 && wq.shape(2) != 2) ||
+      wq.shape(lead) != 16 || wq.shape(lead + 1) != 2 || wq.shape(lead + 2) != 32)
+    throw std::invalid_argument(name + ": need x [M, K], wq [P, Kp / 32, " +
+                                (x3 ? "2, " : "") + "16, 2, 32], y [M, N]");
   if (!py::isinstance<py::array_t<float>>(x) || !py::isinstance<py::array_t<float>>(y))
-    throw std::invalid_argument("skinny_mm_bf16x3: x and y must be float32");
+    throw std::invalid_argument(name + ": x and y must be float32");
   if (x.strides(1) != 4 || y.strides(1) != 4 || x.strides(0) % 4 || y.strides(0) % 4)
-    throw std::invalid_argument("skinny_mm_bf16x3: x and y rows must be contiguous");
-  if (!y.writeable()) throw std::invalid_argument("skinny_mm_bf16x3: y is read-only");
+    throw std::invalid_argument(name + ": x and y rows must be contiguous");
+  if (!y.writeable()) throw std::invalid_argument(name + ": y is read-only");
   const int64_t M = x.shape(0), K = x.shape(1), P = wq.shape(0);
   if (wq.shape(1) * KB < K || (wq.shape(1) - 1) * KB >= K)
-    throw std::invalid_argument("skinny_mm_bf16x3: wq's K blocks do not fit x's K");
+    throw std::invalid_argument(name + ": wq's K blocks do not fit x's K");
   if (y.shape(0) != M || y.shape(1) != n || P * NR < n || (P - 1) * NR >= n)
-    throw std::invalid_argument("skinny_mm_bf16x3: y must be [M, N] with N in (32 (P-1), 32 P]");
+    throw std::invalid_argument(name + ": y must be [M, N] with N in (32 (P-1), 32 P]");
   const Isa which = parse_isa(isa);
   py::gil_scoped_release nogil;
   run_gemm(static_cast<const float*>(x.data()), x.strides(0) / 4, K, wq.data(),
-           static_cast<float*>(y.mutable_data()), y.strides(0) / 4, M, n, which, threads, true);
+           static_cast<float*>(y.mutable_data()), y.strides(0) / 4, M, n, which, threads, x3);
 }
 
-// x [M, K] fp32 (row stride ldx given by the array), wq [P, Kp / 32, 16, 2, 32] as uint16,
-// y [M, N] fp32 written in full.
 void skinny_mm_bf16(py::array x, u16arr wq, py::array y, int64_t n, int threads,
                     const std::string& isa) {
-  if (x.ndim() != 2 || y.ndim() != 2 || wq.ndim() != 5 || wq.shape(2) != 16 ||
-      wq.shape(3) != 2 || wq.shape(4) != 32)
-    throw std::invalid_argument(
-        "skinny_mm_bf16: need x [M, K], wq [P, Kp / 32, 16, 2, 32], y [M, N]");
-  if (!py::isinstance<py::array_t<float>>(x) || !py::isinstance<py::array_t<float>>(y))
-    throw std::invalid_argument("skinny_mm_bf16: x and y must be float32");
-  if (x.strides(1) != 4 || y.strides(1) != 4 || x.strides(0) % 4 || y.strides(0) % 4)
-    throw std::invalid_argument("skinny_mm_bf16: x and y rows must be contiguous");
-  if (!y.writeable()) throw std::invalid_argument("skinny_mm_bf16: y is read-only");
-  const int64_t M = x.shape(0), K = x.shape(1), P = wq.shape(0);
-  if (wq.shape(1) * KB < K || (wq.shape(1) - 1) * KB >= K)
-    throw std::invalid_argument("skinny_mm_bf16: wq's K blocks do not fit x's K");
-  if (y.shape(0) != M || y.shape(1) != n || P * NR < n || (P - 1) * NR >= n)
-    throw std::invalid_argument("skinny_mm_bf16: y must be [M, N] with N in (32 (P-1), 32 P]");
-  const Isa which = parse_isa(isa);
-  py::gil_scoped_release nogil;
-  run_gemm(static_cast<const float*>(x.data()), x.strides(0) / 4, K, wq.data(),
-           static_cast<float*>(y.mutable_data()), y.strides(0) / 4, M, n, which, threads);
+  packed_mm("skinny_mm_bf16", false, x, wq, y, n, threads, isa);
+}
+
+void skinny_mm_bf16x3(py::array x, u16arr wq, py::array y, int64_t n, int threads,
+                      const std::string& isa) {
+  packed_mm("skinny_mm_bf16x3", true, x, wq, y, n, threads, isa);
 }
 
 }  // namespace

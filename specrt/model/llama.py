@@ -231,10 +231,8 @@ class Llama(nn.Module):
         from specrt.ops.gemm import check_weight_dtype
 
         check_weight_dtype(dtype)
-        self._head_mm.weight_dtype = dtype
-        for layer in self.layers:
-            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                _mm(lin).weight_dtype = dtype
+        for mm in self._packed_linears():
+            mm.weight_dtype = dtype
         return self
 
     @property
@@ -256,11 +254,14 @@ class Llama(nn.Module):
         from specrt.ops.gemm import check_fp32_precision
 
         check_fp32_precision(precision)
-        self._head_mm.fp32_precision = precision
-        for layer in self.layers:
-            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                _mm(lin).fp32_precision = precision
+        for mm in self._packed_linears():
+            mm.fp32_precision = precision
         return self
+
+    def _packed_linears(self) -> list[PackedLinear]:
+        """The LM head's and every linear layer's :class:`PackedLinear`."""
+        return [self._head_mm] + [_mm(lin) for layer in self.layers
+                                  for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
 
     @property
     def head_weight(self) -> torch.Tensor:

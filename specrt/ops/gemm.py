@@ -187,31 +187,38 @@ def pack_weight_bf16(w: torch.Tensor) -> torch.Tensor:
         P, KB, 16, 2, 2 * 16)
 
 
-def _check_bf16(x: torch.Tensor, wq: torch.Tensor, n: int) -> None:
-    if x.dim() != 2 or wq.dim() != 5 or tuple(wq.shape[2:]) != (16, 2, 32):
-        raise ValueError(f"skinny_mm_bf16 needs x [M, K] and wq [P, KB, 16, 2, 32], got "
-                         f"{tuple(x.shape)} and {tuple(wq.shape)}")
+def _check_packed(op: str, x: torch.Tensor, wq: torch.Tensor, n: int) -> None:
+    """Shapes and dtypes of :func:`skinny_mm_bf16` (``op`` ``skinny_mm_bf16``) or
+    :func:`skinny_mm_bf16x3` (``skinny_mm_bf16x3``: ``wq`` has the extra parts dim)."""
+    tail = (2, 16, 2, 32) if op.endswith("x3") else (16, 2, 32)
+    if x.dim() != 2 or wq.dim() != 2 + len(tail) or tuple(wq.shape[2:]) != tail:
+        raise ValueError(f"{op} needs x [M, K] and wq [P, KB, {', '.join(map(str, tail))}], "
+                         f"got {tuple(x.shape)} and {tuple(wq.shape)}")
     if not (wq.shape[1] - 1) * PANEL < x.shape[1] <= wq.shape[1] * PANEL:
         raise ValueError(f"x has K={x.shape[1]}, the packed weight {wq.shape[1]} blocks of 32")
     if not (wq.shape[0] - 1) * PANEL < n <= wq.shape[0] * PANEL:
         raise ValueError(f"n={n} does not fit a packed weight of {wq.shape[0]} panels")
     if x.dtype != torch.float32 or wq.dtype != torch.bfloat16:
-        raise ValueError(f"skinny_mm_bf16 takes fp32 x and bf16 wq: got x {x.dtype}, "
-                         f"wq {wq.dtype}")
+        raise ValueError(f"{op} takes fp32 x and bf16 wq: got x {x.dtype}, wq {wq.dtype}")
 
 
-def _skinny_mm_bf16_impl(x: torch.Tensor, wq: torch.Tensor, n: int) -> torch.Tensor:
-    _check_bf16(x, wq, n)
+def _run_packed(op: str, x: torch.Tensor, wq: torch.Tensor, n: int) -> torch.Tensor:
+    """The CPU implementation of the ``op`` custom op (``skinny_mm_bf16`` / ``x3``)."""
+    _check_packed(op, x, wq, n)
     if x.device.type != "cpu" or wq.device.type != "cpu":
-        raise ValueError("skinny_mm_bf16 runs on CPU tensors only")
+        raise ValueError(f"{op} runs on CPU tensors only")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if not wq.is_contiguous():
-        raise ValueError("skinny_mm_bf16: wq must be contiguous (as pack_weight_bf16 makes it)")
+        raise ValueError(f"{op}: wq must be contiguous (as its pack function makes it)")
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    native().skinny_mm_bf16(x.numpy(), wq.view(torch.uint16).numpy(), y.numpy(), n,
-                            torch.get_num_threads())
+    getattr(native(), op)(x.numpy(), wq.view(torch.uint16).numpy(), y.numpy(), n,
+                          torch.get_num_threads())
     return y
+
+
+def _skinny_mm_bf16_impl(x: torch.Tensor, wq: torch.Tensor, n: int) -> torch.Tensor:
+    return _run_packed("skinny_mm_bf16", x, wq, n)
 
 
 LIB.define("skinny_mm_bf16(Tensor x, Tensor wq, int n) -> Tensor")
@@ -220,7 +227,7 @@ LIB.impl("skinny_mm_bf16", _skinny_mm_bf16_impl, "CPU")
 
 @torch.library.register_fake("specrt::skinny_mm_bf16", lib=LIB)
 def _(x, wq, n):
-    _check_bf16(x, wq, n)
+    _check_packed("skinny_mm_bf16", x, wq, n)
     return x.new_empty(x.shape[0], n)
 
 
@@ -266,32 +273,8 @@ def pack_weight_bf16x3(w: torch.Tensor) -> torch.Tensor:
     return _huge_copy(torch.stack((pack_weight_bf16(hi), pack_weight_bf16(lo)), 2))
 
 
-def _check_x3(x: torch.Tensor, wq: torch.Tensor, n: int) -> None:
-    if x.dim() != 2 or wq.dim() != 6 or tuple(wq.shape[2:]) != (2, 16, 2, 32):
-        raise ValueError(f"skinny_mm_bf16x3 needs x [M, K] and wq [P, KB, 2, 16, 2, 32], "
-                         f"got {tuple(x.shape)} and {tuple(wq.shape)}")
-    if not (wq.shape[1] - 1) * PANEL < x.shape[1] <= wq.shape[1] * PANEL:
-        raise ValueError(f"x has K={x.shape[1]}, the packed weight {wq.shape[1]} blocks of 32")
-    if not (wq.shape[0] - 1) * PANEL < n <= wq.shape[0] * PANEL:
-        raise ValueError(f"n={n} does not fit a packed weight of {wq.shape[0]} panels")
-    if x.dtype != torch.float32 or wq.dtype != torch.bfloat16:
-        raise ValueError(f"skinny_mm_bf16x3 takes fp32 x and bf16 wq: got x {x.dtype}, "
-                         f"wq {wq.dtype}")
-
-
 def _skinny_mm_bf16x3_impl(x: torch.Tensor, wq: torch.Tensor, n: int) -> torch.Tensor:
-    _check_x3(x, wq, n)
-    if x.device.type != "cpu" or wq.device.type != "cpu":
-        raise ValueError("skinny_mm_bf16x3 runs on CPU tensors only")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if not wq.is_contiguous():
-        raise ValueError("skinny_mm_bf16x3: wq must be contiguous (as pack_weight_bf16x3 "
-                         "makes it)")
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    native().skinny_mm_bf16x3(x.numpy(), wq.view(torch.uint16).numpy(), y.numpy(), n,
-                              torch.get_num_threads())
-    return y
+    return _run_packed("skinny_mm_bf16x3", x, wq, n)
 
 
 LIB.define("skinny_mm_bf16x3(Tensor x, Tensor wq, int n) -> Tensor")
@@ -300,7 +283,7 @@ LIB.impl("skinny_mm_bf16x3", _skinny_mm_bf16x3_impl, "CPU")
 
 @torch.library.register_fake("specrt::skinny_mm_bf16x3", lib=LIB)
 def _(x, wq, n):
-    _check_x3(x, wq, n)
+    _check_packed("skinny_mm_bf16x3", x, wq, n)
     return x.new_empty(x.shape[0], n)
 
 
