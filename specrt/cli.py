@@ -345,8 +345,7 @@ def _add_engine_options(p, device_help: str = "cpu, cuda or cuda:N (default: cud
                    help="CPU, fp32 weights: highest = fp32 products; high = bf16x3 (each "
                         "operand split in two bf16 parts, ~16 significant bits, on the bf16 "
                         "units: trees and batches of a few dozen rows cost little more than "
-                        "one); auto (default) = high where the CPU has bf16 dot products "
-                        "(AMX, AVX512-BF16)")
+                        "one); auto (default) = high where the CPU has AMX")
 
 
 def _parser() -> argparse.ArgumentParser:

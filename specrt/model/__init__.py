@@ -120,13 +120,13 @@ def load_model(target: str | Path | None = None, dtype: torch.dtype | None = Non
     ``fp32_precision`` (CPU fp32 models): how fp32 weights are multiplied, ``"highest"``
     (fp32 products), ``"high"`` (bf16x3: ~16 significant bits of each operand, on the
     bf16 units; see :meth:`Llama.use_fp32_precision`) or ``"auto"`` (the default:
-    ``"high"`` where the CPU has bf16 dot products, :func:`specrt.ops.gemm.bf16x3_fast`,
-    else ``"highest"``).
+    ``"high"`` where the CPU has AMX, else ``"highest"``:
+    :func:`specrt.ops.gemm.default_fp32_precision`).
     ``ValueError`` for a device this machine lacks (see :func:`resolve_device`), a
     weight dtype or precision that does not apply, before the target is read.
     """
     from specrt.model.hf import load_hf_model
-    from specrt.ops.gemm import FP32_PRECISIONS, bf16x3_fast, check_weight_dtype
+    from specrt.ops.gemm import FP32_PRECISIONS, check_weight_dtype, default_fp32_precision
 
     device = resolve_device(device)
     if dtype is None:
@@ -144,7 +144,7 @@ def load_model(target: str | Path | None = None, dtype: torch.dtype | None = Non
         raise ValueError(f"fp32_precision 'high' is for CPU fp32 models (the CPU kernels' "
                          f"products); on {device} with dtype {dtype} leave it 'auto'")
     if fp32_precision == "auto":
-        fp32_precision = "high" if cpu32 and bf16x3_fast() else "highest"
+        fp32_precision = default_fp32_precision() if cpu32 else "highest"
     d = resolve_target(target)
     model = load_hf_model(d, dtype=dtype, device=device)
     model.use_fp32_precision(fp32_precision)
