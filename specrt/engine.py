@@ -104,7 +104,7 @@ class Engine:
         default model. ``dtype`` / ``weight_dtype`` / ``fp32_precision``: see
         :func:`specrt.model.load_model` (``weight_dtype=torch.bfloat16`` streams bf16
         weights on CPU: faster; ``fp32_precision="high"``, the default where the CPU has
-        bf16 dot products, multiplies fp32 weights as bf16x3; the drafters verify against
+        AMX, multiplies fp32 weights as bf16x3; the drafters verify against
         whichever model that makes, losslessly). kwargs go to
         :class:`Engine` (explicit ``drafters`` /
         ``default_drafter`` / ``router`` override the pool's; the rest are
