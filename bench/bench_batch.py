@@ -52,6 +52,12 @@ def arithmetic(mode: str) -> str:
     for k in ("ops", "bf16"):
         if mode.endswith("_" + k):
             return k
+    return precision(mode)
+
+
+def precision(mode: str) -> str:
+    """The fp32 precision ``mode`` runs: ``*_high`` high, ``*_fp32`` highest, else the
+    engine's own."""
     return ("high" if mode.endswith("_high") else "highest" if mode.endswith("_fp32")
             else DEFAULT_PRECISION[0])
 
@@ -72,8 +78,7 @@ def path(mode: str, engine, warm, rules: dict):
     if mode.endswith("_ops"):
         llama.Llama._fusable = lambda *a: False
     want = torch.bfloat16 if mode.endswith("_bf16") else torch.float32
-    prec = ("high" if mode.endswith("_high") else "highest" if mode.endswith("_fp32")
-            else DEFAULT_PRECISION[0])
+    prec = precision(mode)
     if engine.model.weight_dtype is not want or engine.model.fp32_precision != prec:
         engine.model.use_weight_dtype(want).use_fp32_precision(prec)
         warm()

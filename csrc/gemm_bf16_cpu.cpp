@@ -65,10 +65,6 @@ constexpr int NR = 32;          // outputs per panel
 constexpr int KB = 32;          // k per block (one AMX tile row: 32 bf16)
 constexpr int64_t BLOCK = 16 * 2 * 32;  // bf16 elements of one k block of a panel (2 KB)
 constexpr int64_t PF_BLOCKS = 2;         // software prefetch distance, in k blocks
-#ifndef SPECRT_PF_X3
-#define SPECRT_PF_X3 1
-#endif
-constexpr bool PF_X3 = SPECRT_PF_X3;     // bf16x3 on AMX: prefetch the weight stream
 
 struct Args {
   const uint16_t* xb;  // [Mp, Kp] bf16, zeros past M (AMX: Mp = M rounded up to 16) and K
@@ -192,12 +188,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block_x3(const Args& a, in
   amx_zero<MT>();
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const uint16_t* wk = w + kb * 2 * BLOCK;
-    if (PF_X3) {
-      // 2 blocks (8 KB) ahead: on the AMX Xeon 1 / 4 / 8 gave a 1-row forward 1.5-3 ms
-      // slower (bench_verify_cost, 2026-12-06)
-      const char* pf = reinterpret_cast<const char*>(wk + PF_BLOCKS * 2 * BLOCK);
-      UNROLL for (int r = 0; r < 64; ++r) _mm_prefetch(pf + 64 * r, _MM_HINT_T0);
-    }
+    // 2 blocks (8 KB) ahead: on the AMX Xeon 1 / 4 / 8 gave a 1-row forward 0.5-3.5 ms
+    // slower (bench_verify_cost, 2026-12-06)
+    const char* pf = reinterpret_cast<const char*>(wk + PF_BLOCKS * 2 * BLOCK);
+    UNROLL for (int r = 0; r < 64; ++r) _mm_prefetch(pf + 64 * r, _MM_HINT_T0);
     const int64_t k = kb * KB;
     if (MT == 1) {
       _tile_loadd(4, xh0 + k, sx);

@@ -114,10 +114,10 @@ class FusedDrafter:
                     break
                 if m.name in skip:
                     continue
+                mv = [views[i][mi] for i in idx]
                 t0 = time.perf_counter()
-                got = m.propose([views[i][mi] for i in idx],
-                                [budgets[i] - merged[i].drafted for i in idx])
-                self._cost(m, time.perf_counter() - t0, got, [views[i][mi] for i in idx])
+                got = m.propose(mv, [budgets[i] - merged[i].drafted for i in idx])
+                self._cost(m, time.perf_counter() - t0, got, mv)
                 for i, t in zip(idx, got):
                     self._check(m, t, seqs[i])
                     merged[i].add_all(t, budgets[i], m.name)
@@ -127,9 +127,10 @@ class FusedDrafter:
             for mi, m in enumerate(self.members):
                 got = [DraftTree([s.tokens[-1]], [-1]) for s in seqs]
                 if idx and m.name not in skip:
+                    mv = [views[i][mi] for i in idx]
                     t0 = time.perf_counter()
-                    part = m.propose([views[i][mi] for i in idx], [budgets[i] for i in idx])
-                    self._cost(m, time.perf_counter() - t0, part, [views[i][mi] for i in idx])
+                    part = m.propose(mv, [budgets[i] for i in idx])
+                    self._cost(m, time.perf_counter() - t0, part, mv)
                     for i, t in zip(idx, part):
                         self._check(m, t, seqs[i])
                         got[i] = t

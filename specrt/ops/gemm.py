@@ -29,6 +29,8 @@ OpenMP over panels).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -72,9 +74,11 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 FP32_PRECISIONS = ("highest", "high")
 
 
+@functools.cache
 def bf16x3_fast() -> bool:
     """Whether :func:`skinny_mm_bf16x3` runs on bf16 units here (AMX or AVX512-BF16):
-    where it does not, ``"high"`` precision keeps the fp32 kernel (faster there)."""
+    where it does not, ``"high"`` precision keeps the fp32 kernel (faster there). Asked
+    of the CPU once (every linear layer's call reads it)."""
     return gemm_bf16_isa() in ("amx", "avx512bf16")
 
 
