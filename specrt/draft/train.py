@@ -64,6 +64,25 @@ def parse_samples(spec: str) -> dict[str, int]:
     return out
 
 
+def load_extra_prompts(path: str, rows: list[dict]) -> list[dict]:
+    """Train-only prompt rows of ``path`` (``--extra-prompts``); ``ValueError`` naming the
+    file when a row repeats an id of ``rows`` (the prompt file) or of the file itself, or
+    has no task (an extra row is trained on as its task)."""
+    from specrt.data import load_prompts
+
+    extra = load_prompts(path)
+    ids = {str(r["id"]) for r in rows}
+    for n, r in enumerate(extra, 1):
+        if r["task"] == "unknown":
+            raise ValueError(f"{path}: row {n} has no 'task'")
+        if str(r["id"]) in ids:
+            raise ValueError(f"{path}: row {n}: id {r['id']!r} is already used (ids of "
+                             f"extra prompts must differ from the prompt file's and "
+                             f"each other's)")
+        ids.add(str(r["id"]))
+    return extra
+
+
 def stage_collect(engine, rows: list[dict], work: Path, *, max_tokens: int, batch: int,
                   samples: dict[str, int] | None = None, temperature: float = 0.8,
                   budget_s: float = float("inf"), generate: bool = True,
@@ -522,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default=None, help="prompt JSONL (default ../shared/data/prompts.jsonl)")
     ap.add_argument("--work", default=None, help="cache dir for stages (default ~/.cache/specrt/draft_train)")
     ap.add_argument("--per-task", type=int, default=24, help="train prompts per task")
+    ap.add_argument("--extra-prompts", default=None, metavar="FILE",
+                    help="train-only prompt JSONL (e.g. specrt.draft.synth's): every row is "
+                         "collected greedily after the prompt file's and trained on; none "
+                         "is in the eval split")
     ap.add_argument("--max-tokens", type=int, default=64, help="target output tokens per prompt")
     ap.add_argument("--gen-batch", type=int, default=32, help="requests decoded together (collect)")
     ap.add_argument("--samples", default="", help="extra sampled outputs per prompt, per task: "
@@ -587,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     import specrt
 
     rows = load_prompts(a.prompts or default_prompts_path())  # bad files fail first
+    extra_rows = load_extra_prompts(a.extra_prompts, rows) if a.extra_prompts else []
     samples = parse_samples(a.samples)
     unknown = sorted(set(samples) - {r["task"] for r in rows})
     if unknown:
@@ -628,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     recs = stage_collect(engine, train_rows, work, max_tokens=a.max_tokens, batch=a.gen_batch,
                          samples=samples, temperature=a.sample_temperature,
                          budget_s=a.collect_minutes * 60, generate=not a.skip_collect)
+    if extra_rows:
+        extra_rows = [dict(r, prompt=shorten_prompt(r["prompt"], a.max_prompt_chars))
+                      for r in extra_rows]
+        recs = recs + stage_collect(engine, extra_rows, work, max_tokens=a.max_tokens,
+                                    batch=a.gen_batch, budget_s=a.collect_minutes * 60,
+                                    generate=not a.skip_collect)
     engine.model.use_weight_dtype(torch.float32)  # measured on, and trained from, fp32
     ev_recs = []
     if a.eval_collect > 0:  # measurement only: never trained on
@@ -697,6 +727,8 @@ def main(argv: list[str] | None = None) -> int:
         "init": None if init is None else {"from": str(a.init), "train": init_train},
         "data": {"prompts_file": str(a.prompts or default_prompts_path().name),
                  "split": "train", "per_task": a.per_task, "sequences": len(seqs),
+                 "extra_prompts": None if not a.extra_prompts else
+                 {"file": str(a.extra_prompts), "rows": len(extra_rows)},
                  # a corpus resumes across runs: only a run that collects knows how
                  "collect_weights": None if a.skip_collect else a.collect_weights,
                  "samples": a.samples, "sample_temperature": a.sample_temperature,
