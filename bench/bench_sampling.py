@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -105,8 +106,7 @@ def main() -> int:
               f"top-k search {rate['topk']:6.1f} tok/s, {rate['topk'] / rate['sort']:.2f}x; "
               f"tokens equal: {equal}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        Path(a.json).write_text(json.dumps(res, indent=1))
     return 0
 
 
