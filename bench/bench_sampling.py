@@ -22,6 +22,7 @@ import torch
 
 import specrt
 import specrt.sampling as S
+from specrt.align.features import target_hidden
 from specrt.data import balanced_sample, default_prompts_path, load_prompts, split
 from specrt.measure import machine
 
@@ -60,25 +61,20 @@ def main() -> int:
                  "filter": {}, "decode": {}}
 
     # 1. the filter alone, on real logits (temperature 0.8)
-    from specrt.align.features import target_hidden
-
     with torch.inference_mode():
         ids = [eng.tokenizer.encode_prompt(r["prompt"])[:256] for r in rows]
-        hs = target_hidden(eng.model, ids)
-        logits = [eng.model.logits(h) for h in hs]
-    if logits:
-        allx = torch.cat(logits).float() / 0.8
-        probs = torch.softmax(allx, -1)
-        order = torch.randperm(probs.shape[0], generator=torch.Generator().manual_seed(0))
-        for n in (1, 8, 32):
-            p = probs[order[:n]]
-            ts = _time(lambda: sort_nucleus(p, 0.95), 20)
-            tn = _time(lambda: new_nucleus(p, 0.95), 20)
-            same = torch.equal(sort_nucleus(p, 0.95) > 0, new_nucleus(p, 0.95) > 0)
-            res["filter"][n] = {"sort_ms": ts * 1e3, "topk_ms": tn * 1e3, "ratio": ts / tn,
-                                "same_support": same}
-            print(f"filter, {n:2d} rows: sort {ts * 1e3:7.2f} ms, top-k search "
-                  f"{tn * 1e3:6.2f} ms, {ts / tn:5.1f}x; same nucleus: {same}")
+        logits = torch.cat([eng.model.logits(h) for h in target_hidden(eng.model, ids)])
+    probs = torch.softmax(logits.float() / 0.8, -1)
+    order = torch.randperm(probs.shape[0], generator=torch.Generator().manual_seed(0))
+    for n in (1, 8, 32):
+        p = probs[order[:n]]
+        ts = _time(lambda: sort_nucleus(p, 0.95), 20)
+        tn = _time(lambda: new_nucleus(p, 0.95), 20)
+        same = torch.equal(sort_nucleus(p, 0.95) > 0, new_nucleus(p, 0.95) > 0)
+        res["filter"][n] = {"sort_ms": ts * 1e3, "topk_ms": tn * 1e3, "ratio": ts / tn,
+                            "same_support": same}
+        print(f"filter, {n:2d} rows: sort {ts * 1e3:7.2f} ms, top-k search "
+              f"{tn * 1e3:6.2f} ms, {ts / tn:5.1f}x; same nucleus: {same}")
 
     # 2. end to end
     prompts = [r["prompt"] for r in rows]

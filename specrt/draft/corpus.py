@@ -113,15 +113,21 @@ def read_shards(out_dir: str | Path) -> list[dict]:
     return [r for p in shard_paths(out_dir) for r in read_shard(p)]
 
 
-def _write_shard(path: Path, recs: list[dict]) -> None:
+def write_lines_atomic(path: Path, lines) -> None:
+    """``lines`` (strings, without their newlines) to ``path``, through a temporary name
+    synced and renamed: a file under ``path`` is always whole."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w") as f:
-        for r in recs:
-            f.write(json.dumps(r, separators=(",", ":")) + "\n")
-        f.write(json.dumps({"shard_end": len(recs)}) + "\n")
+        for line in lines:
+            f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_shard(path: Path, recs: list[dict]) -> None:
+    write_lines_atomic(path, [*(json.dumps(r, separators=(",", ":")) for r in recs),
+                              json.dumps({"shard_end": len(recs)})])
 
 
 def collect(engine, items: list[Item], out_dir: str | Path, *, max_tokens: int,

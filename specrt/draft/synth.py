@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -173,15 +172,12 @@ def build_rows(seeds: list[dict], recs: list[dict], decode) -> list[dict]:
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    """``rows`` as JSON lines, written to a temporary name and renamed (never half)."""
+    """``rows`` as JSON lines, written whole or not at all
+    (:func:`specrt.draft.corpus.write_lines_atomic`)."""
+    from specrt.draft.corpus import write_lines_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_lines_atomic(path, [json.dumps(r, ensure_ascii=False) for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
