@@ -223,3 +223,52 @@ def test_warm_start_continues_from_a_saved_drafter_and_keeps_its_vocabulary(tmp_
     with pytest.raises(ValueError, match="--init .*eagle3 drafter; this run trains a 1-layer eagle"):
         run("c", "--init", str(start), kind="eagle")
     assert not corpus.shard_paths(tmp_path / "wc" / "corpus")      # nothing collected
+
+
+def test_cached_states_are_read_back_and_only_new_or_damaged_records_are_computed(
+        engine, tmp_path, monkeypatch):
+    import specrt.align.features as features
+
+    items = corpus.plan(ROWS, engine.tokenizer.encode_prompt)
+    corpus.collect(engine, items, tmp_path / "c", max_tokens=12, batch=3, progress=False)
+    recs = corpus.read_shards(tmp_path / "c")
+    fresh = sequences(engine.model, recs, progress=False, taps=(0, 1))
+    cache = tmp_path / "states"
+    first = sequences(engine.model, recs[:5], progress=False, taps=(0, 1), cache_dir=cache)
+    assert len(list(cache.glob("*.safetensors"))) == 5
+
+    computed = []
+    real = features.target_hidden
+
+    def counting(model, token_lists, **kw):
+        computed.extend(token_lists)
+        return real(model, token_lists, **kw)
+
+    monkeypatch.setattr(features, "target_hidden", counting)
+    damaged = sorted(cache.glob("*.safetensors"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:40])      # truncated: recomputed, replaced
+    got = sequences(engine.model, recs, progress=False, taps=(0, 1), cache_dir=cache)
+    assert len(computed) == 1 + 3                       # the damaged one and the 3 new
+    assert len(list(cache.glob("*.safetensors"))) == 8
+    assert not list(cache.glob(".*tmp"))
+    for a, b in zip(got, fresh):
+        assert a["id"] == b["id"] and torch.equal(a["tokens"], b["tokens"])
+        assert torch.allclose(a["feats"].float(), b["feats"].float(), atol=2e-2)
+        assert torch.equal(a["hidden"], a["feats"][:, -1])
+    for a, b in zip(first, got):                        # read back bit for bit
+        assert torch.equal(a["feats"], b["feats"])
+    computed.clear()
+    sequences(engine.model, recs, progress=False, taps=(0, 1), cache_dir=cache)
+    assert computed == []
+    # other taps, or other weights, are other states: nothing stale is read
+    sequences(engine.model, recs[:2], progress=False, taps=(1,), cache_dir=cache)
+    assert len(computed) == 2
+    computed.clear()
+    with torch.no_grad():
+        engine.model.norm.mul_(1.5)
+    try:
+        sequences(engine.model, recs[:2], progress=False, taps=(0, 1), cache_dir=cache)
+    finally:
+        with torch.no_grad():
+            engine.model.norm.div_(1.5)
+    assert len(computed) == 2
