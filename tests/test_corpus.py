@@ -272,3 +272,30 @@ def test_cached_states_are_read_back_and_only_new_or_damaged_records_are_compute
         with torch.no_grad():
             engine.model.norm.div_(1.5)
     assert len(computed) == 2
+
+
+def test_states_computed_before_an_interruption_are_kept(engine, tmp_path, monkeypatch):
+    import specrt.align.features as features
+
+    items = corpus.plan(ROWS, engine.tokenizer.encode_prompt)
+    corpus.collect(engine, items, tmp_path / "c", max_tokens=12, batch=3, progress=False)
+    recs = corpus.read_shards(tmp_path / "c")
+    real = features.target_hidden
+
+    def interrupted(model, token_lists, reduce, **kw):
+        done = []
+
+        def r(h, i):
+            if len(done) == 3:
+                raise KeyboardInterrupt
+            done.append(i)
+            return reduce(h, i)
+        return real(model, token_lists, reduce=r, **kw)
+
+    monkeypatch.setattr(features, "target_hidden", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sequences(engine.model, recs, progress=False, taps=(0, 1), cache_dir=tmp_path / "s")
+    assert len(list((tmp_path / "s").glob("*.safetensors"))) == 3
+    monkeypatch.setattr(features, "target_hidden", real)
+    got = sequences(engine.model, recs, progress=False, taps=(0, 1), cache_dir=tmp_path / "s")
+    assert len(got) == len(recs) and len(list((tmp_path / "s").glob("*.safetensors"))) == 8

@@ -141,15 +141,18 @@ def sequences(model, recs: list[dict], progress: bool = True,
         if states:
             _log(f"states: {len(states)} of {len(keep)} sequences read from {cache_dir}")
     todo = [i for i in keep if i not in states]
+
+    def kept(h: torch.Tensor, j: int) -> torch.Tensor:  # as each is computed: resumable
+        h = h.to(torch.float16).cpu().clone()
+        if todo[j] in files:
+            _write_state(files[todo[j]], h)
+        return h
+
     if todo:
         # sampled outputs of one prompt share its prefill (``shared``)
         hs = target_hidden(model, [toks[i][:-1] for i in todo], progress=progress, taps=taps,
-                           reduce=lambda h, i: h.to(torch.float16).cpu().clone(),
-                           shared=[len(recs[i]["prompt_ids"]) for i in todo])
-        for i, h in zip(todo, hs):
-            states[i] = h
-            if i in files:
-                _write_state(files[i], h)
+                           reduce=kept, shared=[len(recs[i]["prompt_ids"]) for i in todo])
+        states.update(zip(todo, hs))
     out = []
     for i in keep:
         h = states[i]
