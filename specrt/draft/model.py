@@ -152,7 +152,7 @@ class ModelDrafter:
     def release(self, seq: SeqState) -> None:
         """Drop the request's cache blocks and state."""
         self.cache.release(seq.seq_id)
-        for k in ("dlen", *self.drafting.state_keys):
+        for k in ("dlen", "vocab_ctx", *self.drafting.state_keys):
             seq.state.pop(k, None)
 
     def update(self, seq: SeqState, result: Verified) -> None:
@@ -215,6 +215,55 @@ class ModelDrafter:
             self.drafting.consumed(s.state, n)
         return h[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1]
 
+    def _context(self, S: list[SeqState]):
+        """The context vocabulary of each request (``net.context_vocab``; see
+        :mod:`specrt.draft.net`): its tokens so far outside the reduced vocabulary, kept
+        in ``state["vocab_ctx"]`` and extended by the tokens committed since the last
+        call. Returns ``(ids [B, N + E], w [B, E, hidden], allowed [B, 1, E])`` (padded to
+        the longest request's ``E``), or None when no request has such a token."""
+        net = self.net
+        if getattr(self, "_static", None) is None:
+            self._static = set(net.vocab_ids.tolist())
+        rows = []
+        for s in S:
+            c = s.state.setdefault("vocab_ctx", {"n": 0, "ids": [], "seen": set(), "w": None})
+            new = []
+            for t in s.tokens[c["n"]:]:
+                if t not in self._static and t not in c["seen"]:
+                    c["seen"].add(t)
+                    new.append(t)
+            c["n"] = len(s.tokens)
+            if new:
+                c["ids"] += new
+                w = net.head_weight[torch.tensor(new, device=self.device)].float()
+                c["w"] = w if c["w"] is None else torch.cat([c["w"], w])
+            rows.append(c)
+        E = max(len(c["ids"]) for c in rows)
+        if E == 0:
+            return None
+        B, H = len(S), net.args.hidden_size
+        ids = torch.zeros(B, E, dtype=torch.long, device=self.device)
+        w = torch.zeros(B, E, H, device=self.device)
+        allowed = torch.zeros(B, 1, E, dtype=torch.bool, device=self.device)
+        for b, c in enumerate(rows):
+            n = len(c["ids"])
+            if n:
+                ids[b, :n] = torch.tensor(c["ids"], device=self.device)
+                w[b, :n] = c["w"]
+                allowed[b, 0, :n] = True
+        return torch.cat([net.vocab_ids.expand(B, -1), ids], 1), w, allowed
+
+    def _logits(self, y: torch.Tensor, ext) -> torch.Tensor:
+        """Draft logits ``[B, N, V']`` of states ``y`` ``[B, N, hidden]`` over the reduced
+        vocabulary, plus each request's context tokens when ``ext`` (:meth:`_context`)."""
+        return self.net.logits(y) if ext is None else self.net.logits_ext(y, ext[1], ext[2])
+
+    def _token_ids(self, ix: torch.Tensor, ext) -> torch.Tensor:
+        """Vocabulary indices ``[B, ...]`` as :meth:`_logits` orders them -> token ids."""
+        if ext is None:
+            return self.net.vocab_ids[ix]
+        return ext[0].gather(1, ix.flatten(1)).view_as(ix)
+
     def _gather_prefix(self, S: list[SeqState]):
         """Committed K/V of the batch, padded: per layer ``[B, Lp, H_kv, D]`` and the
         ``[B, Lp]`` validity mask."""
@@ -241,9 +290,10 @@ class ModelDrafter:
         depth_cap = [min(self.max_depth, b) for b in budgets]
         # candidate nodes per request: (token, parent_cand (-1 = root), conf, depth, col)
         cands: list[list[list]] = [[] for _ in range(B)]
-        probs = torch.softmax(net.logits(x_root), -1)                     # [B, N]
+        ext = self._context(S) if net.context_vocab else None
+        probs = torch.softmax(self._logits(x_root[:, None], ext)[:, 0], -1)  # [B, N]
         p, ix = probs.topk(min(k, probs.shape[-1]), dim=-1)
-        tok = net.vocab_ids[ix].tolist()
+        tok = self._token_ids(ix, ext).tolist()
         p = p.tolist()
         frontier: list[list[int]] = []
         for b in range(B):
@@ -305,9 +355,9 @@ class ModelDrafter:
             x = net.embed_input(toks.to(dev), prev)
             y = net.tree_forward(x, pos.to(dev), prefix[0], prefix[1], prefix[2], scratch, vis)
             ncols += N
-            probs = torch.softmax(net.logits(y), -1)                      # [B, N, V']
+            probs = torch.softmax(self._logits(y, ext), -1)               # [B, N, V']
             p, ix = probs.topk(min(k, probs.shape[-1]), dim=-1)
-            tok = net.vocab_ids[ix].tolist()
+            tok = self._token_ids(ix, ext).tolist()
             p = p.tolist()
             depth += 1
             new_front: list[list[int]] = []

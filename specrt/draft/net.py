@@ -16,6 +16,14 @@ steps (:meth:`DraftNet.drafting`, an :class:`ArchDrafting`):
 * ``"eagle3"`` (:class:`specrt.draft.eagle3.Eagle3Net`): the same over a fusion of
   several target layers, trained with training-time test.
 
+Context vocabulary (``context_vocab``, a saved flag): the reduced vocabulary misses the
+rare tokens a request copies from its own prompt (names, numbers, code identifiers:
+a quarter of the target's rag and summarization outputs lie outside the 4,096 most
+frequent tokens). With the flag set, the output vocabulary at a position is the static
+``vocab_ids`` plus every other token of the sequence up to that position (prompt and
+output so far), scored by the target's LM head rows (:meth:`DraftNet.logits_ext`);
+training, evaluation and drafting all use that per-position vocabulary.
+
 The saved config records the architecture as ``"arch"`` (``"kind"`` is the pool kind,
 always ``"model"``); :meth:`DraftNet.load` builds the matching subclass.
 """
@@ -36,6 +44,8 @@ from specrt.model.llama import (Layer, Llama, ModelArgs, RopeTable, _mm, apply_r
                                 rms_norm, rope_inv_freq)
 
 LORA_TARGETS = ("q", "k", "v", "qkv", "o", "gate_up", "down")
+#: the logit of an extra (context-vocabulary) token a position may not draft
+MASKED = -1.0e4
 ARCHS = ("lm", "eagle", "eagle3")
 
 
@@ -137,7 +147,10 @@ class DraftNet(nn.Module):
             raise ValueError("vocab_ids must be non-empty ids below the target's vocab size")
         self.register_buffer("vocab_ids", vocab_ids.clone())
         self.embed_weight = embed_weight.detach()              # shared, not saved
+        self.head_weight = head_weight.detach()                # shared, not saved
         self.head_sub = head_weight.detach()[vocab_ids].clone()   # derived, not saved
+        #: the output vocabulary also holds the sequence's own tokens (module docstring)
+        self.context_vocab = False
         self._head_mm = PackedLinear()
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self._rope = RopeTable()
@@ -337,6 +350,20 @@ class DraftNet(nn.Module):
         return self._head_mm(rms_norm(x, self.norm, self.args.rms_norm_eps),
                              self.head_sub).float()
 
+    def logits_ext(self, x: torch.Tensor, w_extra: torch.Tensor,
+                   allowed: torch.Tensor) -> torch.Tensor:
+        """Logits over the reduced vocabulary followed by ``E`` extra tokens (the context
+        vocabulary): ``x`` ``[B, T, hidden]`` pre-norm states; ``w_extra`` the extra
+        tokens' target LM-head rows, ``[E, hidden]`` (shared by the batch) or
+        ``[B, E, hidden]`` (per row); ``allowed`` ``[B, T or 1, E]`` bool, which extra
+        token each position may draft. Returns fp32 ``[B, T, N + E]``, disallowed extra
+        entries at :data:`MASKED` (a finite floor: softmax weight 0, no NaN in a KL)."""
+        h = rms_norm(x, self.norm, self.args.rms_norm_eps)
+        base = self._head_mm(h, self.head_sub).float()
+        w = w_extra.to(h.dtype)
+        ext = (F.linear(h, w) if w.dim() == 2 else torch.matmul(h, w.transpose(1, 2))).float()
+        return torch.cat([base, ext.masked_fill(~allowed, MASKED)], dim=-1)
+
     # ------------------------------------------------------------- forwards
     def train_forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                       prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -453,6 +480,8 @@ class DraftNet(nn.Module):
                      for k, ad in self.lora.items()},
             **self.config_extra(),
         }
+        if self.context_vocab:
+            cfg["context_vocab"] = True
         if base is not None:
             b, folder = Path(base).resolve(), Path(config).resolve().parent
             cfg["base"] = str(b.relative_to(folder)) if b.is_relative_to(folder) else str(b)
@@ -491,6 +520,7 @@ class DraftNet(nn.Module):
                 raise ValueError(f"{config}: {own} adapters over the {net.arch} base "
                                  f"drafter {bpath}")
             sd = _load_weights(config, cfg)
+            net.context_vocab = net.context_vocab or bool(cfg.get("context_vocab", False))
             for key, meta in cfg.get("lora", {}).items():
                 li, t = key.split(".")
                 net._lora_site(net.layers[int(li)], t)  # checks the site exists
@@ -505,6 +535,7 @@ class DraftNet(nn.Module):
             raise ValueError(f"{config}: a {impl.arch} drafter, not a {cls.__name__}")
         net = impl(a, target.embed.weight, target.head_weight, sd["vocab_ids"],
                    **impl.init_kwargs(cfg))
+        net.context_vocab = bool(cfg.get("context_vocab", False))
         if net.feature_layers and max(net.feature_layers) >= ta.num_hidden_layers:
             raise ValueError(f"{config}: reads target layers {list(net.feature_layers)}, "
                              f"the target has {ta.num_hidden_layers}")

@@ -315,6 +315,51 @@ def _assemble(g: list, hidden_size: int, feature_layers: tuple[int, ...] = ()):
     return toks, hid, prev, mask, torch.arange(L).expand(B, L), out
 
 
+def _context_extra(net, g: list, L: int):
+    """The context vocabulary of one batch of windows ``(seq, start, end)`` (see
+    :mod:`specrt.draft.net`): ``(ids [E], w [E, hidden], allowed [B, L, E])``, the
+    sequences' tokens outside ``net.vocab_ids`` up to each window's last position, their
+    target LM-head rows, and which of them window position ``j`` may draft (those among
+    the sequence's tokens ``0 .. start + j``). ``None`` when ``net.context_vocab`` is off."""
+    if not net.context_vocab:
+        return None
+    V = net.head_weight.shape[0]
+    static = getattr(net, "_static_mask", None)
+    if static is None or static.shape[0] != V:
+        static = torch.zeros(V, dtype=torch.bool)
+        static[net.vocab_ids.cpu()] = True
+        net._static_mask = static
+    firsts = []
+    for s, a, e in g:
+        t = s["tokens"][:e]                       # the tokens positions a .. e-1 have seen
+        idx = torch.nonzero(~static[t]).flatten()
+        u, inv = torch.unique(t[idx], return_inverse=True)
+        first = torch.full((u.numel(),), len(t), dtype=torch.long).scatter_reduce(
+            0, inv, idx, reduce="amin")
+        firsts.append((u, first, a))
+    ids = torch.unique(torch.cat([u for u, _, _ in firsts])) if firsts else \
+        torch.zeros(0, dtype=torch.long)
+    allowed = torch.zeros(len(g), L, ids.numel(), dtype=torch.bool)
+    big = torch.iinfo(torch.long).max
+    for b, (u, first, a) in enumerate(firsts):
+        fo = torch.full((ids.numel(),), big, dtype=torch.long)
+        fo[torch.searchsorted(ids, u)] = first
+        allowed[b] = fo[None, :] <= (a + torch.arange(L))[:, None]
+    return ids, net.head_weight[ids].float(), allowed
+
+
+def _logits(net, y: torch.Tensor, ext) -> torch.Tensor:
+    """The drafter's logits over its (per-position) vocabulary: reduced, or reduced +
+    the batch's context tokens (``ext`` from :func:`_context_extra`)."""
+    return net.logits(y) if ext is None else net.logits_ext(y, ext[1], ext[2])
+
+
+def _token_ids(net, ix: torch.Tensor, ext) -> torch.Tensor:
+    """Vocabulary indices (as :func:`_logits` orders them) -> token ids."""
+    ids = net.vocab_ids if ext is None else torch.cat([net.vocab_ids, ext[0]])
+    return ids[ix]
+
+
 def _net_forward(net, toks, pos, prev, steps: int = 1) -> list[torch.Tensor]:
     """The drafter's pre-norm output states, one ``[B, L, H]`` per unrolled step (eagle3:
     training-time test; other architectures: one teacher-forced step)."""
@@ -351,9 +396,10 @@ def teacher_forced_accuracy(net, target, seqs: list[dict], max_len: int = 256,
         ys = _net_forward(net, toks[:, :L], pos, prev, steps)
         want = toks[:, 1:L + 1]
         ok = []
-        lg = [net.logits(y) for y in ys]                          # [B, L, V'] per step
+        ext = _context_extra(net, g, L)
+        lg = [_logits(net, y, ext) for y in ys]                   # [B, L, V'] per step
         for s_ in range(len(ys)):
-            am = net.vocab_ids[lg[s_].argmax(-1)]                  # [B, L]
+            am = _token_ids(net, lg[s_].argmax(-1), ext)           # [B, L]
             okk = am == want
             ok.append(okk)
             v = sel.clone()
@@ -361,7 +407,7 @@ def teacher_forced_accuracy(net, target, seqs: list[dict], max_len: int = 256,
             depth_hits[s_] += int((okk & v).sum())
             depth_n[s_] += int(v.sum())
         dl = lg[0][sel]
-        top = net.vocab_ids[dl.topk(min(3, dl.shape[-1]), -1).indices]
+        top = _token_ids(net, dl.topk(min(3, dl.shape[-1]), -1).indices, ext)
         w = want[sel]
         hits1 += int((top[:, 0] == w).sum())
         hits3 += int((top == w[:, None]).any(-1).sum())
@@ -452,6 +498,7 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
     from tqdm import tqdm
 
     from specrt.draft.model import feature_norm
+    from specrt.draft.net import MASKED
     from specrt.model.llama import rms_norm
 
     torch.manual_seed(seed)
@@ -513,8 +560,13 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
             set_lr(frac)
             toks, hid, prev, mask, pos, _ = _assemble(g, target.args.hidden_size, fl)
             L = pos.shape[1]
+            ext = _context_extra(net, g, L)
             with torch.no_grad():
-                tp_all = F.log_softmax(F.linear(rms_norm(hid, norm_w, eps), head_sub), -1)
+                hn = rms_norm(hid, norm_w, eps)
+                tl = F.linear(hn, head_sub)
+                if ext is not None:  # the same per-position vocabulary as the drafter's
+                    tl = torch.cat([tl, F.linear(hn, ext[1]).masked_fill(~ext[2], MASKED)], -1)
+                tp_all = F.log_softmax(tl, -1)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 ys = _net_forward(net, toks[:, :L], pos, prev, steps_ttt)
                 loss, kls, dl0 = 0.0, [], None
@@ -523,7 +575,7 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
                     m = mask.clone()
                     m[:, :s_] = False  # depth s + 1 needs s earlier positions in the window
                     tp = tp_all[m]
-                    dl = net.logits(y)[m].float()
+                    dl = _logits(net, y, ext)[m].float()
                     dl0 = dl if s_ == 0 else dl0     # step 0: m is mask
                     dp = F.log_softmax(dl, -1)
                     kl = (tp.exp() * (tp - dp)).sum(-1).mean()
@@ -651,6 +703,10 @@ def main(argv: list[str] | None = None) -> int:
                          "specrt/pools/default/baseline.json) whose weights and reduced "
                          "vocabulary training continues from; its arch must be --kind")
     ap.add_argument("--vocab", type=int, default=4096, help="reduced output vocabulary size")
+    ap.add_argument("--context-vocab", action=argparse.BooleanOptionalAction, default=None,
+                    help="the output vocabulary also holds each sequence's own tokens so "
+                         "far (prompt and output; see specrt.draft.net); default: as --init "
+                         "has it, else off")
     ap.add_argument("--ttt-steps", type=int, default=4,
                     help="eagle3: training-time-test steps (draft depths trained)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -792,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     net = init if init is not None else DraftNet.from_target(
         engine.model, arch=a.kind, num_layers=a.layers, vocab_ids=vocab)
+    if a.context_vocab is not None:
+        net.context_vocab = a.context_vocab
     summary = stage_train(net, engine.model, seqs, epochs=a.epochs, lr=a.lr, max_len=a.max_len,
                           batch_tokens=a.batch_tokens, feat_weight=a.feat_weight, seed=a.seed,
                           time_budget_s=a.train_minutes * 60, ttt_steps=a.ttt_steps,
