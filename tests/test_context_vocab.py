@@ -15,8 +15,8 @@ from specrt.align.features import target_hidden
 from specrt.draft.base import SeqState
 from specrt.draft.model import DraftNet, ModelDrafter
 from specrt.draft.net import MASKED
-from specrt.draft.train import (_context_extra, _logits, _token_ids, stage_train,
-                                teacher_forced_accuracy)
+from specrt.draft.train import (_context_extra, _coverage, _logits, _token_ids,
+                                stage_train, teacher_forced_accuracy)
 from tests.tiny import make_tiny_model
 
 STATIC = torch.arange(3, 9)          # a tiny reduced vocabulary: most tokens are outside
@@ -150,3 +150,10 @@ def test_save_load_keeps_the_flag(tmp_path, target):
     del cfg["context_vocab"]
     (tmp_path / "old.json").write_text(json.dumps(cfg))
     assert not DraftNet.load(tmp_path / "old.json", target.model).context_vocab
+
+
+def test_coverage_counts_the_sequence_s_earlier_tokens():
+    seqs = [{"tokens": torch.tensor([5, 9, 7, 9, 11, 5, 11]), "prompt_len": 2}]
+    # outputs 7 9 11 5 11: static {7}; 9 and 5 are in the prompt, the second 11 repeats
+    assert _coverage(torch.tensor([7]), seqs) == 1 / 5
+    assert _coverage(torch.tensor([7]), seqs, context=True) == 4 / 5

@@ -226,32 +226,41 @@ class ModelDrafter:
             self._static = set(net.vocab_ids.tolist())
         rows = []
         for s in S:
-            c = s.state.setdefault("vocab_ctx", {"n": 0, "ids": [], "seen": set(), "w": None})
+            c = s.state.get("vocab_ctx")
+            if c is None:
+                c = s.state["vocab_ctx"] = {"n": 0, "seen": set(), "ids": None, "w": None,
+                                            "all": net.vocab_ids}
             new = []
             for t in s.tokens[c["n"]:]:
                 if t not in self._static and t not in c["seen"]:
                     c["seen"].add(t)
                     new.append(t)
             c["n"] = len(s.tokens)
-            if new:
-                c["ids"] += new
-                w = net.head_weight[torch.tensor(new, device=self.device)].float()
+            if new:  # extend the request's rows once; steps without new tokens reuse them
+                ids = torch.tensor(new, device=self.device)
+                w = net.head_weight[ids].float()
+                c["ids"] = ids if c["ids"] is None else torch.cat([c["ids"], ids])
                 c["w"] = w if c["w"] is None else torch.cat([c["w"], w])
+                c["all"] = torch.cat([net.vocab_ids, c["ids"]])
             rows.append(c)
-        E = max(len(c["ids"]) for c in rows)
+        E = max(0 if c["ids"] is None else c["ids"].numel() for c in rows)
         if E == 0:
             return None
         B, H = len(S), net.args.hidden_size
-        ids = torch.zeros(B, E, dtype=torch.long, device=self.device)
+        if B == 1:  # the request's own tensors, no padding
+            c = rows[0]
+            return (c["all"][None], c["w"][None],
+                    torch.ones(1, 1, E, dtype=torch.bool, device=self.device))
+        ids = torch.zeros(B, net.vocab_ids.numel() + E, dtype=torch.long, device=self.device)
         w = torch.zeros(B, E, H, device=self.device)
         allowed = torch.zeros(B, 1, E, dtype=torch.bool, device=self.device)
         for b, c in enumerate(rows):
-            n = len(c["ids"])
+            n = 0 if c["ids"] is None else c["ids"].numel()
+            ids[b, :c["all"].numel()] = c["all"]
             if n:
-                ids[b, :n] = torch.tensor(c["ids"], device=self.device)
                 w[b, :n] = c["w"]
                 allowed[b, 0, :n] = True
-        return torch.cat([net.vocab_ids.expand(B, -1), ids], 1), w, allowed
+        return ids, w, allowed
 
     def _logits(self, y: torch.Tensor, ext) -> torch.Tensor:
         """Draft logits ``[B, N, V']`` of states ``y`` ``[B, N, hidden]`` over the reduced

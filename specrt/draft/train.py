@@ -873,6 +873,8 @@ def main(argv: list[str] | None = None) -> int:
                  "held_out_fraction": a.held_frac,
                  "positions": n_pos, "output_tokens": n_out, "output_tokens_by_task": by_task,
                  "max_tokens": a.max_tokens, "vocab_coverage_of_outputs": round(cover, 4),
+                 "context_vocab_coverage_of_outputs":
+                     round(_coverage(vocab, seqs, context=True), 4) if net.context_vocab else None,
                  "prompt_windows": a.prompt_windows,
                  "tasks": sorted({s["task"] for s in seqs})},
         "stage_seconds": times,
@@ -900,14 +902,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _coverage(vocab: torch.Tensor, seqs: list[dict]) -> float:
-    """Share of the target's output tokens in ``seqs`` that the reduced vocabulary holds."""
+def _coverage(vocab: torch.Tensor, seqs: list[dict], context: bool = False) -> float:
+    """Share of the target's output tokens in ``seqs`` that the reduced vocabulary holds
+    (``context``: it or the sequence's earlier tokens, the context vocabulary)."""
     ids = set(vocab.tolist())
     tot = hit = 0
     for s in seqs:
-        out = s["tokens"][s["prompt_len"]:].tolist()
-        tot += len(out)
-        hit += sum(x in ids for x in out)
+        t = s["tokens"].tolist()
+        p = s["prompt_len"]
+        seen = set(t[:p]) if context else set()
+        for x in t[p:]:
+            hit += x in ids or x in seen
+            if context:
+                seen.add(x)
+        tot += len(t) - p
     return hit / max(tot, 1)
 
 
