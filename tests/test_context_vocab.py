@@ -15,8 +15,8 @@ from specrt.align.features import target_hidden
 from specrt.draft.base import SeqState
 from specrt.draft.model import DraftNet, ModelDrafter
 from specrt.draft.net import MASKED
-from specrt.draft.train import (_context_extra, _coverage, _logits, _token_ids,
-                                stage_train, teacher_forced_accuracy)
+from specrt.draft.train import (_context_extra, _coverage, _token_ids, stage_train,
+                                teacher_forced_accuracy)
 from tests.tiny import make_tiny_model
 
 STATIC = torch.arange(3, 9)          # a tiny reduced vocabulary: most tokens are outside
@@ -52,7 +52,7 @@ def test_batch_helper_matches_the_definition():
         toks = torch.randint(3, 40, (n,), generator=g)
         wins.append(({"tokens": toks}, a, min(n - 1, a + 10)))
     L = max(e - a for _, a, e in wins)
-    ids, w, allowed = _context_extra(N, wins, L)
+    ids, (w, allowed) = _context_extra(N, wins, L)
     static = set(STATIC.tolist())
     want_ids = sorted({int(t) for s, a, e in wins for t in s["tokens"][:e]} - static)
     assert ids.tolist() == want_ids
@@ -85,12 +85,12 @@ def test_drafts_are_the_ttt_argmax_over_the_context_vocabulary(target, seed):
     prev[0, 1:P + 1] = feats
     with torch.no_grad():
         ys = net.ttt_forward(toks[None, :T], torch.arange(T)[None], prev, D)
-    ext = _context_extra(net, [({"tokens": toks}, 0, T)], T)
+    ext_ids, extra = _context_extra(net, [({"tokens": toks}, 0, T)], T)
     extra_drafted = 0
     for s in range(D):
-        lg = _logits(net, ys[s], ext)[0, P + s].detach().double()
+        lg = net.logits(ys[s], extra)[0, P + s].detach().double()
         p = torch.softmax(lg, -1)
-        tok = int(_token_ids(net, p.argmax()[None], ext))
+        tok = int(_token_ids(net, p.argmax()[None], ext_ids))
         assert tok == drafts[s], f"depth {s + 1}"
         got = tree.conf[s + 1] / tree.conf[s] if s else tree.conf[1]
         assert got == pytest.approx(float(p.max()), rel=1e-4), f"depth {s + 1}"

@@ -97,6 +97,7 @@ class ModelDrafter:
         if topk < 1 or max_depth < 1:
             raise ValueError("need topk >= 1 and max_depth >= 1")
         self.net = net.eval()
+        self._static = set(net.vocab_ids.tolist())   # the context vocabulary's complement
         if weights == "auto":
             weights = "bf16" if _native_bf16(net) else "fp32"
         net.use_weight_dtype(torch.bfloat16 if weights == "bf16" else torch.float32)
@@ -219,11 +220,10 @@ class ModelDrafter:
         """The context vocabulary of each request (``net.context_vocab``; see
         :mod:`specrt.draft.net`): its tokens so far outside the reduced vocabulary, kept
         in ``state["vocab_ctx"]`` and extended by the tokens committed since the last
-        call. Returns ``(ids [B, N + E], w [B, E, hidden], allowed [B, 1, E])`` (padded to
-        the longest request's ``E``), or None when no request has such a token."""
+        call. Returns ``(ids [B, N + E], (w [B, E, hidden], allowed [B, 1, E]))``: the token
+        id of each vocabulary index and :meth:`DraftNet.logits`' ``extra`` (padded to the
+        longest request's ``E``), or ``(None, None)`` when no request has such a token."""
         net = self.net
-        if getattr(self, "_static", None) is None:
-            self._static = set(net.vocab_ids.tolist())
         rows = []
         for s in S:
             c = s.state.get("vocab_ctx")
@@ -245,12 +245,12 @@ class ModelDrafter:
             rows.append(c)
         E = max(0 if c["ids"] is None else c["ids"].numel() for c in rows)
         if E == 0:
-            return None
+            return None, None
         B, H = len(S), net.args.hidden_size
         if B == 1:  # the request's own tensors, no padding
             c = rows[0]
-            return (c["all"][None], c["w"][None],
-                    torch.ones(1, 1, E, dtype=torch.bool, device=self.device))
+            return c["all"][None], (c["w"][None],
+                                    torch.ones(1, 1, E, dtype=torch.bool, device=self.device))
         ids = torch.zeros(B, net.vocab_ids.numel() + E, dtype=torch.long, device=self.device)
         w = torch.zeros(B, E, H, device=self.device)
         allowed = torch.zeros(B, 1, E, dtype=torch.bool, device=self.device)
@@ -260,18 +260,14 @@ class ModelDrafter:
             if n:
                 w[b, :n] = c["w"]
                 allowed[b, 0, :n] = True
-        return ids, w, allowed
+        return ids, (w, allowed)
 
-    def _logits(self, y: torch.Tensor, ext) -> torch.Tensor:
-        """Draft logits ``[B, N, V']`` of states ``y`` ``[B, N, hidden]`` over the reduced
-        vocabulary, plus each request's context tokens when ``ext`` (:meth:`_context`)."""
-        return self.net.logits(y) if ext is None else self.net.logits_ext(y, ext[1], ext[2])
-
-    def _token_ids(self, ix: torch.Tensor, ext) -> torch.Tensor:
-        """Vocabulary indices ``[B, ...]`` as :meth:`_logits` orders them -> token ids."""
-        if ext is None:
+    def _token_ids(self, ix: torch.Tensor, ids) -> torch.Tensor:
+        """Vocabulary indices ``[B, ...]`` -> token ids (``ids``: :meth:`_context`'s table,
+        None: the reduced vocabulary)."""
+        if ids is None:
             return self.net.vocab_ids[ix]
-        return ext[0].gather(1, ix.flatten(1)).view_as(ix)
+        return ids.gather(1, ix.flatten(1)).view_as(ix)
 
     def _gather_prefix(self, S: list[SeqState]):
         """Committed K/V of the batch, padded: per layer ``[B, Lp, H_kv, D]`` and the
@@ -299,10 +295,10 @@ class ModelDrafter:
         depth_cap = [min(self.max_depth, b) for b in budgets]
         # candidate nodes per request: (token, parent_cand (-1 = root), conf, depth, col)
         cands: list[list[list]] = [[] for _ in range(B)]
-        ext = self._context(S) if net.context_vocab else None
-        probs = torch.softmax(self._logits(x_root[:, None], ext)[:, 0], -1)  # [B, N]
+        ids, extra = self._context(S) if net.context_vocab else (None, None)
+        probs = torch.softmax(net.logits(x_root[:, None], extra)[:, 0], -1)  # [B, N]
         p, ix = probs.topk(min(k, probs.shape[-1]), dim=-1)
-        tok = self._token_ids(ix, ext).tolist()
+        tok = self._token_ids(ix, ids).tolist()
         p = p.tolist()
         frontier: list[list[int]] = []
         for b in range(B):
@@ -364,9 +360,9 @@ class ModelDrafter:
             x = net.embed_input(toks.to(dev), prev)
             y = net.tree_forward(x, pos.to(dev), prefix[0], prefix[1], prefix[2], scratch, vis)
             ncols += N
-            probs = torch.softmax(self._logits(y, ext), -1)               # [B, N, V']
+            probs = torch.softmax(net.logits(y, extra), -1)               # [B, N, V']
             p, ix = probs.topk(min(k, probs.shape[-1]), dim=-1)
-            tok = self._token_ids(ix, ext).tolist()
+            tok = self._token_ids(ix, ids).tolist()
             p = p.tolist()
             depth += 1
             new_front: list[list[int]] = []

@@ -21,7 +21,7 @@ rare tokens a request copies from its own prompt (names, numbers, code identifie
 a quarter of the target's rag and summarization outputs lie outside the 4,096 most
 frequent tokens). With the flag set, the output vocabulary at a position is the static
 ``vocab_ids`` plus every other token of the sequence up to that position (prompt and
-output so far), scored by the target's LM head rows (:meth:`DraftNet.logits_ext`);
+output so far), scored by the target's LM head rows (:meth:`DraftNet.logits`, ``extra``);
 training, evaluation and drafting all use that per-position vocabulary.
 
 The saved config records the architecture as ``"arch"`` (``"kind"`` is the pool kind,
@@ -345,22 +345,20 @@ class DraftNet(nn.Module):
         g, u = self._linear(li, "gate_up", h).chunk(2, dim=-1)
         return x + self._linear(li, "down", F.silu(g) * u)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-norm states ``[..., hidden]`` -> fp32 logits over the reduced vocabulary."""
-        return self._head_mm(rms_norm(x, self.norm, self.args.rms_norm_eps),
-                             self.head_sub).float()
-
-    def logits_ext(self, x: torch.Tensor, w_extra: torch.Tensor,
-                   allowed: torch.Tensor) -> torch.Tensor:
-        """Logits over the reduced vocabulary followed by ``E`` extra tokens (the context
-        vocabulary): ``x`` ``[B, T, hidden]`` pre-norm states; ``w_extra`` the extra
-        tokens' target LM-head rows, ``[E, hidden]`` (shared by the batch) or
-        ``[B, E, hidden]`` (per row); ``allowed`` ``[B, T or 1, E]`` bool, which extra
-        token each position may draft. Returns fp32 ``[B, T, N + E]``, disallowed extra
-        entries at :data:`MASKED` (a finite floor: softmax weight 0, no NaN in a KL)."""
+    def logits(self, x: torch.Tensor, extra: tuple | None = None) -> torch.Tensor:
+        """Pre-norm states ``x`` ``[..., hidden]`` -> fp32 logits over the reduced
+        vocabulary ``[..., N]``. ``extra`` (the context vocabulary): ``(w, allowed)``, the
+        target LM-head rows of ``E`` extra tokens, ``[E, hidden]`` (shared by the batch)
+        or ``[B, E, hidden]`` (per row), and ``[B, T or 1, E]`` bool, which of them each
+        position of ``x`` ``[B, T, hidden]`` may draft; the logits are then
+        ``[B, T, N + E]``, disallowed extra entries at :data:`MASKED` (a finite floor:
+        softmax weight 0, no NaN in a KL)."""
         h = rms_norm(x, self.norm, self.args.rms_norm_eps)
         base = self._head_mm(h, self.head_sub).float()
-        w = w_extra.to(h.dtype)
+        if extra is None:
+            return base
+        w, allowed = extra
+        w = w.to(h.dtype)
         ext = (F.linear(h, w) if w.dim() == 2 else torch.matmul(h, w.transpose(1, 2))).float()
         return torch.cat([base, ext.masked_fill(~allowed, MASKED)], dim=-1)
 

@@ -137,7 +137,9 @@ def sequences(model, recs: list[dict], progress: bool = True,
         fp = _target_fingerprint(model, taps)
         for i in keep:
             files[i] = cache_dir / f"{_state_key(fp, toks[i])}.safetensors"
-            states.update(_read_state(files[i], i, len(toks[i]) - 1))
+            h = _read_state(files[i], len(toks[i]) - 1)
+            if h is not None:
+                states[i] = h
         if states:
             _log(f"states: {len(states)} of {len(keep)} sequences read from {cache_dir}")
     todo = [i for i in keep if i not in states]
@@ -188,18 +190,18 @@ def _state_key(fingerprint: str, tokens: list[int]) -> str:
     return h.hexdigest()[:32]
 
 
-def _read_state(path: Path, i: int, n: int) -> dict[int, torch.Tensor]:
-    """``{i: states}`` from a cache file of ``n`` positions, or ``{}`` when there is none
-    or it is unreadable or of another length (then it is recomputed)."""
+def _read_state(path: Path, n: int) -> torch.Tensor | None:
+    """The states of a cache file of ``n`` positions, or None when there is none or it
+    is unreadable or of another length (then it is recomputed)."""
     if not path.is_file():
-        return {}
+        return None
     from safetensors.torch import load_file
 
     try:
         h = load_file(str(path))["h"]
     except Exception:  # noqa: BLE001 -- a damaged cache file is recomputed
-        return {}
-    return {i: h} if h.shape[0] == n else {}
+        return None
+    return h if h.shape[0] == n else None
 
 
 def _write_state(path: Path, h: torch.Tensor) -> None:
@@ -317,18 +319,15 @@ def _assemble(g: list, hidden_size: int, feature_layers: tuple[int, ...] = ()):
 
 def _context_extra(net, g: list, L: int):
     """The context vocabulary of one batch of windows ``(seq, start, end)`` (see
-    :mod:`specrt.draft.net`): ``(ids [E], w [E, hidden], allowed [B, L, E])``, the
-    sequences' tokens outside ``net.vocab_ids`` up to each window's last position, their
-    target LM-head rows, and which of them window position ``j`` may draft (those among
-    the sequence's tokens ``0 .. start + j``). ``None`` when ``net.context_vocab`` is off."""
+    :mod:`specrt.draft.net`): ``(ids [E], (w [E, hidden], allowed [B, L, E]))``, the
+    sequences' tokens outside ``net.vocab_ids`` up to each window's last position, and
+    :meth:`DraftNet.logits`' ``extra``: their target LM-head rows and which of them
+    window position ``j`` may draft (those among the sequence's tokens
+    ``0 .. start + j``). ``(None, None)`` when ``net.context_vocab`` is off."""
     if not net.context_vocab:
-        return None
-    V = net.head_weight.shape[0]
-    static = getattr(net, "_static_mask", None)
-    if static is None or static.shape[0] != V:
-        static = torch.zeros(V, dtype=torch.bool)
-        static[net.vocab_ids.cpu()] = True
-        net._static_mask = static
+        return None, None
+    static = torch.zeros(net.head_weight.shape[0], dtype=torch.bool)
+    static[net.vocab_ids.cpu()] = True
     firsts = []
     for s, a, e in g:
         t = s["tokens"][:e]                       # the tokens positions a .. e-1 have seen
@@ -345,18 +344,12 @@ def _context_extra(net, g: list, L: int):
         fo = torch.full((ids.numel(),), big, dtype=torch.long)
         fo[torch.searchsorted(ids, u)] = first
         allowed[b] = fo[None, :] <= (a + torch.arange(L))[:, None]
-    return ids, net.head_weight[ids].float(), allowed
+    return ids, (net.head_weight[ids].float(), allowed)
 
 
-def _logits(net, y: torch.Tensor, ext) -> torch.Tensor:
-    """The drafter's logits over its (per-position) vocabulary: reduced, or reduced +
-    the batch's context tokens (``ext`` from :func:`_context_extra`)."""
-    return net.logits(y) if ext is None else net.logits_ext(y, ext[1], ext[2])
-
-
-def _token_ids(net, ix: torch.Tensor, ext) -> torch.Tensor:
-    """Vocabulary indices (as :func:`_logits` orders them) -> token ids."""
-    ids = net.vocab_ids if ext is None else torch.cat([net.vocab_ids, ext[0]])
+def _token_ids(net, ix: torch.Tensor, extra_ids: torch.Tensor | None) -> torch.Tensor:
+    """Vocabulary indices (the reduced vocabulary's, then ``extra_ids``') -> token ids."""
+    ids = net.vocab_ids if extra_ids is None else torch.cat([net.vocab_ids, extra_ids])
     return ids[ix]
 
 
@@ -396,10 +389,10 @@ def teacher_forced_accuracy(net, target, seqs: list[dict], max_len: int = 256,
         ys = _net_forward(net, toks[:, :L], pos, prev, steps)
         want = toks[:, 1:L + 1]
         ok = []
-        ext = _context_extra(net, g, L)
-        lg = [_logits(net, y, ext) for y in ys]                   # [B, L, V'] per step
+        ext_ids, extra = _context_extra(net, g, L)
+        lg = [net.logits(y, extra) for y in ys]                   # [B, L, V'] per step
         for s_ in range(len(ys)):
-            am = _token_ids(net, lg[s_].argmax(-1), ext)           # [B, L]
+            am = _token_ids(net, lg[s_].argmax(-1), ext_ids)       # [B, L]
             okk = am == want
             ok.append(okk)
             v = sel.clone()
@@ -407,7 +400,7 @@ def teacher_forced_accuracy(net, target, seqs: list[dict], max_len: int = 256,
             depth_hits[s_] += int((okk & v).sum())
             depth_n[s_] += int(v.sum())
         dl = lg[0][sel]
-        top = _token_ids(net, dl.topk(min(3, dl.shape[-1]), -1).indices, ext)
+        top = _token_ids(net, dl.topk(min(3, dl.shape[-1]), -1).indices, ext_ids)
         w = want[sel]
         hits1 += int((top[:, 0] == w).sum())
         hits3 += int((top == w[:, None]).any(-1).sum())
@@ -560,12 +553,13 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
             set_lr(frac)
             toks, hid, prev, mask, pos, _ = _assemble(g, target.args.hidden_size, fl)
             L = pos.shape[1]
-            ext = _context_extra(net, g, L)
+            _, extra = _context_extra(net, g, L)
             with torch.no_grad():
                 hn = rms_norm(hid, norm_w, eps)
                 tl = F.linear(hn, head_sub)
-                if ext is not None:  # the same per-position vocabulary as the drafter's
-                    tl = torch.cat([tl, F.linear(hn, ext[1]).masked_fill(~ext[2], MASKED)], -1)
+                if extra is not None:  # the same per-position vocabulary as the drafter's
+                    tl = torch.cat([tl, F.linear(hn, extra[0]).masked_fill(~extra[1], MASKED)],
+                                   -1)
                 tp_all = F.log_softmax(tl, -1)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 ys = _net_forward(net, toks[:, :L], pos, prev, steps_ttt)
@@ -575,7 +569,7 @@ def stage_train(drafter_net, target, seqs: list[dict], *, epochs: float, lr: flo
                     m = mask.clone()
                     m[:, :s_] = False  # depth s + 1 needs s earlier positions in the window
                     tp = tp_all[m]
-                    dl = _logits(net, y, ext)[m].float()
+                    dl = net.logits(y, extra)[m].float()
                     dl0 = dl if s_ == 0 else dl0     # step 0: m is mask
                     dp = F.log_softmax(dl, -1)
                     kl = (tp.exp() * (tp - dp)).sum(-1).mean()
